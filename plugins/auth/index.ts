@@ -1,0 +1,220 @@
+import fp from 'fastify-plugin'
+import fastifyJwt from '@fastify/jwt'
+import type { FastifyInstance, FastifyRequest } from 'fastify'
+import type { ExtendedError } from 'socket.io'
+import { z } from 'zod'
+import type { PrismaClient } from '../../src/generated/prisma/client.ts'
+import { Errors, type ErrorCode } from '../errors.ts'
+import { authRefreshSchema, companyStream, ROLES, userStream, type Role } from '../events.ts'
+import { handle, SocketError, type ErpSocket } from '../socket/handle.ts'
+
+export interface ErpAuthOptions {
+  /** HS256 signing key, at least 32 characters. Required. */
+  secret: string
+  /** Prisma client used for the membership check. Required. */
+  prisma: PrismaClient
+  /** Lifetime of tokens issued with `fastify.erpAuth.sign`, in seconds. Default 3600. */
+  tokenTtlSeconds?: number
+}
+
+/** Claims of an erp-realtime token. */
+export interface TokenClaims {
+  sub: string
+  companyId: string
+  role: Role
+  iat?: number
+  exp?: number
+}
+
+/** Who is calling, after the membership check (role as stored, not as claimed). */
+export interface AuthUser {
+  userId: string
+  companyId: string
+  role: Role
+  exp: number
+}
+
+export interface ErpAuthDecorator {
+  /** Signs a token for a user in a company (HS256, `tokenTtlSeconds`). */
+  sign (claims: { sub: string, companyId: string, role: Role }): string
+  /** Verifies signature, algorithm, expiry and claim shape; throws an error with a stable code. */
+  verify (token: string): Required<TokenClaims>
+  /** The user's role in the company, or null when the user is missing, inactive or not a member. */
+  membership (userId: string, companyId: string): Promise<Role | null>
+  /** Verify + membership: the full check used for HTTP and for the socket handshake. */
+  authenticate (token: string): Promise<AuthUser>
+}
+
+declare module '@fastify/jwt' {
+  interface FastifyJWT {
+    payload: TokenClaims
+    user: AuthUser
+  }
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    erpAuth: ErpAuthDecorator
+    /** preHandler: authenticates `Authorization: Bearer <token>` and sets `request.user`. */
+    authenticate (request: FastifyRequest): Promise<void>
+  }
+}
+
+const claimsSchema = z.object({
+  sub: z.string().min(1).max(128),
+  companyId: z.string().min(1).max(128),
+  role: z.enum(ROLES),
+  iat: z.number().int(),
+  exp: z.number().int()
+})
+
+const optionsSchema = z.object({
+  secret: z.string({ error: 'is required' }).min(32, 'must be at least 32 characters'),
+  prisma: z.custom<PrismaClient>(v => typeof v === 'object' && v !== null && 'membership' in v, 'must be a PrismaClient with the erp-realtime models'),
+  tokenTtlSeconds: z.number().int().min(1).max(30 * 24 * 3600).default(3600)
+})
+
+// setTimeout's upper bound (about 24.8 days); longer expiries are re-armed when reached.
+const MAX_TIMER_MS = 2 ** 31 - 1
+
+function codedError (code: ErrorCode, message?: string): Error & { code: string } {
+  const Ctor = Errors[code]
+  return new Ctor(message ?? '') as Error & { code: string }
+}
+
+function bearer (header: unknown): string | undefined {
+  if (typeof header !== 'string') return undefined
+  const match = /^Bearer\s+(\S+)\s*$/i.exec(header)
+  return match?.[1]
+}
+
+async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
+  const parsed = optionsSchema.safeParse(rawOptions)
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0]
+    throw new Error(`erp-auth: invalid option ${issue?.path.join('.')}: ${issue?.message}`)
+  }
+  const { secret, prisma, tokenTtlSeconds } = parsed.data
+
+  await fastify.register(fastifyJwt, {
+    secret,
+    sign: { algorithm: 'HS256', expiresIn: `${tokenTtlSeconds}s` },
+    // Pinning the algorithm refuses alg:none and key-confusion tokens.
+    verify: { algorithms: ['HS256'] }
+  })
+
+  const verify = (token: string): Required<TokenClaims> => {
+    let decoded: unknown
+    try {
+      decoded = fastify.jwt.verify(token)
+    } catch (err) {
+      const code = (err as { code?: string }).code
+      if (code === 'FAST_JWT_EXPIRED') throw codedError('AUTH_TOKEN_EXPIRED')
+      throw codedError('AUTH_INVALID_TOKEN', (err as Error).message)
+    }
+    const claims = claimsSchema.safeParse(decoded)
+    if (!claims.success) throw codedError('AUTH_INVALID_TOKEN', 'claims sub, companyId, role, iat and exp are required')
+    return claims.data
+  }
+
+  const membership = async (userId: string, companyId: string): Promise<Role | null> => {
+    const row = await prisma.membership.findUnique({
+      where: { userId_companyId: { userId, companyId } },
+      select: { role: true, user: { select: { active: true } } }
+    })
+    return row && row.user.active ? row.role : null
+  }
+
+  const authenticate = async (token: string): Promise<AuthUser> => {
+    const claims = verify(token)
+    const role = await membership(claims.sub, claims.companyId)
+    if (!role) throw codedError('AUTH_NOT_A_MEMBER')
+    return { userId: claims.sub, companyId: claims.companyId, role, exp: claims.exp }
+  }
+
+  const decorator: ErpAuthDecorator = {
+    sign: (claims) => fastify.jwt.sign({ sub: claims.sub, companyId: claims.companyId, role: claims.role }),
+    verify,
+    membership,
+    authenticate
+  }
+  fastify.decorate('erpAuth', decorator)
+  fastify.decorate('authenticate', async function (request: FastifyRequest) {
+    const token = bearer(request.headers.authorization)
+    if (!token) throw new Errors.AUTH_MISSING_TOKEN()
+    request.user = await authenticate(token)
+  })
+
+  // ---- Socket.IO handshake ----
+  const io = fastify.io
+  io.use((socket, next) => {
+    const refuse = (code: ErrorCode, message?: string) => {
+      const err = codedError(code, message) as ExtendedError
+      err.data = { code, message: err.message }
+      next(err)
+    }
+    const { headers, query, auth } = socket.handshake
+    if (!fastify.erpSocket.originAllowed(headers.origin, headers.host)) {
+      return refuse('AUTH_ORIGIN_REFUSED', headers.origin)
+    }
+    // Query strings end up in proxy and access logs: a token there is refused, not used.
+    if (query.token !== undefined || query.access_token !== undefined) {
+      return refuse('AUTH_INVALID_TOKEN', 'tokens in the query string are refused; send auth: { token }')
+    }
+    const token = typeof auth?.token === 'string' && auth.token !== '' ? auth.token : bearer(headers.authorization)
+    if (!token) return refuse('AUTH_MISSING_TOKEN')
+    authenticate(token).then(user => {
+      socket.data.userId = user.userId
+      socket.data.companyId = user.companyId
+      socket.data.role = user.role
+      socket.data.exp = user.exp
+      next()
+    }, (err: Error & { code?: string }) => {
+      if (err.code && err.code in Errors) return refuse(err.code as ErrorCode, err.message)
+      fastify.log.error({ err }, 'erp-auth: handshake check failed')
+      const failure = new Error('Authentication unavailable') as ExtendedError
+      failure.data = { code: 'SERVICE_UNAVAILABLE', message: failure.message }
+      next(failure)
+    })
+  })
+
+  io.on('connection', (socket: ErpSocket) => {
+    socket.join([companyStream(socket.data.companyId), userStream(socket.data.userId)])
+
+    let timer: NodeJS.Timeout | undefined
+    const arm = () => {
+      clearTimeout(timer)
+      const remaining = socket.data.exp * 1000 - Date.now()
+      if (remaining <= 0) {
+        socket.emit('auth:expired', { message: 'Token expired; reconnect with a new token' })
+        socket.disconnect()
+        return
+      }
+      timer = setTimeout(arm, Math.min(remaining, MAX_TIMER_MS))
+      timer.unref()
+    }
+    arm()
+    socket.once('disconnect', () => clearTimeout(timer))
+
+    handle(socket, 'auth:refresh', authRefreshSchema, async ({ token }) => {
+      let user: AuthUser
+      try {
+        user = await authenticate(token)
+      } catch (err) {
+        const e = err as Error & { code?: string }
+        if (e.code && e.code in Errors) throw new SocketError(e.code, e.message)
+        throw err
+      }
+      if (user.userId !== socket.data.userId || user.companyId !== socket.data.companyId) {
+        throw new SocketError('AUTH_INVALID_TOKEN', 'Refresh token must be for the same user and company')
+      }
+      if (user.exp < socket.data.exp) throw new SocketError('AUTH_INVALID_TOKEN', 'Refresh token expires before the current one')
+      socket.data.exp = user.exp
+      socket.data.role = user.role
+      arm()
+      return { exp: user.exp }
+    }, err => fastify.log.error({ err }, 'erp-auth: auth:refresh failed'))
+  })
+}
+
+export default fp(erpAuth, { fastify: '5.x', name: 'erp-auth', dependencies: ['erp-socket'] })

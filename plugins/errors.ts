@@ -1,0 +1,72 @@
+import createError, { type FastifyErrorConstructor } from '@fastify/error'
+import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify'
+import { ZodError } from 'zod'
+
+/**
+ * Stable error codes. HTTP errors are `@fastify/error` constructors; socket errors reuse the
+ * same codes in `err.data.code` (handshake) or `{ ok: false, error: { code } }` (acks).
+ */
+export const Errors = {
+  AUTH_MISSING_TOKEN: createError('AUTH_MISSING_TOKEN', 'Authentication token missing', 401),
+  AUTH_INVALID_TOKEN: createError('AUTH_INVALID_TOKEN', 'Invalid token: %s', 401),
+  AUTH_TOKEN_EXPIRED: createError('AUTH_TOKEN_EXPIRED', 'Token expired', 401),
+  AUTH_NOT_A_MEMBER: createError('AUTH_NOT_A_MEMBER', 'User is not an active member of this company', 403),
+  AUTH_ORIGIN_REFUSED: createError('AUTH_ORIGIN_REFUSED', 'Origin %s is not allowed', 403),
+  AUTH_INVALID_CREDENTIALS: createError('AUTH_INVALID_CREDENTIALS', 'Invalid email or password', 401),
+  FORBIDDEN: createError('FORBIDDEN', 'Role %s may not do this', 403),
+  VALIDATION_FAILED: createError('VALIDATION_FAILED', 'Invalid input: %s', 400),
+  NOT_FOUND: createError('NOT_FOUND', '%s not found', 404),
+  ALREADY_EXISTS: createError('ALREADY_EXISTS', '%s already exists', 409),
+  CONFLICT: createError('CONFLICT', 'The %s was changed by someone else', 409),
+  INVALID_TRANSITION: createError('INVALID_TRANSITION', 'Cannot %s an expense that is %s', 409),
+  INSUFFICIENT_STOCK: createError('INSUFFICIENT_STOCK', 'Adjustment would make the quantity negative (%s)', 409),
+  IDEMPOTENCY_KEY_REUSED: createError('IDEMPOTENCY_KEY_REUSED', 'Idempotency-Key was already used with a different request', 422),
+  SERVICE_UNAVAILABLE: createError('SERVICE_UNAVAILABLE', '%s', 503)
+} satisfies Record<string, FastifyErrorConstructor>
+
+export type ErrorCode = keyof typeof Errors
+
+/** Payload of an error answer: `{ error: { code, message, ...detail } , ...extra }`. */
+export interface ErrorBody {
+  error: { code: string, message: string, issues?: Array<{ path: string, message: string }> }
+  [extra: string]: unknown
+}
+
+/** An error that adds top-level fields to its HTTP answer (a 409's `current`/`yours`/`base`). */
+export interface ErrorWithBody extends FastifyError {
+  body?: Record<string, unknown>
+  issues?: Array<{ path: string, message: string }>
+}
+
+export function zodIssues (err: ZodError): Array<{ path: string, message: string }> {
+  return err.issues.slice(0, 20).map(issue => ({ path: issue.path.join('.'), message: issue.message }))
+}
+
+/** Builds a VALIDATION_FAILED error from a ZodError, keeping the first issues for the client. */
+export function validationError (err: ZodError): ErrorWithBody {
+  const issues = zodIssues(err)
+  const first = issues[0]
+  const error: ErrorWithBody = new Errors.VALIDATION_FAILED(first ? `${first.path || 'body'}: ${first.message}` : 'malformed')
+  error.issues = issues
+  return error
+}
+
+/**
+ * Fastify error handler producing the contract's `{ error: { code, message } }` shape.
+ * Register it with `fastify.setErrorHandler(erpErrorHandler)` (the app in src/ does).
+ */
+export function erpErrorHandler (this: unknown, err: ErrorWithBody | ZodError, request: FastifyRequest, reply: FastifyReply): void {
+  if (err instanceof ZodError) err = validationError(err)
+  const status = err.statusCode ?? 500
+  if (status >= 500) {
+    request.log.error({ err }, 'request failed')
+    reply.status(status).send({ error: { code: status === 503 ? err.code : 'INTERNAL', message: status === 503 ? err.message : 'Internal server error' } })
+    return
+  }
+  // Fastify's own client errors (bad JSON, body too large, wrong content type) keep their status and code.
+  const code = err.validation ? 'VALIDATION_FAILED' : (err.code ?? 'BAD_REQUEST')
+  const body: ErrorBody = { error: { code, message: err.message } }
+  if (err.issues) body.error.issues = err.issues
+  if (err.body) Object.assign(body, err.body)
+  reply.status(status).send(body)
+}

@@ -1,0 +1,100 @@
+import fp from 'fastify-plugin'
+import type { FastifyInstance } from 'fastify'
+import { z } from 'zod'
+import type { PrismaClient } from '../../src/generated/prisma/client.ts'
+
+export interface ErpHealthOptions {
+  /** Prisma client whose database is probed. Required. */
+  prisma: PrismaClient
+  /** What the event log runs on, as reported in `eventLog.backend`. Default `'postgresql'`. */
+  eventLogBackend?: 'postgresql' | 'pglite'
+  /** A database probe slower than this counts as down. Default 2000. */
+  databaseTimeoutMs?: number
+  /** Route prefix. Default `'/health'` (`/health/websocket`, `/health/live`, `/health/ready`). */
+  prefix?: string
+}
+
+export interface WebsocketHealth {
+  status: 'ok' | 'degraded' | 'down'
+  nodeId: string
+  uptimeSeconds: number
+  connections: number
+  nodes: number
+  adapter: { type: 'memory' | 'redis', status: 'up' | 'down' }
+  database: { status: 'up' | 'down', latencyMs?: number }
+  eventLog: { backend: 'postgresql' | 'pglite' }
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** The report behind GET /health/websocket. */
+    websocketHealth (): Promise<WebsocketHealth>
+  }
+}
+
+const optionsSchema = z.object({
+  prisma: z.custom<PrismaClient>(v => typeof v === 'object' && v !== null && '$queryRaw' in v, 'must be a PrismaClient'),
+  eventLogBackend: z.enum(['postgresql', 'pglite']).default('postgresql'),
+  databaseTimeoutMs: z.number().int().min(1).default(2000),
+  prefix: z.string().regex(/^\/[\w\-/]*$/).default('/health')
+})
+
+async function erpHealth (fastify: FastifyInstance, rawOptions: ErpHealthOptions) {
+  const parsed = optionsSchema.safeParse(rawOptions)
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0]
+    throw new Error(`erp-health: invalid option ${issue?.path.join('.')}: ${issue?.message}`)
+  }
+  const { prisma, eventLogBackend, databaseTimeoutMs, prefix } = parsed.data
+
+  const probeDatabase = async (): Promise<WebsocketHealth['database']> => {
+    const started = performance.now()
+    let timer: NodeJS.Timeout | undefined
+    try {
+      await Promise.race([
+        prisma.$queryRaw`SELECT 1`,
+        new Promise((_resolve, reject) => {
+          timer = setTimeout(() => reject(new Error('timeout')), databaseTimeoutMs)
+        })
+      ])
+      return { status: 'up', latencyMs: Math.round((performance.now() - started) * 10) / 10 }
+    } catch {
+      return { status: 'down' }
+    } finally {
+      clearTimeout(timer)
+    }
+  }
+
+  const report = async (): Promise<WebsocketHealth> => {
+    const socket = fastify.erpSocket
+    const [database, nodes] = await Promise.all([probeDatabase(), socket.serverCount().catch(() => 1)])
+    const adapter = { type: socket.adapterType, status: socket.adapterStatus() }
+    const status = database.status === 'down' ? 'down' : adapter.status === 'down' ? 'degraded' : 'ok'
+    return {
+      status,
+      nodeId: socket.nodeId,
+      uptimeSeconds: Math.round((Date.now() - socket.startedAt.getTime()) / 1000),
+      connections: fastify.io.of('/').sockets.size,
+      nodes,
+      adapter,
+      database,
+      eventLog: { backend: eventLogBackend }
+    }
+  }
+  fastify.decorate('websocketHealth', report)
+
+  // A node without its database cannot authenticate or record events: 503 takes it out of rotation.
+  fastify.get(`${prefix}/websocket`, async (_request, reply) => {
+    const health = await report()
+    reply.code(health.status === 'down' ? 503 : 200)
+    return health
+  })
+  fastify.get(`${prefix}/live`, async () => ({ status: 'ok' }))
+  fastify.get(`${prefix}/ready`, async (_request, reply) => {
+    const database = await probeDatabase()
+    reply.code(database.status === 'up' ? 200 : 503)
+    return { status: database.status === 'up' ? 'ok' : 'down', database }
+  })
+}
+
+export default fp(erpHealth, { fastify: '5.x', name: 'erp-health', dependencies: ['erp-socket'] })

@@ -1,0 +1,37 @@
+import fp from 'fastify-plugin'
+import type { FastifyInstance } from 'fastify'
+import type { PrismaClient } from '../src/generated/prisma/client.ts'
+import erpSocket, { type ErpSocketOptions } from './socket/index.ts'
+import erpAuth, { type ErpAuthOptions } from './auth/index.ts'
+import erpOfflineQueue, { type ErpOfflineQueueOptions } from './offline-queue/index.ts'
+import erpConflicts, { type ErpConflictsOptions } from './conflict-resolution/index.ts'
+import erpHealth, { type ErpHealthOptions } from './health/index.ts'
+
+export { erpSocket, erpAuth, erpOfflineQueue, erpConflicts, erpHealth }
+export { Errors, erpErrorHandler } from './errors.ts'
+export type * from './events.ts'
+
+/** One options object for every erp-realtime plugin. */
+export interface ErpRealtimeOptions {
+  /** Prisma client with the erp-realtime models (prisma/schema.prisma). Required. */
+  prisma: PrismaClient
+  /** JWT HS256 key, at least 32 characters. Required. */
+  jwtSecret: string
+  socket?: ErpSocketOptions
+  auth?: Omit<ErpAuthOptions, 'prisma' | 'secret'>
+  eventLog?: Omit<ErpOfflineQueueOptions, 'prisma'>
+  conflicts?: Omit<ErpConflictsOptions, 'prisma'>
+  health?: Omit<ErpHealthOptions, 'prisma'>
+}
+
+async function erpRealtime (fastify: FastifyInstance, options: ErpRealtimeOptions) {
+  const { prisma, jwtSecret } = options
+  await fastify.register(erpSocket, options.socket ?? {})
+  await fastify.register(erpAuth, { ...options.auth, prisma, secret: jwtSecret })
+  await fastify.register(erpOfflineQueue, { ...options.eventLog, prisma })
+  await fastify.register(erpConflicts, { ...options.conflicts, prisma })
+  await fastify.register(erpHealth, { ...options.health, prisma })
+}
+
+/** Registers erp-socket, erp-auth, erp-offline-queue, erp-conflicts and erp-health. */
+export default fp(erpRealtime, { fastify: '5.x', name: 'erp-realtime' })

@@ -1,0 +1,154 @@
+import type { Envelope } from '../events.ts'
+
+/** Where the dispatcher hands each event, in seq order per stream, exactly once per node. */
+export interface Delivery {
+  /** Whether any local socket listens to (or is holding) this stream. */
+  hasListeners (stream: string): boolean
+  deliver (envelope: Envelope): void
+}
+
+export type ReadEvents = (stream: string, afterSeq: number, limit: number) => Promise<Envelope[]>
+
+interface StreamState {
+  /** Last seq delivered on this node; undefined until the first event or head is seen. */
+  last?: number
+  /** Events that arrived while a gap was being filled, kept in seq order. */
+  pending: Envelope[]
+  filling?: Promise<void>
+  waiters?: Array<{ seq: number, resolve: () => void }>
+}
+
+function insertSorted (list: Envelope[], envelope: Envelope) {
+  let i = list.length
+  while (i > 0 && list[i - 1]!.seq > envelope.seq) i--
+  list.splice(i, 0, envelope)
+}
+
+/**
+ * Per-node, per-stream sequencer. Events reach it from this node's commits and from other
+ * nodes (Redis), in any order and possibly twice; it delivers each seq once, in order. A jump
+ * (seq n+2 after n) is filled from the event log before delivering further, so a Redis outage
+ * or a publisher that crashed between commit and emit leaves no hole for connected clients.
+ */
+export class Dispatcher {
+  private readonly streams = new Map<string, StreamState>()
+
+  constructor (
+    private readonly delivery: Delivery,
+    private readonly read: ReadEvents,
+    private readonly onError: (err: unknown, stream: string) => void,
+    private readonly pageSize = 500
+  ) {}
+
+  ingest (envelopes: Envelope[]): void {
+    for (const envelope of envelopes) this.offer(envelope)
+  }
+
+  /** Brings a stream up to `head` (from the log when events are missing). Resolves when done. */
+  async catchUp (stream: string, head: number): Promise<void> {
+    const state = this.state(stream)
+    while (state.filling) await state.filling
+    if (state.last === undefined) {
+      // A node that starts, or a stream first seen, re-emits nothing: history is for sync:resume.
+      state.last = head
+      return
+    }
+    if (head > state.last && this.delivery.hasListeners(stream)) await this.fill(stream, state, head)
+    else if (head > state.last) state.last = head
+  }
+
+  lastDelivered (stream: string): number | undefined {
+    return this.streams.get(stream)?.last
+  }
+
+  /**
+   * Resolves once this node has delivered `seq` of `stream`, or after `timeoutMs`. A stream this
+   * node has not seen yet has nothing in flight, so it resolves at once.
+   */
+  async delivered (stream: string, seq: number, timeoutMs: number): Promise<void> {
+    const state = this.streams.get(stream)
+    if (!state || state.last === undefined || state.last >= seq) return
+    await new Promise<void>(resolve => {
+      const waiter = { seq, resolve: () => { clearTimeout(timer); resolve() } }
+      const timer = setTimeout(() => {
+        state.waiters = state.waiters?.filter(w => w !== waiter)
+        resolve()
+      }, timeoutMs)
+      timer.unref()
+      ;(state.waiters ??= []).push(waiter)
+    })
+  }
+
+  private advance (state: StreamState, envelope: Envelope): void {
+    state.last = envelope.seq
+    this.delivery.deliver(envelope)
+    if (!state.waiters) return
+    const ready = state.waiters.filter(w => w.seq <= envelope.seq)
+    if (ready.length === 0) return
+    state.waiters = state.waiters.filter(w => w.seq > envelope.seq)
+    for (const waiter of ready) waiter.resolve()
+  }
+
+  /** Forgets streams nobody on this node listens to (bounded memory). */
+  sweep (): void {
+    for (const [stream, state] of this.streams) {
+      if (!state.filling && state.pending.length === 0 && !state.waiters?.length && !this.delivery.hasListeners(stream)) this.streams.delete(stream)
+    }
+  }
+
+  get size (): number {
+    return this.streams.size
+  }
+
+  private state (stream: string): StreamState {
+    let state = this.streams.get(stream)
+    if (!state) {
+      state = { pending: [] }
+      this.streams.set(stream, state)
+    }
+    return state
+  }
+
+  private offer (envelope: Envelope): void {
+    const state = this.state(envelope.stream)
+    if (state.filling) {
+      insertSorted(state.pending, envelope)
+      return
+    }
+    if (state.last !== undefined && envelope.seq <= state.last) return
+    if (state.last !== undefined && envelope.seq > state.last + 1 && this.delivery.hasListeners(envelope.stream)) {
+      insertSorted(state.pending, envelope)
+      void this.fill(envelope.stream, state, envelope.seq - 1)
+      return
+    }
+    this.advance(state, envelope)
+  }
+
+  private fill (stream: string, state: StreamState, upTo: number): Promise<void> {
+    const run = async () => {
+      try {
+        while ((state.last ?? upTo) < upTo) {
+          const want = Math.min(upTo - state.last!, this.pageSize)
+          const rows = await this.read(stream, state.last!, want)
+          for (const row of rows) {
+            if (row.seq > upTo || row.seq <= state.last!) continue
+            this.advance(state, row)
+          }
+          if (rows.length < want) break
+        }
+      } catch (err) {
+        this.onError(err, stream)
+      } finally {
+        // Whatever could not be read (pruned, or the database is down) is skipped: clients see
+        // the seq jump and resume, or learn recovered:false. Never retried forever.
+        if (state.last === undefined || state.last < upTo) state.last = upTo
+        state.filling = undefined
+        const pending = state.pending
+        state.pending = []
+        for (const envelope of pending) this.offer(envelope)
+      }
+    }
+    state.filling = run()
+    return state.filling
+  }
+}

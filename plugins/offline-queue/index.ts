@@ -1,0 +1,422 @@
+import { randomUUID } from 'node:crypto'
+import { once } from 'node:events'
+import fp from 'fastify-plugin'
+import type { FastifyInstance } from 'fastify'
+import { z } from 'zod'
+import type { Prisma, PrismaClient } from '../../src/generated/prisma/client.ts'
+import {
+  companyStream, syncResumeSchema, userStream,
+  type DomainEventMap, type DomainEventType, type Envelope, type ResumeStreamResult, type Stream
+} from '../events.ts'
+import { handle, SocketError, type ErpSocket } from '../socket/handle.ts'
+import { Dispatcher } from './dispatcher.ts'
+import { Semaphore } from './semaphore.ts'
+
+export interface ErpOfflineQueueOptions {
+  /** Prisma client holding the `events` and `stream_heads` tables. Required. */
+  prisma: PrismaClient
+  /** Events older than this are pruned (EVENT_LOG_TTL_SECONDS). Default 86400. */
+  ttlSeconds?: number
+  /** Events kept per stream (EVENT_LOG_MAXLEN). Default 10000. */
+  maxLen?: number
+  /** Events per replay page (bounds memory per resuming client). Default 500. */
+  pageSize?: number
+  /** Replay page reads running at once across all sockets of this node. Default 4. */
+  maxConcurrentReads?: number
+  /** How often a node checks stream heads, fills gaps and sends `sync:head`; 0 disables. Default 15000. */
+  headIntervalMs?: number
+  /** How often the retention job runs; 0 disables. Default 60000. */
+  pruneIntervalMs?: number
+  /** Rows deleted per statement by the retention job; at most 20 statements per run. Default 5000. */
+  pruneBatchSize?: number
+  /**
+   * How long live events are held for a socket that connected with `auth: { resume: true }`
+   * and has not yet sent `sync:resume`. Default 10000.
+   */
+  resumeWindowMs?: number
+  /** Live events buffered per held stream before the replay re-reads them from the log instead. Default 10000. */
+  maxHeldEvents?: number
+  /** Interactive transaction limits for `transaction()`. Defaults 10000 / 15000 ms. */
+  transactionMaxWaitMs?: number
+  transactionTimeoutMs?: number
+}
+
+export interface PublishInput<K extends DomainEventType = DomainEventType> {
+  stream: Stream
+  type: K
+  companyId: string
+  actorId: string | null
+  data: DomainEventMap[K]
+}
+
+export type Publish = <K extends DomainEventType>(event: PublishInput<K>) => Promise<Envelope<DomainEventMap[K], K>>
+export type Tx = Prisma.TransactionClient
+
+export interface EventLog {
+  /**
+   * Runs `fn` in one database transaction. Events passed to `publish` are recorded in that
+   * transaction (contiguous seq per stream) and emitted after it commits; if it rolls back,
+   * nothing was recorded and nothing is emitted.
+   */
+  transaction<T> (fn: (tx: Tx, publish: Publish) => Promise<T>): Promise<T>
+  /** Records and emits one event in a transaction of its own. */
+  publish: Publish
+  /** Events of a stream after `afterSeq`, in order. */
+  read (stream: string, afterSeq: number, limit: number): Promise<Envelope[]>
+  /** Current head seq of each stream (0 for a stream with no events). */
+  heads (streams: string[]): Promise<Map<string, number>>
+  /** Runs the retention job once; returns how many events it deleted. */
+  prune (): Promise<number>
+  /** Checks heads, fills gaps and sends `sync:head` to local listeners once. */
+  beacon (): Promise<void>
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    eventLog: EventLog
+  }
+}
+
+const optionsSchema = z.object({
+  prisma: z.custom<PrismaClient>(v => typeof v === 'object' && v !== null && '$transaction' in v, 'must be a PrismaClient'),
+  ttlSeconds: z.number().int().min(1).default(86400),
+  maxLen: z.number().int().min(1).default(10000),
+  pageSize: z.number().int().min(1).max(10000).default(500),
+  maxConcurrentReads: z.number().int().min(1).max(100).default(4),
+  headIntervalMs: z.number().int().min(0).default(15000),
+  pruneIntervalMs: z.number().int().min(0).default(60000),
+  pruneBatchSize: z.number().int().min(1).max(100000).default(5000),
+  resumeWindowMs: z.number().int().min(0).max(300000).default(10000),
+  maxHeldEvents: z.number().int().min(1).default(10000),
+  transactionMaxWaitMs: z.number().int().min(1).default(10000),
+  transactionTimeoutMs: z.number().int().min(1).default(15000)
+})
+
+interface EventRow {
+  id: string
+  stream: string
+  seq: number
+  type: string
+  companyId: string
+  actorId: string | null
+  data: unknown
+  createdAt: Date
+}
+
+const toEnvelope = (row: EventRow): Envelope => ({
+  id: row.id,
+  stream: row.stream as Stream,
+  seq: Number(row.seq),
+  type: row.type,
+  companyId: row.companyId,
+  at: new Date(row.createdAt).toISOString(),
+  actor: { userId: row.actorId },
+  data: row.data
+})
+
+const holdRoom = (stream: string) => `hold:${stream}`
+
+interface Hold {
+  buffer: Envelope[]
+  overflowed: boolean
+}
+
+async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOfflineQueueOptions) {
+  const parsed = optionsSchema.safeParse(rawOptions)
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0]
+    throw new Error(`erp-offline-queue: invalid option ${issue?.path.join('.')}: ${issue?.message}`)
+  }
+  const options = parsed.data
+  const { prisma } = options
+  const io = fastify.io
+  const nsp = io.of('/')
+  const reads = new Semaphore(options.maxConcurrentReads)
+
+  // ---- the log ----
+
+  async function record (tx: Tx, event: PublishInput): Promise<Envelope> {
+    const id = randomUUID()
+    // One statement: bump the stream head (its row lock serialises publishers of the stream
+    // until commit, so seq order is commit order) and insert the event with that seq.
+    const rows = await tx.$queryRaw<Array<{ seq: number, createdAt: Date }>>`
+      WITH head AS (
+        INSERT INTO stream_heads (stream, "companyId", seq) VALUES (${event.stream}, ${event.companyId}, 1)
+        ON CONFLICT (stream) DO UPDATE SET seq = stream_heads.seq + 1
+        RETURNING seq
+      )
+      INSERT INTO events (id, stream, seq, type, "companyId", "actorId", data, "createdAt")
+      SELECT ${id}, ${event.stream}, head.seq, ${event.type}, ${event.companyId}, ${event.actorId},
+             ${JSON.stringify(event.data)}::jsonb, (now() AT TIME ZONE 'UTC')
+      FROM head
+      RETURNING seq, "createdAt"`
+    const row = rows[0]!
+    return toEnvelope({ ...event, id, seq: row.seq, createdAt: row.createdAt })
+  }
+
+  const read = async (stream: string, afterSeq: number, limit: number): Promise<Envelope[]> => {
+    const rows = await prisma.$queryRaw<EventRow[]>`
+      SELECT id, stream, seq, type, "companyId", "actorId", data, "createdAt"
+      FROM events WHERE stream = ${stream} AND seq > ${afterSeq}
+      ORDER BY seq LIMIT ${limit}`
+    return rows.map(toEnvelope)
+  }
+
+  const heads = async (streams: string[]): Promise<Map<string, number>> => {
+    const result = new Map<string, number>(streams.map(s => [s, 0]))
+    for (let i = 0; i < streams.length; i += 1000) {
+      const chunk = streams.slice(i, i + 1000)
+      const rows = await prisma.$queryRaw<Array<{ stream: string, seq: number }>>`
+        SELECT stream, seq FROM stream_heads WHERE stream = ANY(${chunk}::text[])`
+      for (const row of rows) result.set(row.stream, Number(row.seq))
+    }
+    return result
+  }
+
+  // ---- delivery: live events, held sockets ----
+
+  const holds = new Map<string, Map<string, Hold>>()
+  /** `<socketId> <stream>` pairs with a sync:resume running. */
+  const resuming = new Set<string>()
+
+  const dispatcher = new Dispatcher({
+    hasListeners: (stream) => nsp.adapter.rooms.has(stream) || nsp.adapter.rooms.has(holdRoom(stream)),
+    deliver (envelope) {
+      const held = nsp.adapter.rooms.get(holdRoom(envelope.stream))
+      const room = io.local.to(envelope.stream)
+      ;(held ? room.except(holdRoom(envelope.stream)) : room).emit(envelope.type as DomainEventType, envelope as never)
+      if (!held) return
+      for (const socketId of held) {
+        const hold = holds.get(socketId)?.get(envelope.stream)
+        if (!hold || hold.overflowed) continue
+        if (hold.buffer.length >= options.maxHeldEvents) {
+          hold.overflowed = true
+          hold.buffer = []
+        } else {
+          hold.buffer.push(envelope)
+        }
+      }
+    }
+  }, read, (err, stream) => fastify.log.warn({ err, stream }, 'erp-offline-queue: could not fill a gap from the event log'), options.pageSize)
+
+  io.on('erp:events', (envelopes) => dispatcher.ingest(envelopes))
+
+  const distribute = (envelopes: Envelope[]) => {
+    if (envelopes.length === 0) return
+    dispatcher.ingest(envelopes)
+    fastify.erpSocket.toOtherNodes('erp:events', envelopes)
+  }
+
+  const transaction = async <T>(fn: (tx: Tx, publish: Publish) => Promise<T>): Promise<T> => {
+    const recorded: Envelope[] = []
+    const result = await prisma.$transaction(async (tx) => {
+      const publish = (async (event: PublishInput) => {
+        const envelope = await record(tx, event)
+        recorded.push(envelope)
+        return envelope
+      }) as Publish
+      return await fn(tx, publish)
+    }, { maxWait: options.transactionMaxWaitMs, timeout: options.transactionTimeoutMs })
+    distribute(recorded)
+    return result
+  }
+
+  const hold = (socket: ErpSocket, stream: string): Hold => {
+    let perSocket = holds.get(socket.id)
+    if (!perSocket) {
+      perSocket = new Map()
+      holds.set(socket.id, perSocket)
+    }
+    let state = perSocket.get(stream)
+    if (!state) {
+      state = { buffer: [], overflowed: false }
+      perSocket.set(stream, state)
+      socket.join(holdRoom(stream))
+    }
+    return state
+  }
+
+  /** Sends held events after `afterSeq` in order and lets live events through again. Synchronous. */
+  const release = (socket: ErpSocket, stream: string, afterSeq: number): number => {
+    const perSocket = holds.get(socket.id)
+    const state = perSocket?.get(stream)
+    let last = afterSeq
+    if (state) {
+      for (const envelope of state.buffer) {
+        if (envelope.seq <= last) continue
+        socket.emit(envelope.type as DomainEventType, envelope as never)
+        last = envelope.seq
+      }
+      perSocket!.delete(stream)
+      if (perSocket!.size === 0) holds.delete(socket.id)
+    }
+    socket.leave(holdRoom(stream))
+    return last
+  }
+
+  const waitForDrain = async (socket: ErpSocket) => {
+    const conn = socket.conn as unknown as { writeBuffer: unknown[] } & NodeJS.EventEmitter
+    if (!socket.connected || conn.writeBuffer.length < 64) return
+    await Promise.race([once(conn, 'drain'), once(conn, 'close')])
+  }
+
+  const replay = async (socket: ErpSocket, stream: string, lastSeq: number): Promise<ResumeStreamResult> => {
+    const state = hold(socket, stream)
+    let cursor = lastSeq
+    let replayed = 0
+    let released = false
+    try {
+      const head = (await reads.run(() => heads([stream]))).get(stream) ?? 0
+      if (lastSeq > head) {
+        throw new SocketError('SYNC_CURSOR_AHEAD', `lastSeq ${lastSeq} is ahead of ${stream} (head ${head}); refetch over REST`)
+      }
+      let page = lastSeq < head ? await reads.run(() => read(stream, cursor, options.pageSize)) : []
+      if (lastSeq < head && page[0]?.seq !== lastSeq + 1) {
+        // The events after lastSeq were pruned: say so instead of leaving a silent gap.
+        released = true
+        const last = release(socket, stream, head)
+        return { recovered: false, replayed: 0, headSeq: Math.max(head, last) }
+      }
+      for (;;) {
+        for (const envelope of page) {
+          if (!socket.connected) return { recovered: true, replayed, headSeq: cursor }
+          socket.emit(envelope.type as DomainEventType, envelope as never)
+          cursor = envelope.seq
+          replayed++
+        }
+        await waitForDrain(socket)
+        if (page.length < options.pageSize && !state.overflowed) {
+          // Caught up with the log. Let this node's live delivery reach the cursor, so events
+          // just read from the log are not delivered to this socket a second time.
+          await dispatcher.delivered(stream, cursor, 1000)
+          if (!state.overflowed) break
+        }
+        // More in the log than one page, or too many live events held: read on from the log.
+        state.overflowed = false
+        state.buffer = []
+        page = await reads.run(() => read(stream, cursor, options.pageSize))
+      }
+      released = true
+      const last = release(socket, stream, cursor)
+      replayed += last - cursor
+      return { recovered: true, replayed, headSeq: last }
+    } finally {
+      if (!released) release(socket, stream, cursor)
+    }
+  }
+
+  // Sockets that announce `auth: { resume: true }` are held from the handshake, so no live
+  // event can reach them ahead of the events they missed.
+  io.use((socket, next) => {
+    if (socket.handshake.auth?.resume === true) {
+      hold(socket, companyStream(socket.data.companyId))
+      hold(socket, userStream(socket.data.userId))
+    }
+    next()
+  })
+
+  io.on('connection', (socket: ErpSocket) => {
+    let windowTimer: NodeJS.Timeout | undefined
+    if (holds.has(socket.id)) {
+      windowTimer = setTimeout(() => {
+        for (const stream of [...(holds.get(socket.id)?.keys() ?? [])]) {
+          if (!resuming.has(`${socket.id} ${stream}`)) release(socket, stream, -1)
+        }
+      }, options.resumeWindowMs)
+      windowTimer.unref()
+    }
+    socket.once('disconnect', () => {
+      clearTimeout(windowTimer)
+      holds.delete(socket.id)
+    })
+
+    handle(socket, 'sync:resume', syncResumeSchema, async ({ streams }) => {
+      const own = new Set<string>([companyStream(socket.data.companyId), userStream(socket.data.userId)])
+      const requested = Object.entries(streams)
+      // Check every stream before sending anything: a refused request leaks nothing.
+      for (const [stream] of requested) {
+        if (!own.has(stream)) throw new SocketError('SYNC_STREAM_FORBIDDEN', `Stream ${stream} is not one of this connection's streams`)
+        if (resuming.has(`${socket.id} ${stream}`)) throw new SocketError('SYNC_IN_PROGRESS', `A resume of ${stream} is already running`)
+      }
+      for (const [stream] of requested) {
+        resuming.add(`${socket.id} ${stream}`)
+        hold(socket, stream)
+      }
+      const results: Record<string, ResumeStreamResult> = {}
+      try {
+        for (const [stream, lastSeq] of requested) results[stream] = await replay(socket, stream, lastSeq)
+      } finally {
+        for (const [stream] of requested) {
+          resuming.delete(`${socket.id} ${stream}`)
+          if (holds.get(socket.id)?.has(stream)) release(socket, stream, -1)
+        }
+      }
+      return { streams: results }
+    }, err => fastify.log.error({ err }, 'erp-offline-queue: sync:resume failed'))
+  })
+
+  // ---- background jobs ----
+
+  const prune = async (): Promise<number> => {
+    let deleted = 0
+    const cutoff = new Date(Date.now() - options.ttlSeconds * 1000)
+    for (let i = 0; i < 10; i++) {
+      const n = await prisma.$executeRaw`
+        DELETE FROM events WHERE ctid IN (
+          SELECT ctid FROM events WHERE "createdAt" < ${cutoff} LIMIT ${options.pruneBatchSize})`
+      deleted += n
+      if (n < options.pruneBatchSize) break
+    }
+    for (let i = 0; i < 10; i++) {
+      const n = await prisma.$executeRaw`
+        DELETE FROM events WHERE ctid IN (
+          SELECT e.ctid FROM events e JOIN stream_heads h ON h.stream = e.stream
+          WHERE e.seq <= h.seq - ${options.maxLen} LIMIT ${options.pruneBatchSize})`
+      deleted += n
+      if (n < options.pruneBatchSize) break
+    }
+    return deleted
+  }
+
+  const beacon = async (): Promise<void> => {
+    dispatcher.sweep()
+    const streams = [...nsp.adapter.rooms.keys()].filter(room => room.startsWith('company:') || room.startsWith('user:'))
+    if (streams.length === 0) return
+    const current = await heads(streams)
+    await Promise.all([...current].map(async ([stream, head]) => {
+      await dispatcher.catchUp(stream, head)
+      const held = nsp.adapter.rooms.has(holdRoom(stream))
+      const room = io.local.to(stream)
+      ;(held ? room.except(holdRoom(stream)) : room).emit('sync:head', { stream: stream as Stream, seq: head })
+    }))
+  }
+
+  const timers: NodeJS.Timeout[] = []
+  const every = (ms: number, job: () => Promise<unknown>, what: string) => {
+    if (ms === 0) return
+    let running = false
+    const timer = setInterval(() => {
+      if (running) return
+      running = true
+      job().catch(err => fastify.log.warn({ err }, `erp-offline-queue: ${what} failed`)).finally(() => { running = false })
+    }, ms)
+    timer.unref()
+    timers.push(timer)
+  }
+  every(options.headIntervalMs, beacon, 'sync:head beacon')
+  every(options.pruneIntervalMs, prune, 'retention job')
+  fastify.addHook('onClose', async () => {
+    for (const timer of timers) clearInterval(timer)
+  })
+
+  fastify.decorate('eventLog', {
+    transaction,
+    publish: ((event: PublishInput) => transaction((_tx, publish) => publish(event))) as Publish,
+    read,
+    heads,
+    prune,
+    beacon
+  } satisfies EventLog)
+}
+
+export default fp(erpOfflineQueue, { fastify: '5.x', name: 'erp-offline-queue', dependencies: ['erp-socket', 'erp-auth'] })

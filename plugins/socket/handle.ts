@@ -1,0 +1,58 @@
+import type { Socket } from 'socket.io'
+import type { ZodType } from 'zod'
+import { zodIssues } from '../errors.ts'
+import type { AckResult, ClientToServerEvents, InterServerEvents, ServerToClientEvents, SocketData } from '../events.ts'
+
+export type ErpSocket = Socket<ClientToServerEvents, ServerToClientEvents, InterServerEvents, SocketData>
+
+/** An error whose code and message reach the client in `{ ok: false, error }`. */
+export class SocketError extends Error {
+  constructor (public readonly code: string, message: string) {
+    super(message)
+    this.name = 'SocketError'
+  }
+}
+
+type AckPayload<E extends keyof ClientToServerEvents> =
+  Parameters<ClientToServerEvents[E]> extends [...unknown[], (result: AckResult<infer R>) => void] ? R : never
+
+/**
+ * Registers a validated event handler: the payload is parsed with `schema` (events that take
+ * only an ack pass `null`), the handler's result is acked as `{ ok: true, ...result }`, and any
+ * failure as `{ ok: false, error: { code, message } }`. Bad input never throws out of the
+ * listener and never reaches the handler.
+ */
+export function handle<E extends keyof ClientToServerEvents, P> (
+  socket: ErpSocket,
+  event: E,
+  schema: ZodType<P> | null,
+  handler: (payload: P) => Promise<AckPayload<E>> | AckPayload<E>,
+  onUnexpected: (err: unknown) => void = () => {}
+): void {
+  const listener = async (...args: unknown[]) => {
+    const last = args[args.length - 1]
+    const ack = typeof last === 'function' ? (last as (result: unknown) => void) : undefined
+    const reply = (result: unknown) => { if (ack) ack(result) }
+    try {
+      let payload = undefined as P
+      if (schema) {
+        const parsed = schema.safeParse(args.length > (ack ? 1 : 0) ? args[0] : undefined)
+        if (!parsed.success) {
+          const issue = zodIssues(parsed.error)[0]
+          throw new SocketError('VALIDATION_FAILED', `Invalid ${event} payload: ${issue ? `${issue.path || 'payload'}: ${issue.message}` : 'malformed'}`)
+        }
+        payload = parsed.data
+      }
+      const result = await handler(payload)
+      reply({ ok: true, ...(result as object) })
+    } catch (err) {
+      if (err instanceof SocketError) {
+        reply({ ok: false, error: { code: err.code, message: err.message } })
+      } else {
+        onUnexpected(err)
+        reply({ ok: false, error: { code: 'INTERNAL', message: 'Internal server error' } })
+      }
+    }
+  }
+  socket.on(event, listener as never)
+}

@@ -1,0 +1,51 @@
+import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
+import cors from '@fastify/cors'
+import erpRealtime, { type ErpRealtimeOptions } from '../plugins/index.ts'
+import { erpErrorHandler } from '../plugins/errors.ts'
+import type { AppConfig } from './config.ts'
+import type { Database, PrismaClient } from './db/index.ts'
+import { authRoutes } from './routes/auth.ts'
+import { expenseRoutes } from './routes/expenses.ts'
+import { projectRoutes } from './routes/projects.ts'
+import { stockRoutes } from './routes/stock.ts'
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    prisma: PrismaClient
+  }
+}
+
+export interface BuildOptions {
+  config: AppConfig
+  /** An open database; the app does not close it (the caller opened it). */
+  db: Database
+  logger?: FastifyServerOptions['logger']
+  /** Overrides for the erp-realtime plugins (tests shorten intervals here). */
+  realtime?: Partial<Omit<ErpRealtimeOptions, 'prisma' | 'jwtSecret'>>
+}
+
+/** The erp-realtime application: the plugins plus the ERP's domain routes. */
+export async function buildApp ({ config, db, logger = false, realtime = {} }: BuildOptions): Promise<FastifyInstance> {
+  const app = Fastify({ logger, bodyLimit: 256 * 1024, forceCloseConnections: true })
+  app.setErrorHandler(erpErrorHandler)
+  app.setNotFoundHandler((request, reply) => {
+    reply.code(404).send({ error: { code: 'NOT_FOUND', message: `Route ${request.method} ${request.url.split('?')[0]} not found` } })
+  })
+  app.decorate('prisma', db.prisma)
+  // Same-origin only unless CORS_ORIGINS lists exact origins.
+  if (config.corsOrigins.length > 0) await app.register(cors, { origin: config.corsOrigins, credentials: true })
+
+  await app.register(erpRealtime, {
+    prisma: db.prisma,
+    jwtSecret: config.jwtSecret,
+    ...realtime,
+    socket: { corsOrigins: config.corsOrigins, redis: config.redisUrl, ...realtime.socket },
+    eventLog: { ttlSeconds: config.eventLogTtlSeconds, maxLen: config.eventLogMaxLen, ...realtime.eventLog },
+    health: { eventLogBackend: db.kind, ...realtime.health }
+  })
+  await app.register(authRoutes)
+  await app.register(projectRoutes)
+  await app.register(expenseRoutes)
+  await app.register(stockRoutes)
+  return app
+}

@@ -1,0 +1,90 @@
+import { z } from 'zod'
+
+/** Dev-only signing key used when JWT_SECRET is unset outside production. */
+export const DEV_JWT_SECRET = 'erp-realtime-dev-secret-do-not-use-in-production'
+
+export interface AppConfig {
+  port: number
+  host: string
+  /** PostgreSQL connection string; undefined selects embedded PGlite under `dataDir`. */
+  databaseUrl?: string
+  dataDir: string
+  redisUrl?: string
+  jwtSecret: string
+  /** True when JWT_SECRET was unset and the dev secret is in use. */
+  jwtSecretIsDefault: boolean
+  corsOrigins: string[]
+  eventLogTtlSeconds: number
+  eventLogMaxLen: number
+  presenceGraceMs: number
+  production: boolean
+}
+
+/** Thrown for bad configuration; its message is one line naming the variable. */
+export class ConfigError extends Error {
+  constructor (public readonly variable: string, detail: string) {
+    super(`Invalid configuration: ${variable} ${detail}`)
+    this.name = 'ConfigError'
+  }
+}
+
+const integer = (min: number, max: number) =>
+  z.string().trim().regex(/^\d+$/, 'must be a whole number').transform(Number)
+    .pipe(z.number().int().min(min, `must be at least ${min}`).max(max, `must be at most ${max}`))
+
+const url = (protocols: string[]) => z.string().trim().refine(value => {
+  try {
+    return protocols.includes(new URL(value).protocol)
+  } catch {
+    return false
+  }
+}, `must be a URL starting with ${protocols.join(' or ')}//`)
+
+const origins = z.string().transform(value => value.split(',').map(o => o.trim()).filter(Boolean))
+  .pipe(z.array(z.string().regex(/^https?:\/\/[^/\s]+$/, 'must list exact origins like https://app.example.com (scheme://host[:port], comma-separated)')))
+
+// One parser per variable, so a failure names exactly the variable at fault.
+const variables = {
+  PORT: integer(0, 65535),
+  HOST: z.string().trim().min(1, 'must not be empty'),
+  DATABASE_URL: url(['postgres:', 'postgresql:']),
+  DATA_DIR: z.string().trim().min(1, 'must not be empty'),
+  REDIS_URL: url(['redis:', 'rediss:']),
+  JWT_SECRET: z.string().min(32, 'must be at least 32 characters (HS256 key)'),
+  CORS_ORIGINS: origins,
+  EVENT_LOG_TTL_SECONDS: integer(1, 365 * 24 * 3600),
+  EVENT_LOG_MAXLEN: integer(1, 10_000_000),
+  PRESENCE_GRACE_MS: integer(0, 3_600_000)
+} as const
+
+type Parsed = { [K in keyof typeof variables]?: z.output<(typeof variables)[K]> }
+
+/** Reads the configuration from an environment; throws ConfigError on the first bad variable. */
+export function loadConfig (env: NodeJS.ProcessEnv = process.env): AppConfig {
+  const parsed: Parsed = {}
+  for (const [name, schema] of Object.entries(variables)) {
+    const raw = env[name]
+    if (raw === undefined || raw === '') continue
+    const result = schema.safeParse(raw)
+    if (!result.success) throw new ConfigError(name, result.error.issues[0]?.message ?? 'is invalid')
+    ;(parsed as Record<string, unknown>)[name] = result.data
+  }
+  const production = env.NODE_ENV === 'production'
+  if (parsed.JWT_SECRET === undefined && production) {
+    throw new ConfigError('JWT_SECRET', 'must be set when NODE_ENV=production')
+  }
+  return {
+    port: parsed.PORT ?? 3000,
+    host: parsed.HOST ?? '127.0.0.1',
+    databaseUrl: parsed.DATABASE_URL,
+    dataDir: parsed.DATA_DIR ?? '.data',
+    redisUrl: parsed.REDIS_URL,
+    jwtSecret: parsed.JWT_SECRET ?? DEV_JWT_SECRET,
+    jwtSecretIsDefault: parsed.JWT_SECRET === undefined,
+    corsOrigins: parsed.CORS_ORIGINS ?? [],
+    eventLogTtlSeconds: parsed.EVENT_LOG_TTL_SECONDS ?? 86400,
+    eventLogMaxLen: parsed.EVENT_LOG_MAXLEN ?? 10000,
+    presenceGraceMs: parsed.PRESENCE_GRACE_MS ?? 5000,
+    production
+  }
+}

@@ -1,0 +1,100 @@
+import { createHash, randomUUID } from 'node:crypto'
+import { readdir, readFile } from 'node:fs/promises'
+import path from 'node:path'
+import { fileURLToPath } from 'node:url'
+
+/** The two things the runner needs from a database connection. */
+export interface SqlRunner {
+  exec (script: string): Promise<void>
+  query (text: string, params?: unknown[]): Promise<Record<string, unknown>[]>
+}
+
+export const DEFAULT_MIGRATIONS_DIR = fileURLToPath(new URL('../../prisma/migrations', import.meta.url))
+
+// Same lock id as Prisma's schema engine, so this runner and `prisma migrate deploy` exclude each other.
+const ADVISORY_LOCK_ID = 72707369
+
+// Bookkeeping table exactly as `prisma migrate deploy` creates it.
+const CREATE_MIGRATIONS_TABLE = `CREATE TABLE IF NOT EXISTS "_prisma_migrations" (
+  "id" VARCHAR(36) PRIMARY KEY NOT NULL,
+  "checksum" VARCHAR(64) NOT NULL,
+  "finished_at" TIMESTAMPTZ,
+  "migration_name" VARCHAR(255) NOT NULL,
+  "logs" TEXT,
+  "rolled_back_at" TIMESTAMPTZ,
+  "started_at" TIMESTAMPTZ NOT NULL DEFAULT now(),
+  "applied_steps_count" INTEGER NOT NULL DEFAULT 0
+)`
+
+export interface MigrationResult {
+  applied: string[]
+  alreadyApplied: string[]
+}
+
+export class MigrationError extends Error {
+  constructor (message: string, public readonly migration?: string) {
+    super(message)
+    this.name = 'MigrationError'
+  }
+}
+
+/**
+ * Applies pending migrations from `prisma/migrations/<name>/migration.sql` in name order,
+ * each in its own transaction, recording them in `_prisma_migrations` with the SHA-256
+ * checksum Prisma uses. Idempotent; refuses to continue past a failed or edited migration.
+ */
+export async function migrate (sql: SqlRunner, dir = DEFAULT_MIGRATIONS_DIR): Promise<MigrationResult> {
+  const names = (await readdir(dir, { withFileTypes: true }))
+    .filter(entry => entry.isDirectory())
+    .map(entry => entry.name)
+    .sort()
+  await sql.query('SELECT pg_advisory_lock($1)', [ADVISORY_LOCK_ID])
+  try {
+    await sql.exec(CREATE_MIGRATIONS_TABLE)
+    const rows = await sql.query(
+      'SELECT migration_name, checksum, finished_at, rolled_back_at FROM "_prisma_migrations" ORDER BY started_at'
+    )
+    const recorded = new Map<string, Record<string, unknown>>()
+    for (const row of rows) {
+      if (row.rolled_back_at != null) continue
+      if (row.finished_at == null) {
+        throw new MigrationError(`migration ${String(row.migration_name)} failed earlier and was not resolved; fix the database, then mark it rolled back`, String(row.migration_name))
+      }
+      recorded.set(String(row.migration_name), row)
+    }
+    const result: MigrationResult = { applied: [], alreadyApplied: [] }
+    for (const name of names) {
+      const script = await readFile(path.join(dir, name, 'migration.sql'), 'utf8')
+      const checksum = createHash('sha256').update(script).digest('hex')
+      const done = recorded.get(name)
+      if (done) {
+        if (done.checksum !== checksum) {
+          throw new MigrationError(`migration ${name} was edited after it was applied (checksum mismatch)`, name)
+        }
+        result.alreadyApplied.push(name)
+        continue
+      }
+      const id = randomUUID()
+      await sql.query(
+        'INSERT INTO "_prisma_migrations" (id, checksum, migration_name, started_at, applied_steps_count) VALUES ($1, $2, $3, now(), 0)',
+        [id, checksum, name]
+      )
+      try {
+        await sql.exec(`BEGIN;\n${script}\nCOMMIT;`)
+      } catch (err) {
+        await sql.exec('ROLLBACK').catch(() => {})
+        const message = err instanceof Error ? err.message : String(err)
+        await sql.query('UPDATE "_prisma_migrations" SET logs = $2 WHERE id = $1', [id, message])
+        throw new MigrationError(`migration ${name} failed: ${message}`, name)
+      }
+      await sql.query(
+        'UPDATE "_prisma_migrations" SET finished_at = now(), applied_steps_count = 1 WHERE id = $1',
+        [id]
+      )
+      result.applied.push(name)
+    }
+    return result
+  } finally {
+    await sql.query('SELECT pg_advisory_unlock($1)', [ADVISORY_LOCK_ID])
+  }
+}

@@ -1,0 +1,37 @@
+import type { FastifyRequest } from 'fastify'
+import { z, type ZodType } from 'zod'
+import { Errors, validationError } from '../../plugins/errors.ts'
+import type { Role } from '../../plugins/events.ts'
+
+/** Parses request input with a zod schema; failures become 400 VALIDATION_FAILED. */
+export function parse<T> (schema: ZodType<T>, value: unknown): T {
+  const result = schema.safeParse(value ?? {})
+  if (!result.success) throw validationError(result.error)
+  return result.data
+}
+
+export const idParams = z.object({ id: z.string().min(1).max(128) })
+
+/** A bounded single-line text field. */
+export const text = (max: number) => z.string().trim().min(1).max(max)
+
+export const listQuery = z.object({
+  limit: z.coerce.number().int().min(1).max(500).default(100),
+  offset: z.coerce.number().int().min(0).max(1_000_000).default(0)
+})
+
+export function requireRole (request: FastifyRequest, ...roles: Role[]): void {
+  if (!roles.includes(request.user.role)) throw new Errors.FORBIDDEN(request.user.role)
+}
+
+/** The version the client based its change on: `baseVersion` in the body, or `If-Match`. */
+export function baseVersionOf (request: FastifyRequest, bodyVersion: number | undefined): number {
+  if (bodyVersion !== undefined) return bodyVersion
+  const header = request.headers['if-match']
+  if (typeof header === 'string') {
+    const match = /^\s*(?:W\/)?"?(\d+)"?\s*$/.exec(header)
+    if (match) return Number(match[1])
+    throw new Errors.VALIDATION_FAILED('If-Match must be a row version, e.g. "3"')
+  }
+  throw new Errors.VALIDATION_FAILED('baseVersion (or an If-Match header) is required for updates')
+}

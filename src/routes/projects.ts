@@ -1,0 +1,86 @@
+import type { FastifyInstance } from 'fastify'
+import { z } from 'zod'
+import { Errors } from '../../plugins/errors.ts'
+import { companyStream } from '../../plugins/events.ts'
+import { baseVersionOf, idParams, listQuery, parse, text } from './common.ts'
+
+const projectFields = {
+  name: text(200),
+  description: z.string().max(5000),
+  status: z.enum(['active', 'on_hold', 'completed', 'archived']),
+  budgetMinor: z.number().int().min(0).max(2_000_000_000)
+}
+const createBody = z.object({
+  name: projectFields.name,
+  description: projectFields.description.default(''),
+  status: projectFields.status.default('active'),
+  budgetMinor: projectFields.budgetMinor.default(0)
+}).strict()
+const updateBody = z.object({
+  baseVersion: z.number().int().min(1).optional(),
+  name: projectFields.name.optional(),
+  description: projectFields.description.optional(),
+  status: projectFields.status.optional(),
+  budgetMinor: projectFields.budgetMinor.optional()
+}).strict()
+
+export async function projectRoutes (fastify: FastifyInstance) {
+  fastify.addHook('preHandler', fastify.authenticate)
+
+  fastify.get('/projects', async (request) => {
+    const { limit, offset } = parse(listQuery, request.query)
+    return { projects: await fastify.prisma.project.findMany({ where: { companyId: request.user.companyId }, orderBy: { createdAt: 'asc' }, take: limit, skip: offset }) }
+  })
+
+  fastify.post('/projects', async (request, reply) => {
+    const body = parse(createBody, request.body)
+    const { companyId, userId } = request.user
+    const project = await fastify.eventLog.transaction(async (tx, publish) => {
+      const project = await tx.project.create({ data: { ...body, companyId } })
+      await fastify.conflicts.snapshot(tx, 'project', project)
+      await publish({ stream: companyStream(companyId), type: 'project:created', companyId, actorId: userId, data: { project } })
+      return project
+    })
+    reply.code(201)
+    return { project }
+  })
+
+  fastify.get('/projects/:id', async (request) => {
+    const { id } = parse(idParams, request.params)
+    const project = await fastify.prisma.project.findFirst({ where: { id, companyId: request.user.companyId } })
+    if (!project) throw new Errors.NOT_FOUND('Project')
+    return { project }
+  })
+
+  fastify.patch('/projects/:id', async (request) => {
+    const { id } = parse(idParams, request.params)
+    const { baseVersion: bodyVersion, ...changes } = parse(updateBody, request.body)
+    const baseVersion = baseVersionOf(request, bodyVersion)
+    const { companyId, userId } = request.user
+    return await fastify.conflicts.update({
+      entity: 'project',
+      id,
+      companyId,
+      userId,
+      baseVersion,
+      changes,
+      read: (tx) => tx.project.findFirst({ where: { id, companyId } }),
+      write: (tx, data, version) => tx.project.updateMany({ where: { id, companyId, version }, data: { ...data, version: { increment: 1 } } }),
+      applied: async (_tx, publish, project, { changed, merged }) => {
+        await publish({ stream: companyStream(companyId), type: 'project:updated', companyId, actorId: userId, data: { project, changed, merged } })
+      },
+      respond: (project, merged) => ({ project, merged })
+    })
+  })
+
+  fastify.delete('/projects/:id', async (request, reply) => {
+    const { id } = parse(idParams, request.params)
+    const { companyId, userId } = request.user
+    await fastify.eventLog.transaction(async (tx, publish) => {
+      const { count } = await tx.project.deleteMany({ where: { id, companyId } })
+      if (count === 0) throw new Errors.NOT_FOUND('Project')
+      await publish({ stream: companyStream(companyId), type: 'project:deleted', companyId, actorId: userId, data: { projectId: id } })
+    })
+    reply.code(204)
+  })
+}

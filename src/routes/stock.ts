@@ -1,0 +1,120 @@
+import type { FastifyInstance } from 'fastify'
+import { z } from 'zod'
+import { Errors } from '../../plugins/errors.ts'
+import { companyStream } from '../../plugins/events.ts'
+import type { Publish, Tx } from '../../plugins/offline-queue/index.ts'
+import type { StockItem } from '../generated/prisma/client.ts'
+import { baseVersionOf, idParams, listQuery, parse, text } from './common.ts'
+
+const quantity = z.number().int().min(-1_000_000_000).max(1_000_000_000)
+const createBody = z.object({
+  sku: z.string().trim().min(1).max(64).regex(/^[\w.\-/]+$/, 'may contain letters, digits, _ . - /'),
+  name: text(200),
+  quantity: quantity.default(0),
+  reorderLevel: z.number().int().min(0).max(1_000_000_000).default(0),
+  allowNegative: z.boolean().default(false)
+}).strict()
+const adjustmentBody = z.object({
+  delta: z.number().int().min(-1_000_000_000).max(1_000_000_000).refine(d => d !== 0, 'must not be 0'),
+  reason: text(500)
+}).strict()
+const countBody = z.object({
+  quantity,
+  baseVersion: z.number().int().min(1).optional(),
+  reason: text(500).optional()
+}).strict()
+
+/** Publishes stock:updated, and stock:low when the quantity fell to or below the reorder level. */
+async function announce (publish: Publish, item: StockItem, before: number, actorId: string, extra: { delta: number, reason: string, movementId: string }) {
+  const companyId = item.companyId
+  await publish({ stream: companyStream(companyId), type: 'stock:updated', companyId, actorId, data: { item, ...extra } })
+  if (before > item.reorderLevel && item.quantity <= item.reorderLevel) {
+    await publish({ stream: companyStream(companyId), type: 'stock:low', companyId, actorId, data: { item, reorderLevel: item.reorderLevel } })
+  }
+}
+
+async function recordMovement (tx: Tx, item: StockItem, delta: number, reason: string, actorId: string) {
+  return await tx.stockMovement.create({
+    data: { companyId: item.companyId, itemId: item.id, delta, reason, actorId, resultingQuantity: item.quantity }
+  })
+}
+
+export async function stockRoutes (fastify: FastifyInstance) {
+  fastify.addHook('preHandler', fastify.authenticate)
+
+  fastify.get('/stock/items', async (request) => {
+    const { limit, offset } = parse(listQuery, request.query)
+    return { items: await fastify.prisma.stockItem.findMany({ where: { companyId: request.user.companyId }, orderBy: { sku: 'asc' }, take: limit, skip: offset }) }
+  })
+
+  fastify.post('/stock/items', async (request, reply) => {
+    const body = parse(createBody, request.body)
+    const { companyId, userId } = request.user
+    const item = await fastify.eventLog.transaction(async (tx, publish) => {
+      if (await tx.stockItem.findUnique({ where: { companyId_sku: { companyId, sku: body.sku } }, select: { id: true } })) {
+        throw new Errors.ALREADY_EXISTS(`SKU ${body.sku}`)
+      }
+      const item = await tx.stockItem.create({ data: { ...body, companyId } })
+      await fastify.conflicts.snapshot(tx, 'stockItem', item)
+      await publish({ stream: companyStream(companyId), type: 'stock:updated', companyId, actorId: userId, data: { item } })
+      return item
+    })
+    reply.code(201)
+    return { item }
+  })
+
+  fastify.get('/stock/items/:id', async (request) => {
+    const { id } = parse(idParams, request.params)
+    const item = await fastify.prisma.stockItem.findFirst({ where: { id, companyId: request.user.companyId } })
+    if (!item) throw new Errors.NOT_FOUND('Stock item')
+    return { item }
+  })
+
+  // Commutative: the quantity changes by delta in one SQL statement, so concurrent adjustments
+  // all apply and sum exactly; the guard refuses a negative result unless the item allows it.
+  fastify.post('/stock/items/:id/adjustments', async (request, reply) => {
+    const { id } = parse(idParams, request.params)
+    const { delta, reason } = parse(adjustmentBody, request.body)
+    const { companyId, userId } = request.user
+    const result = await fastify.eventLog.transaction(async (tx, publish) => {
+      const rows = await tx.$queryRaw<Array<{ id: string }>>`
+        UPDATE stock_items SET quantity = quantity + ${delta}, version = version + 1, "updatedAt" = (now() AT TIME ZONE 'UTC')
+        WHERE id = ${id} AND "companyId" = ${companyId} AND ("allowNegative" OR quantity + ${delta} >= 0)
+        RETURNING id`
+      const item = await tx.stockItem.findFirst({ where: { id, companyId } })
+      if (!item) throw new Errors.NOT_FOUND('Stock item')
+      if (rows.length === 0) throw new Errors.INSUFFICIENT_STOCK(`quantity ${item.quantity}, delta ${delta}`)
+      await fastify.conflicts.snapshot(tx, 'stockItem', item)
+      const movement = await recordMovement(tx, item, delta, reason, userId)
+      await announce(publish, item, item.quantity - delta, userId, { delta, reason, movementId: movement.id })
+      return { item, movement }
+    })
+    reply.code(201)
+    return result
+  })
+
+  // An absolute count is versioned like any other update: a stale baseVersion conflicts.
+  fastify.put('/stock/items/:id/count', async (request) => {
+    const { id } = parse(idParams, request.params)
+    const body = parse(countBody, request.body)
+    const baseVersion = baseVersionOf(request, body.baseVersion)
+    const { companyId, userId } = request.user
+    return await fastify.conflicts.update({
+      entity: 'stockItem',
+      id,
+      companyId,
+      userId,
+      baseVersion,
+      changes: { quantity: body.quantity },
+      read: (tx) => tx.stockItem.findFirst({ where: { id, companyId } }),
+      write: (tx, data, version) => tx.stockItem.updateMany({ where: { id, companyId, version }, data: { ...data, version: { increment: 1 } } }),
+      applied: async (tx, publish, item, { before }) => {
+        const delta = item.quantity - before.quantity
+        const reason = body.reason ?? 'count'
+        const movement = await recordMovement(tx, item, delta, reason, userId)
+        await announce(publish, item, before.quantity, userId, { delta, reason, movementId: movement.id })
+      },
+      respond: (item, merged) => ({ item, merged })
+    })
+  })
+}

@@ -1,0 +1,76 @@
+import path from 'node:path'
+import { buildApp } from './app.ts'
+import { ConfigError, loadConfig } from './config.ts'
+import { openDatabase } from './db/index.ts'
+import { migrate } from './db/migrate.ts'
+import { DEMO_PASSWORD, DEMO_USERS, seedIfEmpty } from './db/seed.ts'
+
+async function main () {
+  let config
+  try {
+    config = loadConfig()
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      console.error(err.message)
+      process.exit(1)
+    }
+    throw err
+  }
+  if (config.jwtSecretIsDefault) {
+    console.warn('WARNING: JWT_SECRET is not set; using a development-only secret. Anyone can forge tokens. Set JWT_SECRET (32+ characters) outside development.')
+  }
+
+  const dataDir = path.join(config.dataDir, 'pglite')
+  const db = await openDatabase({ url: config.databaseUrl, dataDir })
+  const migrations = await db.withSession(sql => migrate(sql))
+  const seeded = await seedIfEmpty(db.prisma)
+
+  const app = await buildApp({ config, db, logger: { level: process.env.LOG_LEVEL ?? 'info' } })
+  let closing = false
+  const shutdown = async (signal: string) => {
+    if (closing) {
+      console.error(`${signal} again: exiting now`)
+      process.exit(1)
+    }
+    closing = true
+    app.log.info({ signal }, 'shutting down: telling sockets, closing HTTP and the database')
+    const force = setTimeout(() => {
+      console.error('shutdown took longer than 10 s: exiting')
+      process.exit(1)
+    }, 10_000)
+    force.unref()
+    try {
+      await app.close()
+      await db.close()
+      process.exit(0)
+    } catch (err) {
+      console.error('shutdown failed', err)
+      process.exit(1)
+    }
+  }
+  process.once('SIGINT', () => void shutdown('SIGINT'))
+  process.once('SIGTERM', () => void shutdown('SIGTERM'))
+
+  await app.listen({ port: config.port, host: config.host })
+  const address = app.server.address()
+  const port = typeof address === 'object' && address ? address.port : config.port
+  const base = `http://${config.host}:${port}`
+  console.log([
+    '',
+    `erp-realtime listening on ${base} (HTTP + Socket.IO on the same port)`,
+    `  database: ${db.kind === 'pglite' ? `embedded PGlite in ${dataDir}` : 'PostgreSQL (DATABASE_URL)'}; migrations applied: ${migrations.applied.length}, already applied: ${migrations.alreadyApplied.length}${seeded ? '; demo data seeded' : ''}`,
+    `  adapter: ${config.redisUrl ? 'Redis (REDIS_URL)' : 'in-memory (single node)'}`,
+    '  log in:',
+    `    curl -s -X POST ${base}/auth/login -H 'content-type: application/json' -d '{"email":"${DEMO_USERS[0].email}","password":"${DEMO_PASSWORD}"}'`,
+    `    demo users (password "${DEMO_PASSWORD}"): ${DEMO_USERS.map(u => `${u.email} (${u.role})`).join(', ')}`,
+    '  connect a client:',
+    `    io('${base}', { auth: { token }, transports: ['websocket'] })`,
+    `  health: ${base}/health/websocket`,
+    ''
+  ].join('\n'))
+}
+
+main().catch((err) => {
+  console.error('erp-realtime failed to start:', err instanceof Error ? err.message : err)
+  process.exit(1)
+})
