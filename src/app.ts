@@ -26,7 +26,13 @@ export interface BuildOptions {
 
 /** The erp-realtime application: the plugins plus the ERP's domain routes. */
 export async function buildApp ({ config, db, logger = false, realtime = {} }: BuildOptions): Promise<FastifyInstance> {
-  const app = Fastify({ logger, bodyLimit: 256 * 1024, forceCloseConnections: true })
+  const app = Fastify({
+    logger,
+    bodyLimit: 256 * 1024,
+    forceCloseConnections: true,
+    // Router errors (bad URL encoding, an over-long :id) answer in the contract's error shape too.
+    frameworkErrors: (err, request, reply) => erpErrorHandler(err, request, reply)
+  })
   app.setErrorHandler(erpErrorHandler)
   app.setNotFoundHandler((request, reply) => {
     reply.code(404).send({ error: { code: 'NOT_FOUND', message: `Route ${request.method} ${request.url.split('?')[0]} not found` } })

@@ -12,12 +12,15 @@ type Fields = Record<string, unknown>
 export interface ConflictContext {
   entity: string
   id: string
-  /** Field names changed both by this request and by someone else since `baseVersion`. */
+  /** Field names changed both by this request and (to something else) by someone else since `baseVersion`. */
   fields: string[]
   /** The row as it was at `baseVersion` (null when that revision is no longer kept). */
   base: Fields | null
   current: Fields
+  /** The incoming changes, as sent. */
   yours: Fields
+  /** What a field-level merge would write: the fields this request really changed (those equal to the base dropped). */
+  merged: Fields
 }
 
 /** Returns the fields to write, or null to reject with 409 CONFLICT. */
@@ -27,12 +30,18 @@ export type ConflictStrategy = 'reject' | 'last-write-wins' | ConflictResolver
 export interface ErpConflictsOptions {
   /** Prisma client holding the `revisions` table. Required. */
   prisma: PrismaClient
-  /** Strategy per entity name (`project`, `stockItem`...). Default `'reject'` for every entity. */
+  /**
+   * Strategy per entity name (`project`, `stockItem`...) for overlapping fields: `'reject'`
+   * (409 CONFLICT), `'last-write-wins'` (the incoming values win), or a resolver function.
+   * Default `'reject'` for every entity.
+   */
   strategies?: Record<string, ConflictStrategy>
-  /** Revisions older than this are pruned (the base of a very stale edit is then unknown, and it conflicts). Default 30 days. */
+  /** Revisions older than this are pruned (the base of a very stale edit is then unknown, and every differing field conflicts). Default 30 days. */
   revisionTtlSeconds?: number
   /** How often the revision pruning job runs; 0 disables. Default 3600000. */
   pruneIntervalMs?: number
+  /** Rows deleted per statement by the pruning job; at most 10 statements per run. Default 5000. */
+  pruneBatchSize?: number
 }
 
 export interface VersionedUpdate<Row extends { version: number }, Result> {
@@ -42,6 +51,12 @@ export interface VersionedUpdate<Row extends { version: number }, Result> {
   userId: string
   baseVersion: number
   changes: Fields
+  /**
+   * Treat every incoming field as changed by this request, even when it equals the base
+   * (an absolute observation such as a stock count). Default false: a field sent with its
+   * base value is not a change, and someone else's newer value is kept.
+   */
+  assertAll?: boolean
   /** Reads the row in the transaction (scoped to the company); null → 404. */
   read (tx: Tx): Promise<Row | null>
   /** Writes `data` only if the row still has `version` (and bumps it); returns the match count. */
@@ -56,11 +71,14 @@ export interface Conflicts {
    * Applies a versioned update: as-is when `baseVersion` is current; merged field by field
    * when the fields changed since the base do not overlap the incoming ones; otherwise by the
    * entity's strategy (default: 409 CONFLICT with `current`, `yours`, `base`, `fields`).
-   * Never loses an update: the write is conditional on the version it read.
+   * Never loses an update: updates of one row are serialised (transaction-scoped advisory
+   * lock) and the write is conditional on the version it read.
    */
   update<Row extends { version: number }, Result> (update: VersionedUpdate<Row, Result>): Promise<Result>
-  /** Keeps a row's snapshot at its version, as the base of later merges. Call it in the creating transaction. */
+  /** Keeps a row's snapshot at its version, as the base of later merges. Call it in the transaction that wrote that version. */
   snapshot (tx: Tx, entity: string, row: { id: string, companyId: string, version: number }): Promise<void>
+  /** Runs the revision pruning job once; returns how many revisions it deleted. */
+  prune (): Promise<number>
 }
 
 declare module 'fastify' {
@@ -74,10 +92,11 @@ const optionsSchema = z.object({
   prisma: z.custom<PrismaClient>(v => typeof v === 'object' && v !== null && 'revision' in v, 'must be a PrismaClient with the erp-realtime models'),
   strategies: z.record(z.string(), strategySchema).default({}),
   revisionTtlSeconds: z.number().int().min(60).default(30 * 24 * 3600),
-  pruneIntervalMs: z.number().int().min(0).default(3_600_000)
+  pruneIntervalMs: z.number().int().min(0).default(3_600_000),
+  pruneBatchSize: z.number().int().min(1).max(100_000).default(5000)
 })
 
-// Bookkeeping columns never take part in a merge.
+// Bookkeeping columns never take part in a merge, and a resolver cannot write them.
 const META = new Set(['id', 'companyId', 'version', 'createdAt', 'updatedAt'])
 
 const normalize = (value: unknown): unknown => (value instanceof Date ? value.toISOString() : value)
@@ -87,11 +106,16 @@ function plain (row: object): Fields {
   return JSON.parse(JSON.stringify(row)) as Fields
 }
 
+const withoutMeta = (fields: Fields): Fields => Object.fromEntries(Object.entries(fields).filter(([field]) => !META.has(field)))
+
 class ConflictRejected extends Error {
   constructor (public readonly context: ConflictContext) {
     super('conflict')
   }
 }
+
+/** How many times a write that lost to a writer outside `update()` (a stock adjustment) is re-read and retried. */
+const MAX_ATTEMPTS = 10
 
 async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsOptions) {
   const parsed = optionsSchema.safeParse(rawOptions)
@@ -99,7 +123,7 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
     const issue = parsed.error.issues[0]
     throw new Error(`erp-conflicts: invalid option ${issue?.path.join('.')}: ${issue?.message}`)
   }
-  const { prisma, strategies, revisionTtlSeconds, pruneIntervalMs } = parsed.data
+  const { prisma, strategies, revisionTtlSeconds, pruneIntervalMs, pruneBatchSize } = parsed.data
 
   const snapshot = async (tx: Tx, entity: string, row: { id: string, companyId: string, version: number }) => {
     const data = plain(row) as never
@@ -112,41 +136,51 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
 
   async function update<Row extends { version: number }, Result> (u: VersionedUpdate<Row, Result>): Promise<Result> {
     const strategy = strategies[u.entity] ?? 'reject'
+    const changes = withoutMeta(u.changes)
     try {
       return await fastify.eventLog.transaction(async (tx, publish) => {
-        // Each pass reads the row and writes conditionally on the version it read; a concurrent
-        // writer makes the write match nothing, and the next pass sees that writer's version.
-        for (let attempt = 0; attempt < 20; attempt++) {
+        // Updates of one row through update() queue here until the previous one commits, so each
+        // reads the version its predecessor wrote (READ COMMITTED: every statement sees the latest
+        // commit). The conditional write still guards against writers that bypass the lock.
+        await tx.$executeRaw`SELECT pg_advisory_xact_lock(hashtextextended(${`erp-conflicts:${u.entity}:${u.id}`}, 0))`
+        for (let attempt = 0; attempt < MAX_ATTEMPTS; attempt++) {
           const current = await u.read(tx)
           if (!current) throw new Errors.NOT_FOUND(u.entity)
           if (u.baseVersion > current.version) {
-            throw Object.assign(new Errors.VALIDATION_FAILED(`baseVersion ${u.baseVersion} is newer than the ${u.entity}'s version ${current.version}`))
+            throw new Errors.VALIDATION_FAILED(`baseVersion ${u.baseVersion} is newer than the ${u.entity}'s version ${current.version}`)
           }
-          let data: Fields = u.changes
+          const now = plain(current)
+          let data: Fields = changes
           let merged = false
+          let resolution: string | undefined
+          let fields: string[] = []
           if (current.version !== u.baseVersion) {
+            merged = true
             const baseRow = await tx.revision.findUnique({
               where: { entity_entityId_version: { entity: u.entity, entityId: u.id, version: u.baseVersion } }
             })
             const base = baseRow ? (baseRow.data as Fields) : null
-            const now = plain(current)
-            // Fields this request changes that someone else also changed (to something else) since base.
-            const fields = Object.keys(u.changes).filter(field => !META.has(field) &&
-              !same(u.changes[field], now[field]) &&
-              (base === null || !same(now[field], base[field])))
-            merged = true
+            // Three-way: a field sent with its base value is not a change of this request; a field
+            // conflicts when this request and someone else since the base both changed it, differently.
+            const mine = Object.keys(changes).filter(field => u.assertAll || base === null || !same(changes[field], base[field]))
+            const theirs = (field: string) => base === null || !same(now[field], base[field])
+            fields = mine.filter(field => theirs(field) && !same(changes[field], now[field]))
+            const mergedData = Object.fromEntries(mine.map(field => [field, changes[field]]))
+            data = mergedData
             if (fields.length > 0) {
-              const context: ConflictContext = { entity: u.entity, id: u.id, fields, base, current: now, yours: u.changes }
-              const resolved = strategy === 'reject' ? null : strategy === 'last-write-wins' ? u.changes : await strategy(context)
-              if (!resolved) throw new ConflictRejected(context)
-              data = resolved
-              await publish({
-                stream: userStream(u.userId),
-                type: 'conflict:detected',
-                companyId: u.companyId,
-                actorId: u.userId,
-                data: { entity: u.entity, entityId: u.id, fields, resolution: typeof strategy === 'string' ? strategy : 'custom' }
-              })
+              const context: ConflictContext = { entity: u.entity, id: u.id, fields, base, current: now, yours: u.changes, merged: mergedData }
+              if (strategy === 'reject') throw new ConflictRejected(context)
+              if (strategy !== 'last-write-wins') {
+                const resolved = await strategy(context)
+                if (!resolved) throw new ConflictRejected(context)
+                data = withoutMeta(resolved)
+              }
+              resolution = typeof strategy === 'string' ? strategy : 'custom'
+            }
+            // Nothing left that differs from the row (both sides made the same change, or only
+            // base values were sent): answer the current row instead of bumping its version.
+            if (resolution === undefined && Object.keys(data).every(field => same(data[field], now[field]))) {
+              return u.respond(current, true)
             }
           }
           const { count } = await u.write(tx, data, current.version)
@@ -154,8 +188,19 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
           const row = await u.read(tx)
           if (!row) throw new Errors.NOT_FOUND(u.entity)
           await snapshot(tx, u.entity, row as unknown as { id: string, companyId: string, version: number })
-          const changed = Object.keys(data).filter(field => !same((current as Fields)[field], (row as Fields)[field]))
+          const changed = Object.keys(data).filter(field => !same((now)[field], (row as Fields)[field]))
           await u.applied(tx, publish, row, { before: current, changed, merged })
+          // Published after the domain events (company stream first, then the user's stream:
+          // the same lock order as every other writer of both streams).
+          if (resolution !== undefined) {
+            await publish({
+              stream: userStream(u.userId),
+              type: 'conflict:detected',
+              companyId: u.companyId,
+              actorId: u.userId,
+              data: { entity: u.entity, entityId: u.id, fields, resolution }
+            })
+          }
           return u.respond(row, merged)
         }
         throw new Errors.SERVICE_UNAVAILABLE(`${u.entity} is being changed too often; retry`)
@@ -177,17 +222,32 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
     }
   }
 
+  const prune = async (): Promise<number> => {
+    const cutoff = new Date(Date.now() - revisionTtlSeconds * 1000)
+    let deleted = 0
+    for (let i = 0; i < 10; i++) {
+      const n = await prisma.$executeRaw`
+        DELETE FROM revisions WHERE ctid IN (
+          SELECT ctid FROM revisions WHERE "createdAt" < ${cutoff} LIMIT ${pruneBatchSize})`
+      deleted += n
+      if (n < pruneBatchSize) break
+    }
+    return deleted
+  }
+
   let timer: NodeJS.Timeout | undefined
   if (pruneIntervalMs > 0) {
+    let running = false
     timer = setInterval(() => {
-      prisma.revision.deleteMany({ where: { createdAt: { lt: new Date(Date.now() - revisionTtlSeconds * 1000) } } })
-        .catch(err => fastify.log.warn({ err }, 'erp-conflicts: revision pruning failed'))
+      if (running) return
+      running = true
+      prune().catch(err => fastify.log.warn({ err }, 'erp-conflicts: revision pruning failed')).finally(() => { running = false })
     }, pruneIntervalMs)
     timer.unref()
   }
   fastify.addHook('onClose', async () => clearInterval(timer))
 
-  fastify.decorate('conflicts', { update, snapshot } satisfies Conflicts)
+  fastify.decorate('conflicts', { update, snapshot, prune } satisfies Conflicts)
 }
 
 export default fp(erpConflicts, { fastify: '5.x', name: 'erp-conflicts', dependencies: ['erp-offline-queue'] })

@@ -23,10 +23,19 @@ export interface ErpSocketOptions {
    * the URL), or clients you own. Default: unset, the in-memory adapter (single node).
    */
   redis?: string | RedisClients
-  /** ioredis options for connections the plugin creates from a URL (retryStrategy, tls...). Default `{}`. */
+  /**
+   * ioredis options for the connections the plugin creates from a URL (`retryStrategy`, `tls`,
+   * `connectTimeout`...). Default `{}`; the publisher then uses `maxRetriesPerRequest: 2` (a
+   * publish during an outage fails fast instead of piling up; other nodes fill the gap from
+   * the event log) and the subscriber always uses `maxRetriesPerRequest: null` with the offline
+   * queue on (its subscriptions wait for Redis instead of being lost). Sentinel or cluster:
+   * create the clients yourself and pass `redis: { pubClient, subClient }`.
+   */
   redisOptions?: RedisOptions
   /** Prefix of the adapter's Redis channels, so several apps can share one Redis. Default `'erp-realtime'`. */
   redisPrefix?: string
+  /** How long `serverCount()` (health's `nodes`) waits for Redis before answering 1. Default 1000. */
+  redisTimeoutMs?: number
   /**
    * Exact origins allowed for CORS on the handshake and for the browser Origin check.
    * Default `[]`: same origin only (clients that send no Origin, like mobile apps, are not affected).
@@ -44,8 +53,14 @@ export interface ErpSocketDecorator {
   nodeId: string
   startedAt: Date
   adapterType: 'memory' | 'redis'
+  /** Key/channel prefix of the Redis adapter (`redisPrefix`), for plugins that share the Redis. */
+  redisPrefix: string
+  /** `'down'` while a Redis connection of the adapter is not ready (always `'up'` on the memory adapter). */
   adapterStatus (): AdapterStatus
-  /** Nodes sharing the adapter, this one included (1 on the memory adapter). */
+  /**
+   * Nodes sharing the adapter, this one included (1 on the memory adapter). Never rejects and
+   * never waits longer than `redisTimeoutMs`: answers 1 when Redis is down or slow.
+   */
   serverCount (): Promise<number>
   corsOrigins: readonly string[]
   /** Whether a browser Origin header may open a socket (same origin or listed). */
@@ -68,6 +83,7 @@ const optionsSchema = z.object({
   ]).optional(),
   redisOptions: z.record(z.string(), z.unknown()).optional(),
   redisPrefix: z.string().min(1).max(100).default('erp-realtime'),
+  redisTimeoutMs: z.number().int().min(1).max(60000).default(1000),
   corsOrigins: z.array(z.string().regex(/^https?:\/\/[^/\s]+$/, 'must be an exact origin like https://app.example.com')).default([]),
   serverOptions: z.record(z.string(), z.unknown()).default({}),
   nodeId: z.string().min(1).max(200).optional()
@@ -104,6 +120,7 @@ async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions
 
   let adapterType: 'memory' | 'redis' = 'memory'
   let adapterStatus = (): AdapterStatus => 'up'
+  let countServers = async (): Promise<number> => 1
   let ownedClients: Redis[] = []
   if (options.redis !== undefined) {
     adapterType = 'redis'
@@ -111,7 +128,9 @@ async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions
     let sub: Redis
     if (typeof options.redis === 'string') {
       pub = new Redis(options.redis, { maxRetriesPerRequest: 2, ...(rawOptions.redisOptions ?? {}) })
-      sub = pub.duplicate()
+      // The subscriber only ever sends (p)subscribe: let them wait for Redis rather than fail,
+      // or the node would stay deaf to other nodes after an outage at start-up.
+      sub = pub.duplicate({ maxRetriesPerRequest: null, enableOfflineQueue: true })
       ownedClients = [pub, sub]
     } else {
       pub = options.redis.pubClient
@@ -119,25 +138,50 @@ async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions
     }
     // An unhandled 'error' on an ioredis client would crash the process; log once per outage instead.
     let lastLogged = ''
-    const onError = (err: Error) => {
-      if (err.message === lastLogged) return
-      lastLogged = err.message
-      fastify.log.warn({ err: err.message }, 'erp-socket: Redis adapter connection error')
+    const warn = (message: string, what: string) => {
+      if (message === lastLogged) return
+      lastLogged = message
+      fastify.log.warn({ err: message }, `erp-socket: ${what}`)
     }
+    const onError = (err: Error) => warn(err.message, 'Redis adapter connection error')
     const onReady = () => { lastLogged = '' }
     for (const client of [pub, sub]) {
       client.on('error', onError)
       client.on('ready', onReady)
     }
-    io.adapter(createAdapter(pub, sub, { key: options.redisPrefix }))
+    let closing = false
+    const adapterClients = {
+      pub: guardCommands(pub, (err) => warn(err.message, 'Redis publish failed; other nodes fill the gap from the event log'), () => closing),
+      sub: guardCommands(sub, (err) => warn(err.message, 'Redis subscribe failed; retrying when Redis is ready'), () => closing)
+    }
+    io.adapter(createAdapter(adapterClients.pub, adapterClients.sub, { key: options.redisPrefix }))
     adapterStatus = () => (pub.status === 'ready' && sub.status === 'ready' ? 'up' : 'down')
+    countServers = async () => {
+      if (adapterStatus() === 'down') return 1
+      let timer: NodeJS.Timeout | undefined
+      try {
+        const count = await Promise.race([
+          io.of('/').adapter.serverCount(),
+          new Promise<number>(resolve => {
+            timer = setTimeout(() => resolve(1), options.redisTimeoutMs)
+            timer.unref()
+          })
+        ])
+        return Math.max(1, Number(count) || 1)
+      } catch {
+        return 1
+      } finally {
+        clearTimeout(timer)
+      }
+    }
     fastify.addHook('onClose', async () => {
+      closing = true
       for (const client of [pub, sub]) {
         client.off('error', onError)
         client.off('ready', onReady)
-        // Keep a sink so a late error on a client the caller owns cannot crash the process.
-        if (!ownedClients.includes(client)) continue
-        client.on('error', () => {})
+        // Clients the caller passed in stay theirs (open, with their own handlers). Ours get a
+        // sink so an error between here and quit() cannot crash the process.
+        if (ownedClients.includes(client)) client.on('error', () => {})
       }
     })
   }
@@ -146,15 +190,20 @@ async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions
     nodeId,
     startedAt: new Date(),
     adapterType,
+    redisPrefix: options.redisPrefix,
     adapterStatus: () => adapterStatus(),
-    async serverCount () {
-      if (adapterType === 'memory' || adapterStatus() === 'down') return 1
-      return await io.of('/').adapter.serverCount()
-    },
+    serverCount: () => countServers(),
     corsOrigins: Object.freeze([...options.corsOrigins]),
     originAllowed,
     toOtherNodes (event, ...args) {
-      if (adapterType === 'redis') io.serverSideEmit(event, ...args)
+      if (adapterType !== 'redis') return
+      // Fire and forget: the publish never blocks local delivery, and a failure (Redis down)
+      // is logged by the guard; receiving nodes fill the gap from the event log.
+      try {
+        io.serverSideEmit(event, ...args)
+      } catch (err) {
+        fastify.log.warn({ err }, `erp-socket: could not send ${event} to other nodes`)
+      }
     }
   }
 
@@ -172,6 +221,49 @@ async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions
     await io.close()
     await Promise.all(ownedClients.map(client => client.quit().catch(() => client.disconnect())))
   })
+}
+
+const SUBSCRIBE_COMMANDS = new Set(['subscribe', 'psubscribe', 'ssubscribe'])
+
+/**
+ * A view of an ioredis client for the Redis adapter. The adapter calls `publish`/`subscribe`
+ * without handling the returned promise; while Redis is down ioredis rejects those
+ * (maxRetriesPerRequest, enableOfflineQueue: false), and an unhandled rejection ends the
+ * process. The view attaches a handler to every command promise; a failed subscribe is sent
+ * again once the client is ready, so the node does not stay deaf to the others. The client
+ * itself is not modified (it may belong to the caller).
+ */
+export function guardCommands (client: Redis, onFailure: (err: Error) => void, closing: () => boolean = () => false): Redis {
+  const wrapped = new Map<PropertyKey, unknown>()
+  const view: Redis = new Proxy(client, {
+    get (target, property) {
+      const value = Reflect.get(target, property, target)
+      if (typeof value !== 'function') return value
+      let wrapper = wrapped.get(property)
+      if (!wrapper) {
+        const name = String(property)
+        wrapper = function (this: unknown, ...args: unknown[]) {
+          const result = (Reflect.get(target, property, target) as (...a: unknown[]) => unknown).apply(target, args)
+          if (result === target) return this
+          if (result instanceof Promise) {
+            result.catch((err: Error) => {
+              if (closing()) return
+              onFailure(err)
+              if (SUBSCRIBE_COMMANDS.has(name)) {
+                target.once('ready', () => {
+                  if (!closing()) (view as unknown as Record<string, (...a: unknown[]) => unknown>)[name]!(...args)
+                })
+              }
+            })
+          }
+          return result
+        }
+        wrapped.set(property, wrapper)
+      }
+      return wrapper
+    }
+  })
+  return view
 }
 
 export default fp(erpSocket, { fastify: '5.x', name: 'erp-socket' })

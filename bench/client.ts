@@ -1,0 +1,151 @@
+/**
+ * A load-client process: holds groups of socket.io-client connections (websocket only) and
+ * records receive latencies into histograms. Driven by the orchestrator over IPC (lib/child.ts).
+ */
+import { io, type Socket } from 'socket.io-client'
+import { childArgs, serveParent, type Handlers } from './lib/child.ts'
+import { now, sleep } from './lib/clock.ts'
+import { Histogram } from './lib/stats.ts'
+import { scenarios } from './scenarios/index.ts'
+
+export interface Group {
+  sockets: Socket[]
+  series: Map<string, Histogram>
+  received: number
+  firstRecv: number
+  lastRecv: number
+}
+
+export interface ClientState {
+  groups: Map<string, Group>
+  group (name: string): Group
+  open (url: string, auth: Record<string, unknown> | undefined, timeoutMs: number): Promise<Socket>
+}
+
+/** How a received payload names the time(s) its latency is measured from, per series. */
+const extractors: Record<string, (payload: any) => Array<[string, number]>> = {
+  // Our domain route: POST /projects with name "bench <t0>" → project:created envelope.
+  'project-name': (p) => [['request', Number(String(p?.data?.project?.name ?? '').split(' ')[1])]],
+  // Baseline: POST /emit {t0} → { t0, tEmit } (request start and the server's emit).
+  raw: (p) => [['request', Number(p?.t0)], ['emit', Number(p?.tEmit)]]
+}
+
+const groups = new Map<string, Group>()
+const group = (name: string): Group => {
+  let g = groups.get(name)
+  if (!g) {
+    g = { sockets: [], series: new Map(), received: 0, firstRecv: 0, lastRecv: 0 }
+    groups.set(name, g)
+  }
+  return g
+}
+
+const open = (url: string, auth: Record<string, unknown> | undefined, timeoutMs: number): Promise<Socket> => {
+  const socket = io(url, { transports: ['websocket'], reconnection: false, forceNew: true, timeout: timeoutMs, auth: auth ?? {} })
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => { socket.disconnect(); reject(new Error('CONNECT_TIMEOUT')) }, timeoutMs)
+    socket.once('connect', () => { clearTimeout(timer); resolve(socket) })
+    socket.once('connect_error', (err: Error & { data?: { code?: string } }) => {
+      clearTimeout(timer)
+      socket.disconnect()
+      reject(new Error(err.data?.code ?? err.message))
+    })
+  })
+}
+
+const state: ClientState = { groups, group, open }
+
+const handlers: Handlers = {
+  /** Opens `tokens.length` (or `count` anonymous) connections, `concurrency` at a time. */
+  async connect ({ group: name, url, tokens, count, concurrency = 200, timeoutMs = 20_000, deadlineMs = 120_000 }: {
+    group: string, url: string, tokens?: string[], count?: number, concurrency?: number, timeoutMs?: number, deadlineMs?: number
+  }) {
+    const g = group(name)
+    const total = tokens?.length ?? count ?? 0
+    const errors: Record<string, number> = {}
+    let next = 0
+    let connected = 0
+    const startedAt = now()
+    const deadline = startedAt + deadlineMs
+    const worker = async () => {
+      while (next < total && now() < deadline) {
+        const i = next++
+        try {
+          g.sockets.push(await open(url, tokens ? { token: tokens[i] } : undefined, timeoutMs))
+          connected++
+        } catch (err) {
+          const code = (err as Error).message
+          errors[code] = (errors[code] ?? 0) + 1
+        }
+      }
+    }
+    await Promise.all(Array.from({ length: Math.min(concurrency, total) }, worker))
+    return { connected, failed: total - connected, errors, startedAt, endedAt: now() }
+  },
+
+  /** Records the latency of every `event` on the group's sockets. */
+  listen ({ group: name, event, extractor }: { group: string, event: string, extractor: string }) {
+    const g = group(name)
+    const extract = extractors[extractor]
+    if (!extract) throw new Error(`unknown extractor ${extractor}`)
+    for (const socket of g.sockets) {
+      socket.on(event, (payload: unknown) => {
+        const t = now()
+        for (const [series, from] of extract(payload)) {
+          let h = g.series.get(series)
+          if (!h) g.series.set(series, h = new Histogram())
+          h.record(t - from)
+        }
+        if (g.received === 0) g.firstRecv = t
+        g.received++
+        g.lastRecv = t
+      })
+    }
+    return { sockets: g.sockets.length }
+  },
+
+  count ({ group: name }: { group: string }) {
+    return group(name).received
+  },
+
+  /** Returns and resets what the group recorded. */
+  collect ({ group: name }: { group: string }) {
+    const g = group(name)
+    const result = {
+      received: g.received,
+      firstRecv: g.firstRecv,
+      lastRecv: g.lastRecv,
+      series: Object.fromEntries([...g.series].map(([k, h]) => [k, h.toJSON()]))
+    }
+    g.series = new Map()
+    g.received = 0
+    g.firstRecv = 0
+    g.lastRecv = 0
+    return result
+  },
+
+  async disconnect ({ group: name }: { group: string }) {
+    const g = groups.get(name)
+    if (!g) return { closed: 0 }
+    for (const socket of g.sockets) socket.disconnect()
+    groups.delete(name)
+    // Let the close frames go out before the next measurement starts.
+    await sleep(200)
+    return { closed: g.sockets.length }
+  },
+
+  close () {
+    for (const g of groups.values()) for (const socket of g.sockets) socket.disconnect()
+    setTimeout(() => process.exit(0), 100)
+  }
+}
+
+// Scenario-specific client commands (each scenario module may add its own).
+for (const scenario of Object.values(scenarios)) {
+  for (const [cmd, fn] of Object.entries(scenario.clientCommands ?? {})) {
+    handlers[`${scenario.name}:${cmd}`] = (args: unknown) => fn(args, state)
+  }
+}
+
+childArgs<Record<string, never>>()
+serveParent(handlers, { pid: process.pid })

@@ -1,0 +1,228 @@
+import { createHash } from 'node:crypto'
+import fp from 'fastify-plugin'
+import type { FastifyInstance, FastifyReply, FastifyRequest, HTTPMethods, onSendHookHandler, preHandlerHookHandler } from 'fastify'
+import { z } from 'zod'
+import type { PrismaClient } from '../../src/generated/prisma/client.ts'
+import { Errors } from '../errors.ts'
+
+/**
+ * `Idempotency-Key` for authenticated POST/PATCH/PUT routes (mobile outboxes retry).
+ *
+ * - The first request with a key claims it: a placeholder row is inserted into
+ *   `idempotency_records` (primary key company, user, key) with `INSERT ... ON CONFLICT DO
+ *   NOTHING`, so of any number of concurrent requests exactly one executes.
+ * - Its response is stored in `onSend`, before the client can see it, for `ttlSeconds`.
+ *   Responses with a status below 500 are stored, business errors included (a 409 CONFLICT is
+ *   replayed as a 409, like Stripe does); a 5xx releases the key, so a retry executes again.
+ * - A retry with the same key and the same request (hash of method, URL and canonical JSON
+ *   body) gets the stored status and body byte for byte, with `Idempotent-Replayed: true`,
+ *   and changes nothing. A retry that arrives while the first is still running waits for its
+ *   response up to `waitMs`, then answers 409 IDEMPOTENCY_KEY_IN_PROGRESS.
+ * - The same key with a different request answers 422 IDEMPOTENCY_KEY_REUSED; a malformed
+ *   key (not 1..255 visible ASCII characters) 400 IDEMPOTENCY_KEY_INVALID.
+ * - A claim whose request never stored a response (the process died mid-request) stays "in
+ *   progress" until it expires: the change may have committed, so it is never run twice.
+ *
+ * Hooks are added to every POST/PATCH/PUT route registered after this plugin (onRoute), as
+ * route-level hooks, so they run after the route's own `authenticate` preHandler. Routes
+ * without `request.user` (login) are not covered; a route opts out with
+ * `config: { idempotency: false }`.
+ */
+export interface ErpIdempotencyOptions {
+  /** Prisma client holding the `idempotency_records` table. Required. */
+  prisma: PrismaClient
+  /** How long a stored response is replayed. Default 86400 (24 h). */
+  ttlSeconds?: number
+  /** How long a retry waits for the first request with its key to finish; then 409 IDEMPOTENCY_KEY_IN_PROGRESS. 0 answers at once. Default 10000. */
+  waitMs?: number
+  /** How often a waiting retry looks for the stored response. Default 50. */
+  pollIntervalMs?: number
+  /** How often expired records are pruned; 0 disables. Default 600000. */
+  pruneIntervalMs?: number
+  /** Rows deleted per statement by the pruning job; at most 10 statements per run. Default 5000. */
+  pruneBatchSize?: number
+}
+
+export interface Idempotency {
+  /** Runs the pruning job once; returns how many expired records it deleted. */
+  prune (): Promise<number>
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    idempotency: Idempotency
+  }
+  interface FastifyContextConfig {
+    /** Set to false to exempt a POST/PATCH/PUT route from Idempotency-Key handling. */
+    idempotency?: boolean
+  }
+}
+
+const optionsSchema = z.object({
+  prisma: z.custom<PrismaClient>(v => typeof v === 'object' && v !== null && '$queryRaw' in v, 'must be a PrismaClient'),
+  ttlSeconds: z.number().int().min(1).max(30 * 24 * 3600).default(86400),
+  waitMs: z.number().int().min(0).max(120_000).default(10_000),
+  pollIntervalMs: z.number().int().min(1).max(10_000).default(50),
+  pruneIntervalMs: z.number().int().min(0).default(600_000),
+  pruneBatchSize: z.number().int().min(1).max(100_000).default(5000)
+})
+
+const METHODS = new Set<string>(['POST', 'PATCH', 'PUT'])
+const KEY = /^[\x21-\x7e]{1,255}$/
+/** statusCode of a claimed key whose response is not stored yet. */
+const IN_PROGRESS = 0
+
+/** JSON with object keys sorted, so a retry serialised in another key order hashes the same. */
+function canonical (value: unknown): string {
+  if (Array.isArray(value)) return `[${value.map(canonical).join(',')}]`
+  if (value !== null && typeof value === 'object') {
+    const entries = Object.keys(value).sort().map(k => `${JSON.stringify(k)}:${canonical((value as Record<string, unknown>)[k])}`)
+    return `{${entries.join(',')}}`
+  }
+  return JSON.stringify(value) ?? 'null'
+}
+
+/** What is stored in `body`: the payload exactly as sent, and its content type. */
+interface StoredBody { contentType: string | null, payload: string }
+
+interface Claim { companyId: string, userId: string, key: string }
+
+interface RecordRow { requestHash: string, statusCode: number, body: StoredBody | null, expired: boolean }
+
+const sleep = (ms: number) => new Promise(resolve => setTimeout(resolve, ms))
+
+async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempotencyOptions) {
+  const parsed = optionsSchema.safeParse(rawOptions)
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0]
+    throw new Error(`erp-idempotency: invalid option ${issue?.path.join('.')}: ${issue?.message}`)
+  }
+  const { prisma, ttlSeconds, waitMs, pollIntervalMs, pruneIntervalMs, pruneBatchSize } = parsed.data
+  const claims = new WeakMap<FastifyRequest, Claim>()
+
+  const claim = async (c: Claim, hash: string): Promise<boolean> => {
+    const rows = await prisma.$queryRaw<Array<{ key: string }>>`
+      INSERT INTO idempotency_records ("companyId", "userId", key, "requestHash", "statusCode", body, "createdAt", "expiresAt")
+      VALUES (${c.companyId}, ${c.userId}, ${c.key}, ${hash}, ${IN_PROGRESS}, 'null'::jsonb,
+              (now() AT TIME ZONE 'UTC'), (now() AT TIME ZONE 'UTC') + make_interval(secs => ${ttlSeconds}))
+      ON CONFLICT DO NOTHING
+      RETURNING key`
+    return rows.length === 1
+  }
+
+  const find = async (c: Claim): Promise<RecordRow | undefined> => {
+    const rows = await prisma.$queryRaw<RecordRow[]>`
+      SELECT "requestHash", "statusCode", body, "expiresAt" <= (now() AT TIME ZONE 'UTC') AS expired
+      FROM idempotency_records WHERE "companyId" = ${c.companyId} AND "userId" = ${c.userId} AND key = ${c.key}`
+    return rows[0]
+  }
+
+  const release = (c: Claim) => prisma.$executeRaw`
+    DELETE FROM idempotency_records
+    WHERE "companyId" = ${c.companyId} AND "userId" = ${c.userId} AND key = ${c.key} AND "statusCode" = ${IN_PROGRESS}`
+
+  const replay = (reply: FastifyReply, statusCode: number, body: StoredBody) => {
+    reply.code(statusCode).header('idempotent-replayed', 'true')
+    if (body.contentType) reply.header('content-type', body.contentType)
+    return reply.send(body.payload === '' ? undefined : body.payload)
+  }
+
+  const preHandler: preHandlerHookHandler = async function (request, reply) {
+    const header = request.headers['idempotency-key']
+    if (header === undefined || !request.user) return
+    if (typeof header !== 'string' || !KEY.test(header)) {
+      throw new Errors.IDEMPOTENCY_KEY_INVALID()
+    }
+    const c: Claim = { companyId: request.user.companyId, userId: request.user.userId, key: header }
+    const hash = createHash('sha256').update(`${request.method}\n${request.url}\n${canonical(request.body ?? null)}`).digest('hex')
+    const deadline = Date.now() + waitMs
+    let reclaims = 0
+    for (;;) {
+      if (await claim(c, hash)) {
+        claims.set(request, c)
+        return
+      }
+      const row = await find(c)
+      if (!row || row.expired) {
+        // Released (the first attempt failed with a 5xx), pruned, or expired: claim it again.
+        if (++reclaims > 5) throw new Errors.IDEMPOTENCY_KEY_IN_PROGRESS()
+        if (!row) continue
+        await prisma.$executeRaw`
+          DELETE FROM idempotency_records
+          WHERE "companyId" = ${c.companyId} AND "userId" = ${c.userId} AND key = ${c.key} AND "expiresAt" <= (now() AT TIME ZONE 'UTC')`
+        continue
+      }
+      if (row.requestHash !== hash) throw new Errors.IDEMPOTENCY_KEY_REUSED()
+      if (row.statusCode !== IN_PROGRESS) return replay(reply, row.statusCode, row.body!)
+      if (Date.now() >= deadline) throw new Errors.IDEMPOTENCY_KEY_IN_PROGRESS()
+      await sleep(Math.min(pollIntervalMs, Math.max(1, deadline - Date.now())))
+    }
+  }
+
+  const onSend: onSendHookHandler = async function (request, reply, payload) {
+    const c = claims.get(request)
+    if (!c) return payload
+    claims.delete(request)
+    try {
+      if (reply.statusCode >= 500) {
+        await release(c)
+        return payload
+      }
+      let text: string
+      if (payload === undefined || payload === null) text = ''
+      else if (typeof payload === 'string') text = payload
+      else if (Buffer.isBuffer(payload)) text = payload.toString('utf8')
+      else {
+        // A stream cannot be stored without buffering it: release the key instead.
+        request.log.warn('erp-idempotency: streamed response not stored; the Idempotency-Key was released')
+        await release(c)
+        return payload
+      }
+      const contentType = reply.getHeader('content-type')
+      const body: StoredBody = { contentType: typeof contentType === 'string' ? contentType : null, payload: text }
+      await prisma.$executeRaw`
+        UPDATE idempotency_records SET "statusCode" = ${reply.statusCode}, body = ${JSON.stringify(body)}::jsonb
+        WHERE "companyId" = ${c.companyId} AND "userId" = ${c.userId} AND key = ${c.key} AND "statusCode" = ${IN_PROGRESS}`
+    } catch (err) {
+      // The change may have committed: keep the claim (retries answer IN_PROGRESS until it expires).
+      request.log.error({ err }, 'erp-idempotency: could not store the response')
+    }
+    return payload
+  }
+
+  fastify.addHook('onRoute', (route) => {
+    const methods = Array.isArray(route.method) ? route.method : [route.method]
+    if (!methods.some(m => METHODS.has(m as HTTPMethods)) || route.config?.idempotency === false) return
+    const list = <T>(hooks: T | T[] | undefined): T[] => (hooks === undefined ? [] : Array.isArray(hooks) ? hooks : [hooks])
+    route.preHandler = [...list(route.preHandler), preHandler]
+    route.onSend = [...list(route.onSend), onSend]
+  })
+
+  const prune = async (): Promise<number> => {
+    let deleted = 0
+    for (let i = 0; i < 10; i++) {
+      const n = await prisma.$executeRaw`
+        DELETE FROM idempotency_records WHERE ctid IN (
+          SELECT ctid FROM idempotency_records WHERE "expiresAt" <= (now() AT TIME ZONE 'UTC') LIMIT ${pruneBatchSize})`
+      deleted += n
+      if (n < pruneBatchSize) break
+    }
+    return deleted
+  }
+
+  let timer: NodeJS.Timeout | undefined
+  if (pruneIntervalMs > 0) {
+    let running = false
+    timer = setInterval(() => {
+      if (running) return
+      running = true
+      prune().catch(err => fastify.log.warn({ err }, 'erp-idempotency: pruning failed')).finally(() => { running = false })
+    }, pruneIntervalMs)
+    timer.unref()
+  }
+  fastify.addHook('onClose', async () => clearInterval(timer))
+
+  fastify.decorate('idempotency', { prune } satisfies Idempotency)
+}
+
+export default fp(erpIdempotency, { fastify: '5.x', name: 'erp-idempotency', dependencies: ['erp-auth'] })

@@ -1,0 +1,65 @@
+import type { PresenceEntry, Viewing } from '../events.ts'
+
+/** One socket of one user, as the presence store knows it. */
+export interface SocketRef {
+  companyId: string
+  userId: string
+  socketId: string
+}
+
+/** A user's presence in a company while at least one device is connected or the grace period runs. */
+export interface UserPresence {
+  status: PresenceEntry['status']
+  /** Sockets across all nodes; 0 while the grace period after the last disconnect runs. */
+  devices: number
+  viewing?: Viewing
+  /** When the current status began, ms since the epoch. */
+  since: number
+}
+
+export interface Transition {
+  /** null when the user had no presence (first device). */
+  before: UserPresence | null
+  after: UserPresence
+}
+
+export interface Departure {
+  after: UserPresence
+  /** Set when this was the last device: the grace deadline to pass to `endGrace`. */
+  graceUntil?: number
+}
+
+/** The outcome of one expired entry claimed by a sweep; `after: null` means the user went offline. */
+export interface Expired {
+  companyId: string
+  userId: string
+  after: UserPresence | null
+}
+
+/**
+ * Where presence lives. Every mutation is atomic with respect to other nodes sharing the store,
+ * and every expiry is claimed by exactly one caller, so exactly one node announces it. Clocks
+ * are the store's (Redis `TIME` for the Redis store), not the caller's.
+ */
+export interface PresenceStore {
+  readonly kind: 'memory' | 'redis'
+  /** Adds (or re-adds) a socket whose entry expires `ttlMs` from now; cancels a running grace period. */
+  connect (ref: SocketRef, ttlMs: number): Promise<Transition>
+  /** Removes a socket; on the last one the user enters a grace period of `graceMs`. null when unknown. */
+  disconnect (ref: SocketRef, graceMs: number): Promise<Departure | null>
+  /** Sets status and viewing (`undefined` keeps it, `null` clears it). null when the user is unknown. */
+  set (companyId: string, userId: string, change: { status: UserPresence['status'], viewing?: Viewing | null }): Promise<Transition | null>
+  /** Ends the grace period that `disconnect` started at `graceUntil`: true when the user is now offline. */
+  endGrace (companyId: string, userId: string, graceUntil: number): Promise<boolean>
+  /** Pushes the expiry of live sockets `ttlMs` ahead; returns the ones the store no longer has. */
+  refresh (refs: SocketRef[], ttlMs: number): Promise<SocketRef[]>
+  /** Claims up to `limit` expired sockets and grace periods, removing them. */
+  sweep (limit: number): Promise<Expired[]>
+  /** Everyone present in a company, including users in their grace period (devices 0). */
+  list (companyId: string): Promise<Array<UserPresence & { userId: string }>>
+  /** Releases what the store created (not connections it was given). */
+  close (): Promise<void>
+}
+
+export const sameViewing = (a: Viewing | undefined, b: Viewing | undefined): boolean =>
+  a === b || (a !== undefined && b !== undefined && a.type === b.type && a.id === b.id)

@@ -1,0 +1,258 @@
+import t from 'tap'
+import { randomUUID } from 'node:crypto'
+import type { Socket as ClientSocket } from 'socket.io-client'
+import { authHeader, build, connect, createCompany, nextEvent, record, request, sleep, waitFor, type TestCompany } from './helpers.ts'
+import type { FastifyInstance } from 'fastify'
+
+const companyOf = (c: TestCompany) => `company:${c.id}`
+const userOf = (u: { id: string }) => `user:${u.id}`
+
+/** Publishes a notification to a user's stream and a project event to the company stream. */
+async function publishBoth (app: FastifyInstance, company: TestCompany, n: number) {
+  const admin = company.as('admin')
+  for (let i = 0; i < n; i++) {
+    await app.eventLog.transaction(async (_tx, publish) => {
+      await publish({ stream: `company:${company.id}`, type: 'project:deleted', companyId: company.id, actorId: admin.id, data: { projectId: `p${i}` } })
+      await publish({ stream: `user:${company.as('member').id}`, type: 'notification:new', companyId: company.id, actorId: admin.id, data: { kind: 'test', message: `n${i}` } })
+    })
+  }
+}
+
+/** seqs received per stream, in arrival order (domain events only). */
+function seqsByStream (seen: Array<{ event: string, payload: any }>) {
+  const out: Record<string, number[]> = {}
+  for (const { payload } of seen) {
+    if (payload && typeof payload.seq === 'number' && typeof payload.stream === 'string' && payload.id) {
+      (out[payload.stream] ??= []).push(payload.seq)
+    }
+  }
+  return out
+}
+
+const range = (from: number, to: number) => Array.from({ length: to - from + 1 }, (_, i) => from + i)
+
+t.test('a client that was offline receives exactly the missed events of both streams, in order, before the ack', async t => {
+  const { app, url } = await build(t)
+  const company = await createCompany(app)
+  const member = company.as('member')
+  await publishBoth(app, company, 3)
+  // The client saw seq 3 of both streams, then went offline while 5 more of each were published.
+  await publishBoth(app, company, 5)
+  const socket = await connect(t, url, member.token, { auth: { token: member.token, resume: true } })
+  const seen = record(socket)
+  const ack = await request(socket, 'sync:resume', { streams: { [companyOf(company)]: 3, [userOf(member)]: 3 } })
+  t.same(ack, {
+    ok: true,
+    streams: {
+      [companyOf(company)]: { recovered: true, replayed: 5, headSeq: 8 },
+      [userOf(member)]: { recovered: true, replayed: 5, headSeq: 8 }
+    }
+  })
+  t.same(seqsByStream(seen), { [companyOf(company)]: range(4, 8), [userOf(member)]: range(4, 8) })
+  const first = seen[0]!.payload
+  t.match(first, { stream: companyOf(company), seq: 4, type: 'project:deleted', companyId: company.id, actor: { userId: company.as('admin').id }, data: { projectId: 'p0' } })
+  t.type(first.id, 'string')
+  t.ok(!Number.isNaN(Date.parse(first.at)))
+})
+
+t.test('live events published while a resume runs are neither lost, duplicated, nor ahead of the replay', async t => {
+  // Small pages and a small hold buffer exercise paging and the buffer-overflow path.
+  const { app, url } = await build(t, { realtime: { eventLog: { pageSize: 7, maxHeldEvents: 5 } } })
+  const company = await createCompany(app)
+  const member = company.as('member')
+  const stream = companyOf(company)
+  await publishBoth(app, company, 40)
+  let publishedDuringResumes = 0
+  for (let iteration = 0; iteration < 8; iteration++) {
+    const head = (await app.eventLog.heads([stream])).get(stream)!
+    const lastSeq = Math.max(0, head - 30 - iteration)
+    const socket = await connect(t, url, member.token, { auth: { token: member.token, resume: true } })
+    const seen = record(socket)
+    let publishing = true
+    const publisher = (async () => {
+      let published = 0
+      while (publishing && published < 60) {
+        await publishBoth(app, company, 1)
+        published++
+      }
+      return published
+    })()
+    const ack = await request(socket, 'sync:resume', { streams: { [stream]: lastSeq } })
+    publishing = false
+    publishedDuringResumes += await publisher
+    const finalHead = (await app.eventLog.heads([stream])).get(stream)!
+    await waitFor(() => (seqsByStream(seen)[stream]?.at(-1) ?? 0) >= finalHead, 5000, 'live events after the resume')
+    const seqs = seqsByStream(seen)[stream]!
+    t.same(seqs, range(lastSeq + 1, finalHead), `iteration ${iteration}: contiguous, in order, once`)
+    t.equal(ack.streams[stream].recovered, true)
+    t.ok(ack.streams[stream].headSeq >= head)
+    socket.disconnect()
+  }
+  t.ok(publishedDuringResumes >= 8, `events were published while resumes ran (${publishedDuringResumes})`)
+})
+
+t.test('a resume without the handshake hold still replays in order (duplicates only of what arrived live before it)', async t => {
+  const { app, url } = await build(t)
+  const company = await createCompany(app)
+  const member = company.as('member')
+  await publishBoth(app, company, 4)
+  const socket = await connect(t, url, member.token)
+  const seen = record(socket)
+  const ack = await request(socket, 'sync:resume', { streams: { [companyOf(company)]: 1 } })
+  t.same(ack.streams[companyOf(company)], { recovered: true, replayed: 3, headSeq: 4 })
+  t.same(seqsByStream(seen)[companyOf(company)], [2, 3, 4])
+})
+
+t.test('a mutation whose transaction fails publishes nothing', async t => {
+  const { app, url } = await build(t)
+  const company = await createCompany(app)
+  const socket = await connect(t, url, company.as('member').token)
+  const seen = record(socket)
+  await t.rejects(app.eventLog.transaction(async (tx, publish) => {
+    await tx.project.create({ data: { companyId: company.id, name: 'doomed' } })
+    await publish({ stream: companyOf(company), type: 'project:created', companyId: company.id, actorId: null, data: { project: {} } })
+    throw new Error('business rule failed after publishing')
+  }), /business rule failed/)
+  // A failing domain route (409 on a second approval) publishes nothing either.
+  const expense = await app.inject({ method: 'POST', url: '/expenses', headers: authHeader(company.as('member')), payload: { amountMinor: 100, currency: 'EUR', description: 'taxi' } })
+  const id = expense.json().expense.id
+  t.equal((await app.inject({ method: 'POST', url: `/expenses/${id}/approve`, headers: authHeader(company.as('manager')) })).statusCode, 200)
+  t.equal((await app.inject({ method: 'POST', url: `/expenses/${id}/approve`, headers: authHeader(company.as('manager')) })).statusCode, 409)
+  await sleep(100)
+  t.equal(await app.prisma.project.count({ where: { name: 'doomed' } }), 0)
+  const types = (await app.prisma.event.findMany({ where: { companyId: company.id }, orderBy: [{ stream: 'asc' }, { seq: 'asc' }] })).map(e => `${e.stream === companyOf(company) ? 'company' : 'user'}:${e.seq}:${e.type}`)
+  t.same(types.sort(), ['company:1:expense:submitted', 'company:2:expense:approved', 'user:1:notification:new'].sort())
+  t.same(seen.map(s => s.event).filter(e => e !== 'sync:head').sort(), ['expense:approved', 'expense:submitted', 'notification:new'].sort())
+  t.equal((await app.eventLog.heads([companyOf(company)])).get(companyOf(company)), 2)
+})
+
+t.test('a resume from before the oldest kept event answers recovered: false instead of a silent gap', async t => {
+  const { app, url } = await build(t, { realtime: { eventLog: { maxLen: 5, ttlSeconds: 3600 } } })
+  const company = await createCompany(app)
+  const member = company.as('member')
+  await publishBoth(app, company, 12)
+  const deleted = await app.eventLog.prune()
+  t.equal(deleted, 14, 'keeps the last 5 of each stream')
+  const socket = await connect(t, url, member.token)
+  const seen = record(socket)
+  const ack = await request(socket, 'sync:resume', { streams: { [companyOf(company)]: 2, [userOf(member)]: 7 } })
+  t.same(ack.streams[companyOf(company)], { recovered: false, replayed: 0, headSeq: 12 })
+  t.same(ack.streams[userOf(member)], { recovered: true, replayed: 5, headSeq: 12 })
+  t.same(seqsByStream(seen), { [userOf(member)]: range(8, 12) })
+
+  // TTL: events older than ttlSeconds go too.
+  await app.prisma.$executeRaw`UPDATE events SET "createdAt" = "createdAt" - interval '2 hours' WHERE stream = ${userOf(member)}`
+  t.equal(await app.eventLog.prune(), 5)
+  const again = await request(socket, 'sync:resume', { streams: { [userOf(member)]: 11 } })
+  t.same(again.streams[userOf(member)], { recovered: false, replayed: 0, headSeq: 12 })
+  // Up to date is always recoverable, even with nothing kept.
+  const current = await request(socket, 'sync:resume', { streams: { [userOf(member)]: 12 } })
+  t.same(current.streams[userOf(member)], { recovered: true, replayed: 0, headSeq: 12 })
+})
+
+t.test('bad resume payloads are refused with a code and send nothing', async t => {
+  const { app, url } = await build(t)
+  const company = await createCompany(app)
+  const other = await createCompany(app)
+  const member = company.as('member')
+  await publishBoth(app, company, 2)
+  await publishBoth(app, other, 2)
+  const socket = await connect(t, url, member.token)
+  const seen = record(socket)
+  const cases: Array<[string, unknown, string]> = [
+    ['negative seq', { streams: { [companyOf(company)]: -1 } }, 'VALIDATION_FAILED'],
+    ['fractional seq', { streams: { [companyOf(company)]: 1.5 } }, 'VALIDATION_FAILED'],
+    ['string seq', { streams: { [companyOf(company)]: '1' } }, 'VALIDATION_FAILED'],
+    ['no streams', { streams: {} }, 'VALIDATION_FAILED'],
+    ['not an object', 'company', 'VALIDATION_FAILED'],
+    ['malformed stream name', { streams: { 'room:secret': 0 } }, 'VALIDATION_FAILED'],
+    ['extra keys', { streams: { [companyOf(company)]: 0 }, admin: true }, 'VALIDATION_FAILED'],
+    ['another company stream', { streams: { [companyOf(other)]: 0 } }, 'SYNC_STREAM_FORBIDDEN'],
+    ['another user stream', { streams: { [userOf(other.as('member'))]: 0 } }, 'SYNC_STREAM_FORBIDDEN'],
+    ['own and foreign together', { streams: { [companyOf(company)]: 0, [companyOf(other)]: 0 } }, 'SYNC_STREAM_FORBIDDEN'],
+    ['cursor ahead of head', { streams: { [companyOf(company)]: 99 } }, 'SYNC_CURSOR_AHEAD']
+  ]
+  for (const [name, payload, code] of cases) {
+    const ack = await request(socket, 'sync:resume', payload)
+    t.equal(ack.ok, false, name)
+    t.equal(ack.error?.code, code, name)
+  }
+  await sleep(100)
+  t.same(seen, [], 'nothing was sent')
+  t.ok(socket.connected)
+  const rooms = app.io.of('/').sockets.get(socket.id)!.rooms
+  t.same([...rooms].filter(r => r !== socket.id).sort(), [companyOf(company), userOf(member)].sort(), 'rooms unchanged (no hold left behind)')
+})
+
+t.test('a resume on a second app instance sharing the database gives the same result', async t => {
+  const first = await build(t)
+  const second = await build(t, { db: first.db })
+  const company = await createCompany(first.app)
+  const member = company.as('member')
+  await publishBoth(first.app, company, 6)
+  const results = []
+  for (const { url } of [first, second]) {
+    const socket = await connect(t, url, member.token, { auth: { token: member.token, resume: true } })
+    const seen = record(socket)
+    const ack = await request(socket, 'sync:resume', { streams: { [companyOf(company)]: 2, [userOf(member)]: 0 } })
+    results.push({ ack, seen: seen.map(s => s.payload) })
+  }
+  t.same(results[1], results[0])
+  t.same(seqsByStream(results[0]!.seen.map(payload => ({ event: payload.type, payload }))), { [companyOf(company)]: range(3, 6), [userOf(member)]: range(1, 6) })
+})
+
+t.test('sync:head lets an idle client notice a gap, and a node fills gaps from the log', async t => {
+  const first = await build(t)
+  // A second node on the same database without a shared adapter: its events reach the first
+  // node's clients only through the log — like a publisher that crashed between commit and emit.
+  const second = await build(t, { db: first.db })
+  const company = await createCompany(first.app)
+  const member = company.as('member')
+  const socket = await connect(t, first.url, member.token)
+  const seen = record(socket)
+  await publishBoth(first.app, company, 1)
+  await waitFor(() => seen.length >= 2, 2000, 'live events')
+  await publishBoth(second.app, company, 2)
+  await sleep(100)
+  t.same(seqsByStream(seen)[companyOf(company)], [1], 'the other node\'s events did not arrive live')
+  const head = nextEvent(socket, 'sync:head')
+  await first.app.eventLog.beacon()
+  t.same(await head, { stream: companyOf(company), seq: 3 })
+  t.same(seqsByStream(seen)[companyOf(company)], [1, 2, 3], 'the beacon filled the gap in order')
+  // And a live event after a jump is preceded by the missing ones.
+  await publishBoth(second.app, company, 1)
+  await publishBoth(first.app, company, 1)
+  await waitFor(() => (seqsByStream(seen)[companyOf(company)]?.length ?? 0) >= 5, 2000, 'gap fill')
+  t.same(seqsByStream(seen)[companyOf(company)], [1, 2, 3, 4, 5])
+  t.same(seqsByStream(seen)[userOf(member)], [1, 2, 3, 4, 5])
+})
+
+t.test('a socket that announced a resume but never sends it gets its held events after the window', async t => {
+  const { app, url } = await build(t, { realtime: { eventLog: { resumeWindowMs: 300 } } })
+  const company = await createCompany(app)
+  const member = company.as('member')
+  const socket: ClientSocket = await connect(t, url, member.token, { auth: { token: member.token, resume: true } })
+  const seen = record(socket)
+  await publishBoth(app, company, 2)
+  await sleep(100)
+  t.same(seen, [], 'held while the client may still resume')
+  await waitFor(() => seen.length === 4, 2000, 'held events released')
+  t.same(seqsByStream(seen), { [companyOf(company)]: [1, 2], [userOf(member)]: [1, 2] })
+})
+
+t.test('event ids are unique across streams and the envelope matches between live and replay', async t => {
+  const { app, url } = await build(t)
+  const company = await createCompany(app)
+  const member = company.as('member')
+  const socket = await connect(t, url, member.token)
+  const live = record(socket)
+  await publishBoth(app, company, 3)
+  await waitFor(() => live.length === 6, 2000, 'live events')
+  const replayer = await connect(t, url, member.token)
+  const replayed = record(replayer)
+  await request(replayer, 'sync:resume', { streams: { [companyOf(company)]: 0, [userOf(member)]: 0 } })
+  const byId = (list: Array<{ payload: any }>) => list.map(s => s.payload).sort((a, b) => a.id.localeCompare(b.id))
+  t.same(byId(replayed), byId(live))
+  t.equal(new Set(live.map(s => s.payload.id)).size, 6)
+  t.ok(live.every(s => typeof s.payload.id === 'string' && s.payload.id.length === randomUUID().length))
+})
