@@ -4,8 +4,8 @@ import type { Socket as ClientSocket } from 'socket.io-client'
 import { authHeader, build, connect, createCompany, nextEvent, record, request, sleep, waitFor, type TestCompany } from './helpers.ts'
 import type { FastifyInstance } from 'fastify'
 
-const companyOf = (c: TestCompany) => `company:${c.id}`
-const userOf = (u: { id: string }) => `user:${u.id}`
+const companyOf = (c: TestCompany) => `company:${c.id}` as const
+const userOf = (u: { id: string }) => `user:${u.id}` as const
 
 /** Publishes a notification to a user's stream and a project event to the company stream. */
 async function publishBoth (app: FastifyInstance, company: TestCompany, n: number) {
@@ -180,7 +180,7 @@ t.test('bad resume payloads are refused with a code and send nothing', async t =
   await sleep(100)
   t.same(seen, [], 'nothing was sent')
   t.ok(socket.connected)
-  const rooms = app.io.of('/').sockets.get(socket.id)!.rooms
+  const rooms = app.io.of('/').sockets.get(socket.id!)!.rooms
   t.same([...rooms].filter(r => r !== socket.id).sort(), [companyOf(company), userOf(member)].sort(), 'rooms unchanged (no hold left behind)')
 })
 

@@ -238,7 +238,8 @@ export function guardCommands (client: Redis, onFailure: (err: Error) => void, c
   const view: Redis = new Proxy(client, {
     get (target, property) {
       const value = Reflect.get(target, property, target)
-      if (typeof value !== 'function') return value
+      // `constructor` stays as is: the adapter tells ioredis Cluster apart by its name.
+      if (typeof value !== 'function' || property === 'constructor') return value
       let wrapper = wrapped.get(property)
       if (!wrapper) {
         const name = String(property)
