@@ -6,8 +6,12 @@ import erpAuth, { type ErpAuthOptions } from './auth/index.ts'
 import erpOfflineQueue, { type ErpOfflineQueueOptions } from './offline-queue/index.ts'
 import erpConflicts, { type ErpConflictsOptions } from './conflict-resolution/index.ts'
 import erpHealth, { type ErpHealthOptions } from './health/index.ts'
+import erpPresence, { type ErpPresenceOptions } from './presence/index.ts'
+import erpIdempotency, { type ErpIdempotencyOptions } from './idempotency/index.ts'
 
 export { erpSocket, erpAuth, erpOfflineQueue, erpConflicts, erpHealth }
+export { erpIdempotency }
+export { erpPresence }
 export { Errors, erpErrorHandler } from './errors.ts'
 export type * from './events.ts'
 
@@ -22,16 +26,22 @@ export interface ErpRealtimeOptions {
   eventLog?: Omit<ErpOfflineQueueOptions, 'prisma'>
   conflicts?: Omit<ErpConflictsOptions, 'prisma'>
   health?: Omit<ErpHealthOptions, 'prisma'>
+  /** Presence (erp-presence): store, grace period, heartbeat and TTL. Default: memory store. */
+  presence?: ErpPresenceOptions
+  /** Idempotency-Key handling for POST/PATCH/PUT routes registered after the umbrella. */
+  idempotency?: Omit<ErpIdempotencyOptions, 'prisma'>
 }
 
 async function erpRealtime (fastify: FastifyInstance, options: ErpRealtimeOptions) {
   const { prisma, jwtSecret } = options
   await fastify.register(erpSocket, options.socket ?? {})
   await fastify.register(erpAuth, { ...options.auth, prisma, secret: jwtSecret })
+  await fastify.register(erpPresence, options.presence ?? {})
   await fastify.register(erpOfflineQueue, { ...options.eventLog, prisma })
   await fastify.register(erpConflicts, { ...options.conflicts, prisma })
+  await fastify.register(erpIdempotency, { ...options.idempotency, prisma })
   await fastify.register(erpHealth, { ...options.health, prisma })
 }
 
-/** Registers erp-socket, erp-auth, erp-offline-queue, erp-conflicts and erp-health. */
+/** Registers erp-socket, erp-auth, erp-presence, erp-offline-queue, erp-conflicts, erp-idempotency and erp-health. */
 export default fp(erpRealtime, { fastify: '5.x', name: 'erp-realtime' })

@@ -29,6 +29,8 @@ export async function buildApp ({ config, db, logger = false, realtime = {} }: B
   const app = Fastify({
     logger,
     bodyLimit: 256 * 1024,
+    // Ids are validated up to 128 characters; longer params get the same 400 as other bad ids.
+    routerOptions: { maxParamLength: 256 },
     forceCloseConnections: true,
     // Router errors (bad URL encoding, an over-long :id) answer in the contract's error shape too.
     frameworkErrors: (err, request, reply) => erpErrorHandler(err, request, reply)
@@ -45,9 +47,15 @@ export async function buildApp ({ config, db, logger = false, realtime = {} }: B
     prisma: db.prisma,
     jwtSecret: config.jwtSecret,
     ...realtime,
-    socket: { corsOrigins: config.corsOrigins, redis: config.redisUrl, ...realtime.socket },
-    eventLog: { ttlSeconds: config.eventLogTtlSeconds, maxLen: config.eventLogMaxLen, ...realtime.eventLog },
-    health: { eventLogBackend: db.kind, ...realtime.health }
+    socket: { corsOrigins: config.corsOrigins, redis: config.redisUrl, redisPrefix: config.redisPrefix, ...realtime.socket },
+    eventLog: { ttlSeconds: config.eventLogTtlSeconds, maxLen: config.eventLogMaxLen, headIntervalMs: config.syncHeadIntervalMs, ...realtime.eventLog },
+    health: { eventLogBackend: db.kind, ...realtime.health },
+    presence: {
+      // Shared by every node when Redis is configured; one node's memory otherwise.
+      store: config.redisUrl ? { redis: config.redisUrl, prefix: config.redisPrefix && `${config.redisPrefix}:presence` } : 'memory',
+      graceMs: config.presenceGraceMs,
+      ...realtime.presence
+    }
   })
   await app.register(authRoutes)
   await app.register(projectRoutes)

@@ -18,6 +18,10 @@ export interface AppConfig {
   eventLogMaxLen: number
   presenceGraceMs: number
   production: boolean
+  /** Key/channel prefix in Redis (REDIS_PREFIX), so several deployments can share one Redis. Unset: the plugins' default. */
+  redisPrefix?: string
+  /** How often each node checks stream heads, fills gaps and sends `sync:head` (SYNC_HEAD_INTERVAL_MS; 0 disables). Unset: the plugin's default. */
+  syncHeadIntervalMs?: number
 }
 
 /** Thrown for bad configuration; its message is one line naming the variable. */
@@ -38,7 +42,7 @@ const url = (protocols: string[]) => z.string().trim().refine(value => {
   } catch {
     return false
   }
-}, `must be a URL starting with ${protocols.join(' or ')}//`)
+}, `must be a URL starting with ${protocols.map(p => `${p}//`).join(' or ')}`)
 
 const origins = z.string().transform(value => value.split(',').map(o => o.trim()).filter(Boolean))
   .pipe(z.array(z.string().regex(/^https?:\/\/[^/\s]+$/, 'must list exact origins like https://app.example.com (scheme://host[:port], comma-separated)')))
@@ -54,7 +58,9 @@ const variables = {
   CORS_ORIGINS: origins,
   EVENT_LOG_TTL_SECONDS: integer(1, 365 * 24 * 3600),
   EVENT_LOG_MAXLEN: integer(1, 10_000_000),
-  PRESENCE_GRACE_MS: integer(0, 3_600_000)
+  PRESENCE_GRACE_MS: integer(0, 3_600_000),
+  REDIS_PREFIX: z.string().trim().regex(/^[\w.:-]{1,100}$/, 'must be 1-100 letters, digits, or . : _ -'),
+  SYNC_HEAD_INTERVAL_MS: integer(0, 3_600_000)
 } as const
 
 type Parsed = { [K in keyof typeof variables]?: z.output<(typeof variables)[K]> }
@@ -70,8 +76,8 @@ export function loadConfig (env: NodeJS.ProcessEnv = process.env): AppConfig {
     ;(parsed as Record<string, unknown>)[name] = result.data
   }
   const production = env.NODE_ENV === 'production'
-  if (parsed.JWT_SECRET === undefined && production) {
-    throw new ConfigError('JWT_SECRET', 'must be set when NODE_ENV=production')
+  if ((parsed.JWT_SECRET === undefined || parsed.JWT_SECRET === DEV_JWT_SECRET) && production) {
+    throw new ConfigError('JWT_SECRET', 'must be set to your own secret when NODE_ENV=production')
   }
   return {
     port: parsed.PORT ?? 3000,
@@ -85,6 +91,8 @@ export function loadConfig (env: NodeJS.ProcessEnv = process.env): AppConfig {
     eventLogTtlSeconds: parsed.EVENT_LOG_TTL_SECONDS ?? 86400,
     eventLogMaxLen: parsed.EVENT_LOG_MAXLEN ?? 10000,
     presenceGraceMs: parsed.PRESENCE_GRACE_MS ?? 5000,
-    production
+    production,
+    redisPrefix: parsed.REDIS_PREFIX,
+    syncHeadIntervalMs: parsed.SYNC_HEAD_INTERVAL_MS
   }
 }

@@ -1,5 +1,5 @@
 import type { Viewing } from '../events.ts'
-import type { Departure, Expired, PresenceStore, SocketRef, Transition, UserPresence } from './store.ts'
+import type { Change, Departure, Expired, PresenceStore, SocketRef, Transition, UserPresence } from './store.ts'
 
 interface Deadline {
   companyId: string
@@ -65,7 +65,7 @@ export class MemoryPresenceStore implements PresenceStore {
     return { after: { ...current }, graceUntil }
   }
 
-  async set (companyId: string, userId: string, change: { status: UserPresence['status'], viewing?: Viewing | null }): Promise<Transition | null> {
+  async set (companyId: string, userId: string, change: { status: UserPresence['status'], viewing?: Viewing | null }): Promise<Change | null> {
     const current = this.users.get(companyId)?.get(userId)
     if (!current) return null
     const before = { ...current }

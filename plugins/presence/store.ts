@@ -23,6 +23,12 @@ export interface Transition {
   after: UserPresence
 }
 
+/** A change to a user who was present before it. */
+export interface Change {
+  before: UserPresence
+  after: UserPresence
+}
+
 export interface Departure {
   after: UserPresence
   /** Set when this was the last device: the grace deadline to pass to `endGrace`. */
@@ -48,7 +54,7 @@ export interface PresenceStore {
   /** Removes a socket; on the last one the user enters a grace period of `graceMs`. null when unknown. */
   disconnect (ref: SocketRef, graceMs: number): Promise<Departure | null>
   /** Sets status and viewing (`undefined` keeps it, `null` clears it). null when the user is unknown. */
-  set (companyId: string, userId: string, change: { status: UserPresence['status'], viewing?: Viewing | null }): Promise<Transition | null>
+  set (companyId: string, userId: string, change: { status: UserPresence['status'], viewing?: Viewing | null }): Promise<Change | null>
   /** Ends the grace period that `disconnect` started at `graceUntil`: true when the user is now offline. */
   endGrace (companyId: string, userId: string, graceUntil: number): Promise<boolean>
   /** Pushes the expiry of live sockets `ttlMs` ahead; returns the ones the store no longer has. */

@@ -22,7 +22,7 @@ const updateBody = z.object({
   description: projectFields.description.optional(),
   status: projectFields.status.optional(),
   budgetMinor: projectFields.budgetMinor.optional()
-}).strict()
+}).strict().refine(body => Object.keys(body).some(key => key !== 'baseVersion'), 'name at least one field to change')
 
 export async function projectRoutes (fastify: FastifyInstance) {
   fastify.addHook('preHandler', fastify.authenticate)

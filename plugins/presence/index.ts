@@ -1,0 +1,328 @@
+import fp from 'fastify-plugin'
+import type { FastifyInstance } from 'fastify'
+import { Redis, type RedisOptions } from 'ioredis'
+import { z } from 'zod'
+import {
+  companyStream, presenceSetSchema,
+  type PresenceChanged, type PresenceEntry, type Viewing
+} from '../events.ts'
+import { handle, SocketError, type ErpSocket } from '../socket/handle.ts'
+import { MemoryPresenceStore } from './memory-store.ts'
+import { RedisPresenceStore } from './redis-store.ts'
+import { sameViewing, type Expired, type PresenceStore, type SocketRef, type UserPresence } from './store.ts'
+
+export { MemoryPresenceStore, RedisPresenceStore }
+export type { PresenceStore, SocketRef, UserPresence } from './store.ts'
+
+export interface RedisPresenceStoreOption {
+  /** A `redis://` / `rediss://` URL (the plugin opens and closes its own connection) or an ioredis client you own (never closed). */
+  redis: string | Redis
+  /** Prefix of every presence key, so several apps can share one Redis. Default `'erp-realtime:presence'`. */
+  prefix?: string
+  /** ioredis options for a connection opened from a URL. Default `{ maxRetriesPerRequest: 2 }`. */
+  redisOptions?: RedisOptions
+}
+
+export interface ErpPresenceOptions {
+  /**
+   * Where presence lives: `'memory'` (one node), `{ redis }` (shared by every node on that Redis),
+   * or your own `PresenceStore` (not closed by the plugin). Default `'memory'`.
+   */
+  store?: 'memory' | RedisPresenceStoreOption | PresenceStore
+  /** How long a user stays present after the last device drops (PRESENCE_GRACE_MS). Default 5000. */
+  graceMs?: number
+  /** How often a node refreshes its sockets' entries. Default 10000. */
+  heartbeatMs?: number
+  /**
+   * How long an entry lives without a heartbeat: the users of a node that dies without cleaning
+   * up go offline this long after its last heartbeat (plus up to `sweepIntervalMs`). At least
+   * twice `heartbeatMs`. Default 30000.
+   */
+  ttlMs?: number
+  /** How often a node looks for expired entries (a cheap indexed read). Default 1000. */
+  sweepIntervalMs?: number
+  /** Expired entries claimed per store call during a sweep. Default 500. */
+  sweepBatchSize?: number
+}
+
+export interface ErpPresenceDecorator {
+  readonly store: PresenceStore
+  /** Who is present in a company (users in their grace period included, with `devices: 0`). */
+  list (companyId: string): Promise<PresenceEntry[]>
+  /** Refreshes this node's entries now (normally every `heartbeatMs`). */
+  heartbeat (): Promise<void>
+  /** Claims and announces expired entries now (normally every `sweepIntervalMs`); returns how many. */
+  sweep (): Promise<number>
+  /**
+   * Makes this node behave as if it had crashed: heartbeat, sweep and grace timers stop and its
+   * sockets' entries are left in the store for the other nodes to expire. For tests and drills.
+   */
+  abandon (): void
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    presence: ErpPresenceDecorator
+  }
+}
+
+const isStore = (value: unknown): value is PresenceStore =>
+  typeof value === 'object' && value !== null &&
+  ['connect', 'disconnect', 'set', 'endGrace', 'refresh', 'sweep', 'list', 'close']
+    .every(method => typeof (value as Record<string, unknown>)[method] === 'function')
+
+const optionsSchema = z.object({
+  store: z.union([
+    z.literal('memory'),
+    z.object({
+      redis: z.union([
+        z.string().regex(/^rediss?:\/\//, 'must be a redis:// or rediss:// URL'),
+        z.custom<Redis>(v => v instanceof Redis, 'must be a redis:// URL or an ioredis client')
+      ]),
+      prefix: z.string().min(1).max(100).optional(),
+      redisOptions: z.record(z.string(), z.unknown()).optional()
+    }).strict(),
+    z.custom<PresenceStore>(isStore, "must be 'memory', { redis } or a PresenceStore")
+  ]).default('memory'),
+  graceMs: z.number().int().min(0).max(3_600_000).default(5000),
+  heartbeatMs: z.number().int().min(10).default(10000),
+  ttlMs: z.number().int().min(20).default(30000),
+  sweepIntervalMs: z.number().int().min(10).default(1000),
+  sweepBatchSize: z.number().int().min(1).max(10000).default(500)
+}).refine(o => o.ttlMs >= 2 * o.heartbeatMs, { message: 'must be at least twice heartbeatMs', path: ['ttlMs'] })
+
+/** Sweep batches per run, so a backlog after an outage drains without one run monopolising the node. */
+const MAX_SWEEP_BATCHES = 20
+
+async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOptions) {
+  const parsed = optionsSchema.safeParse(rawOptions)
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0]
+    throw new Error(`erp-presence: invalid option ${issue?.path.join('.')}: ${issue?.message}`)
+  }
+  const { graceMs, heartbeatMs, ttlMs, sweepIntervalMs, sweepBatchSize } = parsed.data
+  const storeOption = parsed.data.store
+  const ownsStore = storeOption === 'memory' || !isStore(storeOption)
+  const store: PresenceStore = storeOption === 'memory'
+    ? new MemoryPresenceStore()
+    : isStore(storeOption)
+      ? storeOption
+      : new RedisPresenceStore({
+        redis: storeOption.redis,
+        prefix: storeOption.prefix,
+        redisOptions: storeOption.redisOptions as RedisOptions | undefined,
+        onError: err => fastify.log.warn({ err: err.message }, 'erp-presence: Redis connection error')
+      })
+
+  const io = fastify.io
+
+  interface LocalSocket {
+    ref: SocketRef
+    /** Store operations of one socket run in order (connect before set before disconnect). */
+    chain: Promise<unknown>
+  }
+  const local = new Map<string, LocalSocket>()
+  const graceTimers = new Map<string, NodeJS.Timeout>()
+  const pending = new Set<Promise<unknown>>()
+  /** False once the node closes or is abandoned: no new store work, no new timers. */
+  let active = true
+
+  const track = <T>(work: Promise<T>): Promise<T> => {
+    pending.add(work)
+    const done = () => { pending.delete(work) }
+    work.then(done, done)
+    return work
+  }
+  const enqueue = <T>(entry: LocalSocket, fn: () => Promise<T>): Promise<T> => {
+    const work = entry.chain.then(fn)
+    entry.chain = work.catch(() => {})
+    return track(work)
+  }
+
+  // Repeated failures (Redis down) are logged once per distinct message until work succeeds again.
+  let lastFailure = ''
+  const failed = (what: string) => (err: unknown) => {
+    const message = err instanceof Error ? err.message : String(err)
+    if (message === lastFailure) return
+    lastFailure = message
+    fastify.log.warn({ err }, `erp-presence: ${what} failed`)
+  }
+  const succeeded = () => { lastFailure = '' }
+
+  const toChange = (userId: string, presence: UserPresence | null): PresenceChanged => {
+    const at = new Date().toISOString()
+    if (!presence) return { userId, status: 'offline', devices: 0, at }
+    const change: PresenceChanged = { userId, status: presence.status, devices: presence.devices, at }
+    if (presence.viewing) change.viewing = presence.viewing
+    return change
+  }
+  // io.to() (not io.local): the Redis adapter carries it to the company's sockets on every node.
+  const announce = (companyId: string, userId: string, presence: UserPresence | null) => {
+    io.to(companyStream(companyId)).emit('presence:changed', toChange(userId, presence))
+  }
+
+  const graceKey = (ref: { companyId: string, userId: string }) => `${ref.companyId}\u0000${ref.userId}`
+  const cancelGrace = (ref: SocketRef) => {
+    const key = graceKey(ref)
+    clearTimeout(graceTimers.get(key))
+    graceTimers.delete(key)
+  }
+  const startGrace = (ref: SocketRef, graceUntil: number) => {
+    if (!active) return
+    const key = graceKey(ref)
+    clearTimeout(graceTimers.get(key))
+    const timer = setTimeout(() => {
+      graceTimers.delete(key)
+      // Another node's sweep may have claimed it first; endGrace answers true to one caller only.
+      track(store.endGrace(ref.companyId, ref.userId, graceUntil)).then(offline => {
+        succeeded()
+        if (offline) announce(ref.companyId, ref.userId, null)
+      }, failed('ending a grace period'))
+    }, graceMs)
+    timer.unref()
+    graceTimers.set(key, timer)
+  }
+
+  const register = async (ref: SocketRef): Promise<void> => {
+    const { before, after } = await store.connect(ref, ttlMs)
+    cancelGrace(ref)
+    // A device back within the grace period (devices 0 → 1) changes nothing the company saw.
+    if (before === null || (before.devices > 0 && before.devices !== after.devices)) announce(ref.companyId, ref.userId, after)
+  }
+
+  const unregister = async (ref: SocketRef): Promise<void> => {
+    const departure = await store.disconnect(ref, graceMs)
+    if (!departure) return
+    if (departure.graceUntil === undefined) announce(ref.companyId, ref.userId, departure.after)
+    else startGrace(ref, departure.graceUntil)
+  }
+
+  const setPresence = async (ref: SocketRef, status: UserPresence['status'], viewing: Viewing | null | undefined): Promise<void> => {
+    let transition = await store.set(ref.companyId, ref.userId, { status, viewing })
+    if (!transition) {
+      // The entry expired under us (e.g. this node was cut off from Redis longer than the TTL).
+      await register(ref)
+      transition = await store.set(ref.companyId, ref.userId, { status, viewing })
+      if (!transition) throw new SocketError('SERVICE_UNAVAILABLE', 'Presence could not be recorded; try again')
+    }
+    const { before, after } = transition
+    if (before.status !== after.status || !sameViewing(before.viewing, after.viewing)) announce(ref.companyId, ref.userId, after)
+  }
+
+  const list = async (companyId: string): Promise<PresenceEntry[]> => {
+    const users = await store.list(companyId)
+    users.sort((a, b) => (a.userId < b.userId ? -1 : a.userId > b.userId ? 1 : 0))
+    return users.map(({ userId, status, devices, viewing, since }) => {
+      const entry: PresenceEntry = { userId, status, devices, since: new Date(since).toISOString() }
+      if (viewing) entry.viewing = viewing
+      return entry
+    })
+  }
+
+  // A store failure reaches the client as a retryable code, not as INTERNAL.
+  const unavailable = (err: unknown): never => {
+    if (err instanceof SocketError) throw err
+    failed('a presence request')(err)
+    throw new SocketError('SERVICE_UNAVAILABLE', 'Presence is unavailable; try again')
+  }
+
+  const onConnection = (socket: ErpSocket) => {
+    const { companyId, userId } = socket.data
+    if (!active || !companyId || !userId) return
+    const entry: LocalSocket = { ref: { companyId, userId, socketId: socket.id }, chain: Promise.resolve() }
+    local.set(socket.id, entry)
+    enqueue(entry, () => register(entry.ref)).then(succeeded, failed('recording a connection'))
+
+    handle(socket, 'presence:set', presenceSetSchema, async ({ status, viewing }) => {
+      if (!active) throw new SocketError('SERVICE_UNAVAILABLE', 'This node is shutting down')
+      await enqueue(entry, () => setPresence(entry.ref, status, viewing)).catch(unavailable)
+      return {}
+    }, err => fastify.log.error({ err }, 'erp-presence: presence:set failed'))
+
+    handle(socket, 'presence:list', null, async () => {
+      // Own company only: the company comes from the authenticated handshake, never the client.
+      const users = await list(companyId).catch(unavailable)
+      return { users }
+    }, err => fastify.log.error({ err }, 'erp-presence: presence:list failed'))
+
+    socket.once('disconnect', () => {
+      local.delete(socket.id)
+      if (!active) return
+      enqueue(entry, () => unregister(entry.ref)).then(succeeded, failed('recording a disconnection'))
+    })
+  }
+  io.on('connection', onConnection)
+
+  let heartbeatRunning = false
+  const heartbeat = async (): Promise<void> => {
+    if (heartbeatRunning || !active || local.size === 0) return
+    heartbeatRunning = true
+    try {
+      const missing = await track(store.refresh([...local.values()].map(entry => entry.ref), ttlMs))
+      // Entries swept while this node could not refresh them (it was cut off or stalled): re-add.
+      for (const ref of missing) {
+        const entry = local.get(ref.socketId)
+        if (entry && active) enqueue(entry, () => register(ref)).then(succeeded, failed('re-recording a connection'))
+      }
+    } finally {
+      heartbeatRunning = false
+    }
+  }
+
+  let sweepRunning = false
+  const sweep = async (): Promise<number> => {
+    if (sweepRunning || !active) return 0
+    sweepRunning = true
+    let claimed = 0
+    try {
+      for (let batch = 0; batch < MAX_SWEEP_BATCHES && active; batch++) {
+        const expired = await track(store.sweep(sweepBatchSize))
+        claimed += expired.length
+        // Several sockets of one user may expire together: announce only where they ended up.
+        const last = new Map<string, Expired>()
+        for (const item of expired) last.set(graceKey(item), item)
+        for (const item of last.values()) announce(item.companyId, item.userId, item.after)
+        if (expired.length < sweepBatchSize) break
+      }
+    } finally {
+      sweepRunning = false
+    }
+    return claimed
+  }
+
+  const heartbeatTimer = setInterval(() => { heartbeat().then(succeeded, failed('heartbeat')) }, heartbeatMs)
+  heartbeatTimer.unref()
+  const sweepTimer = setInterval(() => { sweep().then(succeeded, failed('sweep')) }, sweepIntervalMs)
+  sweepTimer.unref()
+
+  const stop = () => {
+    active = false
+    clearInterval(heartbeatTimer)
+    clearInterval(sweepTimer)
+    for (const timer of graceTimers.values()) clearTimeout(timer)
+    graceTimers.clear()
+  }
+
+  fastify.decorate('presence', {
+    store,
+    list,
+    heartbeat,
+    sweep,
+    abandon () {
+      stop()
+      local.clear()
+    }
+  } satisfies ErpPresenceDecorator)
+
+  fastify.addHook('onClose', async () => {
+    io.off('connection', onConnection)
+    // Sockets were disconnected in preClose; let their store updates land. Their grace periods
+    // stay in the store, where the other nodes' sweeps end them.
+    stop()
+    await Promise.allSettled([...pending])
+    local.clear()
+    if (ownsStore) await store.close()
+  })
+}
+
+export default fp(erpPresence, { fastify: '5.x', name: 'erp-presence', dependencies: ['erp-socket', 'erp-auth'] })

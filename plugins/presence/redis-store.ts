@@ -1,0 +1,275 @@
+import { createHash } from 'node:crypto'
+import { Redis, type RedisOptions } from 'ioredis'
+import type { Viewing } from '../events.ts'
+import type { Change, Departure, Expired, PresenceStore, SocketRef, Transition, UserPresence } from './store.ts'
+
+export interface RedisPresenceStoreOptions {
+  /** A `redis://` / `rediss://` URL (the store opens and closes its own connection) or a client you own. */
+  redis: string | Redis
+  /** Prefix of every key. Default `'erp-realtime:presence'`. */
+  prefix?: string
+  /** ioredis options for a connection opened from a URL. Default `{ maxRetriesPerRequest: 2 }`. */
+  redisOptions?: RedisOptions
+  /** Called with connection errors (at most once per distinct message until the next 'ready'). */
+  onError?: (err: Error) => void
+}
+
+/*
+ * Keys (all under the prefix):
+ *   users:<companyId>    hash   userId   -> JSON { status, devices, since, viewing? }
+ *   sockets:<companyId>  hash   socketId -> userId
+ *   expiry               zset   JSON ["s", companyId, userId, socketId] (socket entry) or
+ *                               JSON ["g", companyId, userId] (grace period) -> deadline, ms (Redis clock)
+ * One expiry set for all companies lets every node find due entries with one ZRANGEBYSCORE; each
+ * due entry is then claimed by a script that removes it only if it is still due, so exactly one
+ * node announces it. Members are built in JavaScript only, so their bytes always match.
+ */
+
+const NOW = `local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+`
+
+class Script {
+  readonly sha: string
+  constructor (readonly source: string) {
+    this.sha = createHash('sha1').update(source).digest('hex')
+  }
+}
+
+// KEYS users, sockets, expiry; ARGV userId, socketId, socketMember, graceMember, ttlMs
+const CONNECT = new Script(NOW + `
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+local u
+if raw then u = cjson.decode(raw) else u = { status = 'online', devices = 0, since = now } end
+if redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[1]) == 1 then u.devices = u.devices + 1 end
+local after = cjson.encode(u)
+redis.call('HSET', KEYS[1], ARGV[1], after)
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[3])
+redis.call('ZREM', KEYS[3], ARGV[4])
+return { raw or '', after }`)
+
+// KEYS users, sockets, expiry; ARGV userId, socketId, socketMember, graceMember, graceMs
+const DISCONNECT = new Script(NOW + `
+redis.call('ZREM', KEYS[3], ARGV[3])
+if redis.call('HDEL', KEYS[2], ARGV[2]) == 0 then return false end
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return false end
+local u = cjson.decode(raw)
+u.devices = math.max(0, u.devices - 1)
+local after = cjson.encode(u)
+redis.call('HSET', KEYS[1], ARGV[1], after)
+if u.devices > 0 then return { after, '' } end
+local graceUntil = now + tonumber(ARGV[5])
+redis.call('ZADD', KEYS[3], graceUntil, ARGV[4])
+return { after, tostring(graceUntil) }`)
+
+// KEYS users; ARGV userId, status, viewing ('' keeps, 'null' clears, else JSON)
+const SET = new Script(NOW + `
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return false end
+local u = cjson.decode(raw)
+if u.status ~= ARGV[2] then u.status = ARGV[2]; u.since = now end
+if ARGV[3] == 'null' then u.viewing = nil elseif ARGV[3] ~= '' then u.viewing = cjson.decode(ARGV[3]) end
+local after = cjson.encode(u)
+redis.call('HSET', KEYS[1], ARGV[1], after)
+return { raw, after }`)
+
+// KEYS users, expiry; ARGV userId, graceMember, mode ('exact' | 'due'), deadline
+// Returns 1 when the user went offline. 'exact' ends the grace period this node started;
+// 'due' (the sweep) ends any grace period whose deadline has passed.
+const END_GRACE = new Script(`
+local score = redis.call('ZSCORE', KEYS[2], ARGV[2])
+if not score then return 0 end
+if ARGV[3] == 'exact' and tonumber(score) ~= tonumber(ARGV[4]) then return 0 end
+if ARGV[3] == 'due' and tonumber(score) > tonumber(ARGV[4]) then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[2])
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+if cjson.decode(raw).devices > 0 then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1`)
+
+// KEYS users, sockets, expiry; ARGV userId, socketId, socketMember, now
+// Claims an expired socket entry: { 'offline' } or { 'devices', userJSON }, false when not due or gone.
+const EXPIRE_SOCKET = new Script(`
+local score = redis.call('ZSCORE', KEYS[3], ARGV[3])
+if not score or tonumber(score) > tonumber(ARGV[4]) then return false end
+redis.call('ZREM', KEYS[3], ARGV[3])
+if redis.call('HDEL', KEYS[2], ARGV[2]) == 0 then return false end
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return false end
+local u = cjson.decode(raw)
+u.devices = math.max(0, u.devices - 1)
+if u.devices == 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return { 'offline' }
+end
+local after = cjson.encode(u)
+redis.call('HSET', KEYS[1], ARGV[1], after)
+return { 'devices', after }`)
+
+// KEYS expiry; ARGV limit -> { now, member... }
+const DUE = new Script(NOW + `
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+table.insert(due, 1, tostring(now))
+return due`)
+
+// KEYS expiry; ARGV ttlMs, member... -> members no longer present
+const REFRESH = new Script(NOW + `
+local at = now + tonumber(ARGV[1])
+local missing = {}
+for i = 2, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], at, ARGV[i])
+  else
+    missing[#missing + 1] = ARGV[i]
+  end
+end
+return missing`)
+
+const REFRESH_BATCH = 1000
+
+interface StoredPresence {
+  status: UserPresence['status']
+  devices: number
+  since: number
+  viewing?: Viewing
+}
+
+const parse = (raw: string): UserPresence => {
+  const stored = JSON.parse(raw) as StoredPresence
+  const presence: UserPresence = { status: stored.status, devices: stored.devices, since: stored.since }
+  if (stored.viewing) presence.viewing = { type: String(stored.viewing.type), id: String(stored.viewing.id) }
+  return presence
+}
+
+/** Presence shared by every node on one Redis (the multi-node store). */
+export class RedisPresenceStore implements PresenceStore {
+  readonly kind = 'redis'
+  readonly redis: Redis
+  readonly prefix: string
+  private readonly owned: boolean
+  private readonly onErrorListener: (err: Error) => void
+  private readonly onReadyListener: () => void
+
+  constructor (options: RedisPresenceStoreOptions) {
+    this.prefix = options.prefix ?? 'erp-realtime:presence'
+    this.owned = typeof options.redis === 'string'
+    this.redis = typeof options.redis === 'string'
+      ? new Redis(options.redis, { maxRetriesPerRequest: 2, ...options.redisOptions })
+      : options.redis
+    // An 'error' event without a listener would crash the process; report each outage once.
+    let lastReported = ''
+    this.onErrorListener = (err: Error) => {
+      if (err.message === lastReported) return
+      lastReported = err.message
+      options.onError?.(err)
+    }
+    this.onReadyListener = () => { lastReported = '' }
+    this.redis.on('error', this.onErrorListener)
+    this.redis.on('ready', this.onReadyListener)
+  }
+
+  private usersKey (companyId: string) { return `${this.prefix}:users:${companyId}` }
+  private socketsKey (companyId: string) { return `${this.prefix}:sockets:${companyId}` }
+  private get expiryKey () { return `${this.prefix}:expiry` }
+  private socketMember (ref: SocketRef) { return JSON.stringify(['s', ref.companyId, ref.userId, ref.socketId]) }
+  private graceMember (companyId: string, userId: string) { return JSON.stringify(['g', companyId, userId]) }
+
+  private async run<T> (script: Script, keys: string[], args: Array<string | number>): Promise<T> {
+    try {
+      return await this.redis.evalsha(script.sha, keys.length, ...keys, ...args) as T
+    } catch (err) {
+      // First use on this server (or after SCRIPT FLUSH): send the source once.
+      if (!(err instanceof Error) || !err.message.startsWith('NOSCRIPT')) throw err
+      return await this.redis.eval(script.source, keys.length, ...keys, ...args) as T
+    }
+  }
+
+  async connect (ref: SocketRef, ttlMs: number): Promise<Transition> {
+    const [before, after] = await this.run<[string, string]>(CONNECT,
+      [this.usersKey(ref.companyId), this.socketsKey(ref.companyId), this.expiryKey],
+      [ref.userId, ref.socketId, this.socketMember(ref), this.graceMember(ref.companyId, ref.userId), ttlMs])
+    return { before: before === '' ? null : parse(before), after: parse(after) }
+  }
+
+  async disconnect (ref: SocketRef, graceMs: number): Promise<Departure | null> {
+    const result = await this.run<[string, string] | null>(DISCONNECT,
+      [this.usersKey(ref.companyId), this.socketsKey(ref.companyId), this.expiryKey],
+      [ref.userId, ref.socketId, this.socketMember(ref), this.graceMember(ref.companyId, ref.userId), graceMs])
+    if (!result) return null
+    const departure: Departure = { after: parse(result[0]) }
+    if (result[1] !== '') departure.graceUntil = Number(result[1])
+    return departure
+  }
+
+  async set (companyId: string, userId: string, change: { status: UserPresence['status'], viewing?: Viewing | null }): Promise<Change | null> {
+    const viewing = change.viewing === undefined ? '' : change.viewing === null ? 'null' : JSON.stringify({ type: change.viewing.type, id: change.viewing.id })
+    const result = await this.run<[string, string] | null>(SET, [this.usersKey(companyId)], [userId, change.status, viewing])
+    return result ? { before: parse(result[0]), after: parse(result[1]) } : null
+  }
+
+  async endGrace (companyId: string, userId: string, graceUntil: number): Promise<boolean> {
+    const result = await this.run<number>(END_GRACE, [this.usersKey(companyId), this.expiryKey],
+      [userId, this.graceMember(companyId, userId), 'exact', graceUntil])
+    return result === 1
+  }
+
+  async refresh (refs: SocketRef[], ttlMs: number): Promise<SocketRef[]> {
+    const missing: SocketRef[] = []
+    for (let i = 0; i < refs.length; i += REFRESH_BATCH) {
+      const batch = refs.slice(i, i + REFRESH_BATCH)
+      const byMember = new Map(batch.map(ref => [this.socketMember(ref), ref]))
+      const gone = await this.run<string[]>(REFRESH, [this.expiryKey], [ttlMs, ...byMember.keys()])
+      for (const member of gone) missing.push(byMember.get(member)!)
+    }
+    return missing
+  }
+
+  async sweep (limit: number): Promise<Expired[]> {
+    const [now, ...due] = await this.run<string[]>(DUE, [this.expiryKey], [limit])
+    // Sent together: ioredis writes them back to back on one connection (one round trip).
+    const claims = due.map(async (member): Promise<Expired | null> => {
+      let parsed: unknown
+      try {
+        parsed = JSON.parse(member)
+      } catch {
+        parsed = null
+      }
+      if (!Array.isArray(parsed) || !parsed.every(part => typeof part === 'string')) {
+        await this.redis.zrem(this.expiryKey, member) // not ours: never let it block the sweep
+        return null
+      }
+      const [kind, companyId, userId, socketId] = parsed as string[]
+      if (kind === 'g' && companyId && userId) {
+        const offline = await this.run<number>(END_GRACE, [this.usersKey(companyId), this.expiryKey], [userId, member, 'due', now!])
+        return offline === 1 ? { companyId, userId, after: null } : null
+      }
+      if (kind === 's' && companyId && userId && socketId) {
+        const result = await this.run<[string, string?] | null>(EXPIRE_SOCKET,
+          [this.usersKey(companyId), this.socketsKey(companyId), this.expiryKey], [userId, socketId, member, now!])
+        if (!result) return null
+        return { companyId, userId, after: result[0] === 'offline' ? null : parse(result[1]!) }
+      }
+      await this.redis.zrem(this.expiryKey, member)
+      return null
+    })
+    return (await Promise.all(claims)).filter((claim): claim is Expired => claim !== null)
+  }
+
+  async list (companyId: string): Promise<Array<UserPresence & { userId: string }>> {
+    const all = await this.redis.hgetall(this.usersKey(companyId))
+    return Object.entries(all).map(([userId, raw]) => ({ userId, ...parse(raw) }))
+  }
+
+  async close (): Promise<void> {
+    if (!this.owned) {
+      this.redis.off('error', this.onErrorListener)
+      this.redis.off('ready', this.onReadyListener)
+      return
+    }
+    await this.redis.quit().catch(() => this.redis.disconnect())
+    // Keep a listener: a late socket error on a closed connection must not crash the process.
+    this.redis.off('ready', this.onReadyListener)
+  }
+}

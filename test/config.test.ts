@@ -1,0 +1,115 @@
+import t from 'tap'
+import { ConfigError, DEV_JWT_SECRET, loadConfig } from '../src/config.ts'
+
+const SECRET = 'a'.repeat(32)
+
+/** The ConfigError loadConfig throws for `env`. */
+function failure (env: NodeJS.ProcessEnv): ConfigError {
+  try {
+    loadConfig(env)
+  } catch (err) {
+    if (err instanceof ConfigError) return err
+    throw err
+  }
+  throw new Error(`expected ${JSON.stringify(env)} to be refused`)
+}
+
+t.test('defaults: an empty environment is a working development setup', async t => {
+  const config = loadConfig({})
+  t.match(config, {
+    port: 3000,
+    host: '127.0.0.1',
+    databaseUrl: undefined,
+    dataDir: '.data',
+    redisUrl: undefined,
+    jwtSecret: DEV_JWT_SECRET,
+    jwtSecretIsDefault: true,
+    corsOrigins: [],
+    eventLogTtlSeconds: 86400,
+    eventLogMaxLen: 10000,
+    presenceGraceMs: 5000,
+    production: false
+  })
+  t.ok(DEV_JWT_SECRET.length >= 32, 'the dev secret is itself a valid HS256 key')
+  t.same(loadConfig({ PORT: '', DATABASE_URL: '', JWT_SECRET: '' }), config, 'empty variables count as unset')
+})
+
+t.test('every variable is read', async t => {
+  const config = loadConfig({
+    PORT: ' 8080 ',
+    HOST: '0.0.0.0',
+    DATABASE_URL: 'postgresql://erp:pw@db.internal:5432/erp',
+    DATA_DIR: '/var/lib/erp',
+    REDIS_URL: 'rediss://:pw@cache.internal:6380/2',
+    JWT_SECRET: SECRET,
+    CORS_ORIGINS: 'https://app.example.com, http://localhost:5173,,',
+    EVENT_LOG_TTL_SECONDS: '3600',
+    EVENT_LOG_MAXLEN: '500',
+    PRESENCE_GRACE_MS: '0',
+    NODE_ENV: 'production'
+  })
+  t.match(config, {
+    port: 8080,
+    host: '0.0.0.0',
+    databaseUrl: 'postgresql://erp:pw@db.internal:5432/erp',
+    dataDir: '/var/lib/erp',
+    redisUrl: 'rediss://:pw@cache.internal:6380/2',
+    jwtSecret: SECRET,
+    jwtSecretIsDefault: false,
+    corsOrigins: ['https://app.example.com', 'http://localhost:5173'],
+    eventLogTtlSeconds: 3600,
+    eventLogMaxLen: 500,
+    presenceGraceMs: 0,
+    production: true
+  })
+  t.equal(loadConfig({ DATABASE_URL: 'postgres://localhost/erp' }).databaseUrl, 'postgres://localhost/erp', 'postgres:// works too')
+  t.equal(loadConfig({ REDIS_URL: 'redis://127.0.0.1:6379' }).redisUrl, 'redis://127.0.0.1:6379')
+  t.equal(loadConfig({ PORT: '0' }).port, 0, 'port 0 picks a free port')
+  t.equal(loadConfig({ PORT: '65535' }).port, 65535)
+})
+
+t.test('each bad variable is refused with one line naming it', async t => {
+  const cases: Array<[string, NodeJS.ProcessEnv, RegExp]> = [
+    ['PORT', { PORT: 'abc' }, /whole number/],
+    ['PORT', { PORT: '-1' }, /whole number/],
+    ['PORT', { PORT: '3000.5' }, /whole number/],
+    ['PORT', { PORT: '70000' }, /at most 65535/],
+    ['HOST', { HOST: '   ' }, /empty/],
+    ['DATABASE_URL', { DATABASE_URL: 'mysql://localhost/erp' }, /postgres:\/\/ or postgresql:\/\//],
+    ['DATABASE_URL', { DATABASE_URL: 'not a url' }, /URL/],
+    ['DATA_DIR', { DATA_DIR: '  ' }, /empty/],
+    ['REDIS_URL', { REDIS_URL: 'http://localhost:6379' }, /redis:\/\/ or rediss:\/\//],
+    ['REDIS_URL', { REDIS_URL: 'localhost:6379' }, /URL/],
+    ['JWT_SECRET', { JWT_SECRET: 'short' }, /at least 32/],
+    ['JWT_SECRET', { NODE_ENV: 'production' }, /must be set to your own secret when NODE_ENV=production/],
+    // Regression: the development secret set explicitly was accepted in production.
+    ['JWT_SECRET', { NODE_ENV: 'production', JWT_SECRET: DEV_JWT_SECRET }, /must be set to your own secret/],
+    ['CORS_ORIGINS', { CORS_ORIGINS: '*' }, /exact origins/],
+    ['CORS_ORIGINS', { CORS_ORIGINS: 'https://app.example.com/' }, /exact origins/],
+    ['CORS_ORIGINS', { CORS_ORIGINS: 'https://ok.example.com,ftp://files.example.com' }, /exact origins/],
+    ['EVENT_LOG_TTL_SECONDS', { EVENT_LOG_TTL_SECONDS: '0' }, /at least 1/],
+    ['EVENT_LOG_TTL_SECONDS', { EVENT_LOG_TTL_SECONDS: '1d' }, /whole number/],
+    ['EVENT_LOG_MAXLEN', { EVENT_LOG_MAXLEN: '0' }, /at least 1/],
+    ['EVENT_LOG_MAXLEN', { EVENT_LOG_MAXLEN: '99999999999' }, /at most/],
+    ['PRESENCE_GRACE_MS', { PRESENCE_GRACE_MS: 'soon' }, /whole number/],
+    ['PRESENCE_GRACE_MS', { PRESENCE_GRACE_MS: '3600001' }, /at most/]
+  ]
+  for (const [variable, env, detail] of cases) {
+    const err = failure(env)
+    const what = `${variable}=${JSON.stringify(Object.values(env)[0])}`
+    t.equal(err.variable, variable, `${what}: names ${variable}`)
+    t.equal(err.name, 'ConfigError')
+    t.match(err.message, new RegExp(`^Invalid configuration: ${variable} `), `${what}: message starts with the variable`)
+    t.match(err.message, detail, `${what}: says what is wrong`)
+    t.notMatch(err.message, /\n/, `${what}: one line`)
+  }
+})
+
+t.test('the first bad variable is reported, and a secret never appears in the message', async t => {
+  const err = failure({ PORT: 'x', JWT_SECRET: 'tiny-secret' })
+  t.equal(err.variable, 'PORT')
+  const secret = failure({ JWT_SECRET: 'super-secret-value' })
+  t.notMatch(secret.message, /super-secret-value/)
+  const database = failure({ DATABASE_URL: 'mysql://user:hunter2@db/erp' })
+  t.notMatch(database.message, /hunter2/, 'a password in a bad URL is not echoed')
+})

@@ -1,0 +1,217 @@
+import { createHash } from 'node:crypto'
+import { cp, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import path from 'node:path'
+import t, { type Test } from 'tap'
+import pg from 'pg'
+import { openDatabase, type Database } from '../src/db/index.ts'
+import { DEFAULT_MIGRATIONS_DIR, migrate, MigrationError, type SqlRunner } from '../src/db/migrate.ts'
+import { TEST_POSTGRES_URL, uniqueName } from './helpers.ts'
+
+/** A fresh PostgreSQL database with nothing in it (not migrated), dropped at teardown. */
+async function emptyDatabase (t: Test): Promise<Database> {
+  const name = uniqueName('erp_migrate')
+  const admin = new pg.Client({ connectionString: TEST_POSTGRES_URL })
+  await admin.connect()
+  await admin.query(`CREATE DATABASE ${name}`)
+  await admin.end()
+  const url = new URL(TEST_POSTGRES_URL)
+  url.pathname = `/${name}`
+  const db = await openDatabase({ url: url.toString(), poolSize: 3 })
+  t.teardown(async () => {
+    await db.close()
+    const cleanup = new pg.Client({ connectionString: TEST_POSTGRES_URL })
+    await cleanup.connect()
+    await cleanup.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`)
+    await cleanup.end()
+  })
+  return db
+}
+
+/** A copy of the real migrations folder that a test may add to and edit. */
+async function migrationsCopy (t: Test): Promise<string> {
+  const dir = await mkdtemp(path.join(tmpdir(), 'erp-migrations-'))
+  t.teardown(() => rm(dir, { recursive: true, force: true }))
+  await cp(DEFAULT_MIGRATIONS_DIR, dir, { recursive: true })
+  return dir
+}
+
+async function addMigration (dir: string, name: string, script: string) {
+  await mkdir(path.join(dir, name), { recursive: true })
+  await writeFile(path.join(dir, name, 'migration.sql'), script)
+}
+
+const sha256 = (text: string) => createHash('sha256').update(text).digest('hex')
+
+async function migrationNames (dir: string) {
+  return (await readdir(dir, { withFileTypes: true })).filter(e => e.isDirectory()).map(e => e.name).sort()
+}
+
+const rows = (db: Database) => db.withSession(sql => sql.query(
+  'SELECT id, checksum, finished_at, migration_name, logs, rolled_back_at, started_at, applied_steps_count FROM "_prisma_migrations" ORDER BY started_at, migration_name'
+))
+
+t.test('applies every migration once, recorded the way prisma migrate deploy records them', async t => {
+  const db = await emptyDatabase(t)
+  const names = await migrationNames(DEFAULT_MIGRATIONS_DIR)
+  t.ok(names.length >= 1, 'the project has migrations')
+
+  const first = await db.withSession(sql => migrate(sql))
+  t.same(first, { applied: names, alreadyApplied: [] })
+
+  // The bookkeeping table has exactly Prisma's columns and types.
+  const columns = await db.withSession(sql => sql.query(`
+    SELECT column_name, data_type, character_maximum_length, is_nullable
+    FROM information_schema.columns WHERE table_name = '_prisma_migrations' ORDER BY ordinal_position`))
+  t.same(columns.map(c => [c.column_name, c.data_type, c.character_maximum_length, c.is_nullable]), [
+    ['id', 'character varying', 36, 'NO'],
+    ['checksum', 'character varying', 64, 'NO'],
+    ['finished_at', 'timestamp with time zone', null, 'YES'],
+    ['migration_name', 'character varying', 255, 'NO'],
+    ['logs', 'text', null, 'YES'],
+    ['rolled_back_at', 'timestamp with time zone', null, 'YES'],
+    ['started_at', 'timestamp with time zone', null, 'NO'],
+    ['applied_steps_count', 'integer', null, 'NO']
+  ])
+
+  const recorded = await rows(db)
+  t.equal(recorded.length, names.length)
+  for (const [i, name] of names.entries()) {
+    const row = recorded[i]!
+    const script = await readFile(path.join(DEFAULT_MIGRATIONS_DIR, name, 'migration.sql'), 'utf8')
+    t.equal(row.migration_name, name)
+    t.equal(row.checksum, sha256(script), `${name}: checksum is the SHA-256 hex of migration.sql`)
+    t.match(row.id, /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/, `${name}: id is a UUID`)
+    t.type(row.finished_at, Date, `${name}: finished_at set`)
+    t.ok((row.finished_at as Date) >= (row.started_at as Date), `${name}: finished after it started`)
+    t.equal(row.applied_steps_count, 1)
+    t.equal(row.logs, null)
+    t.equal(row.rolled_back_at, null)
+  }
+
+  // The schema is really there.
+  const tables = await db.withSession(sql => sql.query(`SELECT tablename FROM pg_tables WHERE schemaname = 'public'`))
+  for (const table of ['companies', 'users', 'memberships', 'projects', 'expenses', 'stock_items', 'stock_movements', 'events', 'stream_heads']) {
+    t.ok(tables.some(r => r.tablename === table), `table ${table} exists`)
+  }
+  t.equal(await db.prisma.company.count(), 0, 'the Prisma client works on the migrated schema')
+})
+
+t.test('re-running is idempotent', async t => {
+  const db = await emptyDatabase(t)
+  const names = await migrationNames(DEFAULT_MIGRATIONS_DIR)
+  await db.withSession(sql => migrate(sql))
+  const before = await rows(db)
+  const again = await db.withSession(sql => migrate(sql))
+  t.same(again, { applied: [], alreadyApplied: names })
+  t.same(await rows(db), before, 'no row added or changed')
+})
+
+t.test('concurrent runners exclude each other through the advisory lock', async t => {
+  const db = await emptyDatabase(t)
+  const names = await migrationNames(DEFAULT_MIGRATIONS_DIR)
+  const [a, b] = await Promise.all([db.withSession(sql => migrate(sql)), db.withSession(sql => migrate(sql))])
+  t.same([...a.applied, ...b.applied].sort(), names, 'each migration applied by exactly one runner')
+  t.same([...a.alreadyApplied, ...b.alreadyApplied].sort(), names, 'and seen as done by the other')
+  t.equal((await rows(db)).length, names.length)
+})
+
+t.test('only new migrations apply, in name order; files beside the folders are ignored', async t => {
+  const db = await emptyDatabase(t)
+  const dir = await migrationsCopy(t)
+  const base = await migrationNames(dir)
+  await db.withSession(sql => migrate(sql, dir))
+
+  await addMigration(dir, '29990102000000_second', 'ALTER TABLE projects ADD COLUMN "code2" TEXT;\n')
+  await addMigration(dir, '29990101000000_first', 'ALTER TABLE projects ADD COLUMN "code1" TEXT;\n')
+  await writeFile(path.join(dir, 'README.txt'), 'not a migration')
+  const result = await db.withSession(sql => migrate(sql, dir))
+  t.same(result, { applied: ['29990101000000_first', '29990102000000_second'], alreadyApplied: base })
+  const columns = await db.withSession(sql => sql.query(`SELECT column_name FROM information_schema.columns WHERE table_name = 'projects' AND column_name LIKE 'code%' ORDER BY 1`))
+  t.same(columns.map(c => c.column_name), ['code1', 'code2'])
+})
+
+t.test('a migration edited after it was applied is detected (checksum mismatch) and nothing runs', async t => {
+  const db = await emptyDatabase(t)
+  const dir = await migrationsCopy(t)
+  await addMigration(dir, '29990101000000_add_code', 'ALTER TABLE projects ADD COLUMN "code" TEXT;\n')
+  await db.withSession(sql => migrate(sql, dir))
+
+  await writeFile(path.join(dir, '29990101000000_add_code', 'migration.sql'), 'ALTER TABLE projects ADD COLUMN "code" VARCHAR(10);\n')
+  await addMigration(dir, '29990102000000_later', 'CREATE TABLE later_table (id INT);\n')
+  const err = await db.withSession(sql => migrate(sql, dir)).catch((e: unknown) => e)
+  t.type(err, MigrationError)
+  t.equal((err as MigrationError).migration, '29990101000000_add_code')
+  t.match((err as Error).message, /edited after it was applied \(checksum mismatch\)/)
+  const later = await db.withSession(sql => sql.query(`SELECT to_regclass('later_table') AS t`))
+  t.equal(later[0]!.t, null, 'the migration after it did not run')
+
+  // The lock was released: the restored file migrates again.
+  await writeFile(path.join(dir, '29990101000000_add_code', 'migration.sql'), 'ALTER TABLE projects ADD COLUMN "code" TEXT;\n')
+  t.same((await db.withSession(sql => migrate(sql, dir))).applied, ['29990102000000_later'])
+})
+
+t.test('a failed migration is rolled back, recorded with its logs, and refuses the next run until resolved', async t => {
+  const db = await emptyDatabase(t)
+  const dir = await migrationsCopy(t)
+  await db.withSession(sql => migrate(sql, dir))
+  const broken = 'CREATE TABLE half_done (id INT);\nSELECT no_such_column FROM projects;\n'
+  await addMigration(dir, '29990101000000_broken', broken)
+
+  const err = await db.withSession(sql => migrate(sql, dir)).catch((e: unknown) => e)
+  t.type(err, MigrationError)
+  t.equal((err as MigrationError).migration, '29990101000000_broken')
+  t.match((err as Error).message, /migration 29990101000000_broken failed: .*no_such_column/)
+
+  const row = (await rows(db)).find(r => r.migration_name === '29990101000000_broken')!
+  t.ok(row, 'the attempt is recorded')
+  t.equal(row.finished_at, null, 'not finished')
+  t.equal(row.applied_steps_count, 0)
+  t.match(row.logs, /no_such_column/, 'logs hold the database error')
+  t.equal(row.checksum, sha256(broken))
+  const halfDone = await db.withSession(sql => sql.query(`SELECT to_regclass('half_done') AS t`))
+  t.equal(halfDone[0]!.t, null, 'its first statement was rolled back with it')
+
+  // Fixing the file is not enough: the failed row must be resolved first (as with Prisma).
+  await writeFile(path.join(dir, '29990101000000_broken', 'migration.sql'), 'CREATE TABLE half_done (id INT);\n')
+  const refused = await db.withSession(sql => migrate(sql, dir)).catch((e: unknown) => e)
+  t.type(refused, MigrationError)
+  t.match((refused as Error).message, /29990101000000_broken failed earlier and was not resolved/)
+  const plain = await emptyDatabase(t)
+  t.ok(await plain.withSession(sql => migrate(sql, dir)), 'another database is not affected')
+
+  // Resolved the way `prisma migrate resolve --rolled-back` does it.
+  await db.withSession(sql => sql.query(`UPDATE "_prisma_migrations" SET rolled_back_at = now() WHERE migration_name = $1`, ['29990101000000_broken']))
+  const retried = await db.withSession(sql => migrate(sql, dir))
+  t.same(retried.applied, ['29990101000000_broken'])
+  const final = (await rows(db)).filter(r => r.migration_name === '29990101000000_broken')
+  t.equal(final.length, 2, 'the rolled-back attempt stays in the history')
+  t.ok(final.some(r => r.finished_at !== null && r.rolled_back_at === null))
+})
+
+t.test('the lock is released after a failure, so another session can migrate', async t => {
+  const db = await emptyDatabase(t)
+  const dir = await migrationsCopy(t)
+  await addMigration(dir, '29990101000000_broken', 'SELECT 1/0;\n')
+  await t.rejects(db.withSession(sql => migrate(sql, dir)), MigrationError)
+  // A runner whose session never got the lock back would hang here.
+  const lock = await db.withSession(sql => sql.query('SELECT pg_try_advisory_lock(72707369) AS ok'))
+  t.equal(lock[0]!.ok, true, 'the advisory lock is free')
+  await db.withSession(sql => sql.query('SELECT pg_advisory_unlock(72707369)'))
+})
+
+t.test('the runner works over any SqlRunner (the embedded database uses the same code)', async t => {
+  const db = await emptyDatabase(t)
+  const statements: string[] = []
+  const result = await db.withSession(sql => {
+    const spy: SqlRunner = {
+      exec: async (script) => { statements.push(script.split('\n')[0]!); await sql.exec(script) },
+      query: async (text, params) => { statements.push(text.split('\n')[0]!); return await sql.query(text, params) }
+    }
+    return migrate(spy)
+  })
+  t.ok(result.applied.length >= 1)
+  t.match(statements[0], /pg_advisory_lock/, 'takes the lock first')
+  t.match(statements.at(-1), /pg_advisory_unlock/, 'releases it last')
+  t.ok(statements.some(s => s.startsWith('BEGIN;')), 'each migration runs in a transaction')
+})

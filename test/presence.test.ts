@@ -1,0 +1,215 @@
+import Fastify from 'fastify'
+import fp from 'fastify-plugin'
+import t from 'tap'
+import erpPresence, { MemoryPresenceStore, type ErpPresenceOptions, type PresenceStore } from '../plugins/presence/index.ts'
+import erpSocket from '../plugins/socket/index.ts'
+import { build, connect, createCompany, request, sleep, testDatabase, waitFor } from './helpers.ts'
+import {
+  badPayloadsChangeNothing, companiesStayApart, entryOf, FAST, list, reconnectInsideGrace, twoDevicesThenGrace, watch
+} from './presence-scenarios.ts'
+
+t.test('memory store: two devices of one user, then the grace period', async t => {
+  const { app, url } = await build(t, { realtime: { presence: FAST } })
+  t.equal(app.presence.store.kind, 'memory', 'memory is the default store')
+  await twoDevicesThenGrace(t, url, await createCompany(app, ['admin', 'member']), FAST.graceMs)
+})
+
+t.test('memory store: a reconnect inside the grace period announces nothing', async t => {
+  const { app, url } = await build(t, { realtime: { presence: FAST } })
+  await reconnectInsideGrace(t, url, await createCompany(app, ['admin', 'member']), FAST.graceMs)
+})
+
+t.test('memory store: no presence event or list entry crosses companies', async t => {
+  const { app, url } = await build(t, { realtime: { presence: FAST } })
+  const acme = await createCompany(app, ['admin', 'member'])
+  const globex = await createCompany(app, ['admin', 'member'])
+  await companiesStayApart(t, [url, url], acme, globex)
+})
+
+t.test('memory store: bad presence:set payloads are refused and change nothing', async t => {
+  const { app, url } = await build(t, { realtime: { presence: FAST } })
+  await badPayloadsChangeNothing(t, url, await createCompany(app, ['admin', 'member']))
+})
+
+t.test('presence:set announces status and viewing changes only, and keeps since for viewing changes', async t => {
+  const { app, url } = await build(t, { realtime: { presence: FAST } })
+  const company = await createCompany(app, ['admin', 'member'])
+  const observer = await watch(t, url, company.as('admin').token)
+  const subject = company.as('member')
+  const socket = await connect(t, url, subject.token)
+  await waitFor(() => observer.about(subject.id).length === 1, 5000, 'online')
+  const online = await entryOf(observer.socket, subject.id)
+
+  t.same(await request(socket, 'presence:set', { status: 'online', viewing: { type: 'project', id: 'p-1' } }), { ok: true })
+  await waitFor(() => observer.about(subject.id).length === 2, 5000, 'viewing')
+  t.same(observer.about(subject.id)[1], { userId: subject.id, status: 'online', devices: 1, viewing: { type: 'project', id: 'p-1' } })
+  t.equal((await entryOf(observer.socket, subject.id))?.since, online?.since, 'a viewing change keeps since')
+
+  t.same(await request(socket, 'presence:set', { status: 'online', viewing: { type: 'project', id: 'p-1' } }), { ok: true }, 'a repeat is acked')
+  await sleep(10)
+  t.same(await request(socket, 'presence:set', { status: 'busy' }), { ok: true })
+  await waitFor(() => observer.about(subject.id).length === 3, 5000, 'busy')
+  t.same(observer.about(subject.id)[2], { userId: subject.id, status: 'busy', devices: 1, viewing: { type: 'project', id: 'p-1' } },
+    'the repeat announced nothing; an omitted viewing is kept')
+  const busy = await entryOf(observer.socket, subject.id)
+  t.not(busy?.since, online?.since, 'a status change moves since')
+
+  t.same(await request(socket, 'presence:set', { status: 'busy', viewing: null }), { ok: true })
+  await waitFor(() => observer.about(subject.id).length === 4, 5000, 'viewing cleared')
+  t.same(observer.about(subject.id)[3], { userId: subject.id, status: 'busy', devices: 1 }, 'viewing: null clears it')
+  t.same(await entryOf(observer.socket, subject.id), { userId: subject.id, status: 'busy', devices: 1, since: busy?.since })
+
+  // A presence:set without an ack callback still applies.
+  socket.emit('presence:set', { status: 'away' })
+  await waitFor(() => observer.about(subject.id).length === 5, 5000, 'away')
+  t.equal(observer.about(subject.id)[4]?.status, 'away')
+  t.same(await app.presence.list(company.id), await list(observer.socket), 'fastify.presence.list matches presence:list')
+})
+
+t.test('entries of a node that stops without cleanup expire within the TTL on the node that survives', async t => {
+  // Two app instances sharing one in-process store stand in for two nodes sharing Redis.
+  const store = new MemoryPresenceStore()
+  const db = await testDatabase(t)
+  const presence = { ...FAST, store }
+  const survivor = await build(t, { db, realtime: { presence } })
+  const doomed = await build(t, { db, realtime: { presence } })
+  const company = await createCompany(survivor.app, ['admin', 'member', 'member'])
+  const [, first, second] = company.users
+  const observer = await watch(t, survivor.url, company.as('admin').token)
+  await connect(t, doomed.url, first!.token)
+  await connect(t, doomed.url, first!.token)
+  await connect(t, doomed.url, second!.token)
+  await waitFor(async () => (await list(observer.socket)).length === 3, 5000, 'three users listed')
+  t.match(await entryOf(observer.socket, first!.id), { devices: 2 })
+
+  const died = Date.now()
+  doomed.app.presence.abandon()
+  await doomed.app.close()
+  await waitFor(() => observer.about(first!.id).length === 1 && observer.about(second!.id).length === 1,
+    FAST.ttlMs + FAST.sweepIntervalMs + 2000, 'offline for both users of the dead node')
+  const elapsed = Date.now() - died
+  t.same(observer.about(first!.id), [{ userId: first!.id, status: 'offline', devices: 0 }], 'one offline event for the user with two dead sockets')
+  t.same(observer.about(second!.id), [{ userId: second!.id, status: 'offline', devices: 0 }])
+  t.ok(elapsed <= FAST.ttlMs + FAST.sweepIntervalMs + 500, `offline announced ${elapsed} ms after the node died (ttl ${FAST.ttlMs} ms)`)
+  t.same((await list(observer.socket)).map(u => u.userId), [company.as('admin').id], 'only the survivor’s user is left')
+})
+
+t.test('a node whose entries were swept while it was stalled re-announces its users', async t => {
+  // A clock the test moves: the node "stalls" past the TTL without timers firing.
+  let offset = 0
+  const store = new MemoryPresenceStore(() => Date.now() + offset)
+  const slow = { heartbeatMs: 60_000, ttlMs: 120_000, sweepIntervalMs: 60_000 }
+  const { app, url } = await build(t, { realtime: { presence: { ...FAST, ...slow, store } } })
+  const company = await createCompany(app, ['admin', 'member'])
+  const observer = await watch(t, url, company.as('admin').token)
+  const subject = company.as('member')
+  const socket = await connect(t, url, subject.token)
+  await waitFor(() => observer.about(subject.id).length === 1, 5000, 'online')
+
+  await app.presence.heartbeat()
+  t.equal(await app.presence.sweep(), 0, 'a heartbeat keeps entries alive')
+
+  offset = 130_000
+  t.equal(await app.presence.sweep(), 2, 'both sockets’ entries expired')
+  await waitFor(() => observer.about(subject.id).length === 2, 5000, 'offline after expiry')
+  t.same(observer.about(subject.id)[1], { userId: subject.id, status: 'offline', devices: 0 })
+
+  await app.presence.heartbeat()
+  await waitFor(() => observer.about(subject.id).length === 3, 5000, 'online again after the heartbeat')
+  t.same(observer.about(subject.id)[2], { userId: subject.id, status: 'online', devices: 1 }, 'the heartbeat re-added the live socket')
+
+  offset = 260_000
+  await app.presence.sweep()
+  await waitFor(() => observer.about(subject.id).length === 4, 5000, 'offline again')
+  // presence:set from a socket whose entry is gone re-adds it before applying the change.
+  t.same(await request(socket, 'presence:set', { status: 'busy' }), { ok: true })
+  await waitFor(() => observer.about(subject.id).length === 6, 5000, 'online, then busy')
+  t.same(observer.about(subject.id).slice(4), [
+    { userId: subject.id, status: 'online', devices: 1 },
+    { userId: subject.id, status: 'busy', devices: 1 }
+  ])
+})
+
+t.test('a failing store answers SERVICE_UNAVAILABLE and never crashes the node', async t => {
+  const memory = new MemoryPresenceStore()
+  let broken = false
+  const fail = <T>(fn: () => Promise<T>) => () => broken ? Promise.reject(new Error('store down')) : fn()
+  const store: PresenceStore = {
+    kind: 'memory',
+    connect: (ref, ttl) => fail(() => memory.connect(ref, ttl))(),
+    disconnect: (ref, grace) => fail(() => memory.disconnect(ref, grace))(),
+    set: (c, u, change) => fail(() => memory.set(c, u, change))(),
+    endGrace: (c, u, until) => fail(() => memory.endGrace(c, u, until))(),
+    refresh: (refs, ttl) => fail(() => memory.refresh(refs, ttl))(),
+    sweep: limit => fail(() => memory.sweep(limit))(),
+    list: c => fail(() => memory.list(c))(),
+    close: async () => { throw new Error('a store passed in must not be closed by the plugin') }
+  }
+  const { app, url } = await build(t, { realtime: { presence: { ...FAST, store } } })
+  const company = await createCompany(app, ['admin', 'member'])
+  const observer = await watch(t, url, company.as('admin').token)
+  const member = await connect(t, url, company.as('member').token)
+  await waitFor(() => observer.about(company.as('member').id).length === 1, 5000, 'online')
+
+  broken = true
+  const set = await request(member, 'presence:set', { status: 'away' })
+  t.same(set, { ok: false, error: { code: 'SERVICE_UNAVAILABLE', message: 'Presence is unavailable; try again' } })
+  const listed = await request(observer.socket, 'presence:list')
+  t.equal(listed.error?.code, 'SERVICE_UNAVAILABLE')
+  const late = await connect(t, url, company.as('member').token)
+  late.disconnect()
+  member.disconnect()
+  await sleep(FAST.sweepIntervalMs * 3) // heartbeat and sweep fail meanwhile
+
+  broken = false
+  // The store missed the member's disconnect: its entry, no longer refreshed, expires instead.
+  await waitFor(() => observer.about(company.as('member').id).length === 2, FAST.ttlMs + 2000, 'offline through expiry')
+  t.same(observer.about(company.as('member').id)[1], { userId: company.as('member').id, status: 'offline', devices: 0 })
+  t.same((await list(observer.socket)).map(u => u.userId), [company.as('admin').id], 'the node serves again once the store is back')
+  t.ok(observer.socket.connected)
+})
+
+t.test('a store with a user missing from set answers SERVICE_UNAVAILABLE', async t => {
+  const memory = new MemoryPresenceStore()
+  const store: PresenceStore = Object.assign(Object.create(memory) as MemoryPresenceStore, { set: async () => null })
+  const { app, url } = await build(t, { realtime: { presence: { ...FAST, store } } })
+  const company = await createCompany(app, ['member'])
+  const socket = await connect(t, url, company.as('member').token)
+  const answer = await request(socket, 'presence:set', { status: 'away' })
+  t.equal(answer.error?.code, 'SERVICE_UNAVAILABLE')
+})
+
+t.test('closing a node stops its timers and leaves its users’ grace periods in the store', async t => {
+  const store = new MemoryPresenceStore()
+  const { app, url } = await build(t, { realtime: { presence: { ...FAST, store } } })
+  const company = await createCompany(app, ['member'])
+  await connect(t, url, company.as('member').token)
+  await waitFor(async () => (await store.list(company.id)).length === 1, 5000, 'listed')
+  await app.close()
+  t.match(await store.list(company.id), [{ userId: company.as('member').id, devices: 0 }], 'in its grace period, for another node to end')
+  await sleep(FAST.graceMs + 100)
+  t.equal((await store.list(company.id)).length, 1, 'the closed node ended nothing itself')
+  t.equal((await store.sweep(100)).length, 1, 'a surviving node’s sweep ends it')
+})
+
+t.test('invalid options are refused at registration with the option named', async t => {
+  const cases: Array<[ErpPresenceOptions, RegExp]> = [
+    [{ ttlMs: 100, heartbeatMs: 100 }, /invalid option ttlMs: must be at least twice heartbeatMs/],
+    [{ graceMs: -1 }, /invalid option graceMs/],
+    [{ store: 'redis' as 'memory' }, /invalid option store/],
+    [{ store: { redis: 'http://127.0.0.1:6379' } }, /invalid option store/],
+    [{ store: { redis: 'redis://127.0.0.1:6379', unknown: 1 } as never }, /invalid option store/],
+    [{ sweepBatchSize: 0 }, /invalid option sweepBatchSize/]
+  ]
+  for (const [options, message] of cases) {
+    const app = Fastify()
+    const boot = async () => {
+      await app.register(erpSocket)
+      await app.register(fp(async () => {}, { name: 'erp-auth' }))
+      await app.register(erpPresence, options)
+      await app.ready()
+    }
+    await t.rejects(boot(), message, JSON.stringify(options))
+    await app.close().catch(() => {})
+  }
+})
