@@ -21,6 +21,8 @@ export const Errors = {
   INVALID_TRANSITION: createError('INVALID_TRANSITION', 'Cannot %s an expense that is %s', 409),
   INSUFFICIENT_STOCK: createError('INSUFFICIENT_STOCK', 'Adjustment would make the quantity negative (%s)', 409),
   IDEMPOTENCY_KEY_REUSED: createError('IDEMPOTENCY_KEY_REUSED', 'Idempotency-Key was already used with a different request', 422),
+  IDEMPOTENCY_KEY_INVALID: createError('IDEMPOTENCY_KEY_INVALID', 'Idempotency-Key must be 1 to 255 visible ASCII characters', 400),
+  IDEMPOTENCY_KEY_IN_PROGRESS: createError('IDEMPOTENCY_KEY_IN_PROGRESS', 'A request with this Idempotency-Key is still being processed; retry later', 409),
   SERVICE_UNAVAILABLE: createError('SERVICE_UNAVAILABLE', '%s', 503)
 } satisfies Record<string, FastifyErrorConstructor>
 

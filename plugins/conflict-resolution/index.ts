@@ -99,8 +99,8 @@ const optionsSchema = z.object({
 // Bookkeeping columns never take part in a merge, and a resolver cannot write them.
 const META = new Set(['id', 'companyId', 'version', 'createdAt', 'updatedAt'])
 
-const normalize = (value: unknown): unknown => (value instanceof Date ? value.toISOString() : value)
-const same = (a: unknown, b: unknown) => JSON.stringify(normalize(a)) === JSON.stringify(normalize(b))
+// Rows are compared as JSON (a Date and its ISO string are the same value).
+const same = (a: unknown, b: unknown) => JSON.stringify(a) === JSON.stringify(b)
 
 function plain (row: object): Fields {
   return JSON.parse(JSON.stringify(row)) as Fields
@@ -134,7 +134,23 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
     })
   }
 
-  async function update<Row extends { version: number }, Result> (u: VersionedUpdate<Row, Result>): Promise<Result> {
+  // Updates of one row queue in memory on this node before they take a pooled connection, so
+  // a burst on one row waits here instead of filling the pool with transactions blocked on its
+  // lock. The advisory lock below still serialises them across nodes.
+  const queues = new Map<string, Promise<unknown>>()
+  function serialised<T> (key: string, fn: () => Promise<T>): Promise<T> {
+    const run = (queues.get(key) ?? Promise.resolve()).then(fn)
+    const tail = run.then(() => {}, () => {})
+    queues.set(key, tail)
+    void tail.then(() => { if (queues.get(key) === tail) queues.delete(key) })
+    return run
+  }
+
+  function update<Row extends { version: number }, Result> (u: VersionedUpdate<Row, Result>): Promise<Result> {
+    return serialised(`${u.entity}:${u.id}`, () => apply(u))
+  }
+
+  async function apply<Row extends { version: number }, Result> (u: VersionedUpdate<Row, Result>): Promise<Result> {
     const strategy = strategies[u.entity] ?? 'reject'
     const changes = withoutMeta(u.changes)
     try {
@@ -185,8 +201,8 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
           }
           const { count } = await u.write(tx, data, current.version)
           if (count === 0) continue
-          const row = await u.read(tx)
-          if (!row) throw new Errors.NOT_FOUND(u.entity)
+          // Our conditional write holds the row lock until commit: it is still there.
+          const row = (await u.read(tx))!
           await snapshot(tx, u.entity, row as unknown as { id: string, companyId: string, version: number })
           const changed = Object.keys(data).filter(field => !same((now)[field], (row as Fields)[field]))
           await u.applied(tx, publish, row, { before: current, changed, merged })

@@ -106,6 +106,8 @@ export async function stockRoutes (fastify: FastifyInstance) {
       userId,
       baseVersion,
       changes: { quantity: body.quantity },
+      // A count is an observation, not an edit of the base value: it conflicts with any change since.
+      assertAll: true,
       read: (tx) => tx.stockItem.findFirst({ where: { id, companyId } }),
       write: (tx, data, version) => tx.stockItem.updateMany({ where: { id, companyId, version }, data: { ...data, version: { increment: 1 } } }),
       applied: async (tx, publish, item, { before }) => {

@@ -1,0 +1,283 @@
+import t, { type Test } from 'tap'
+import type { FastifyInstance } from 'fastify'
+import { buildApp } from '../src/app.ts'
+import type { ConflictContext, ErpConflictsOptions } from '../plugins/conflict-resolution/index.ts'
+import { authHeader, build, connect, createCompany, nextEvent, testConfig, testDatabase, type TestUser } from './helpers.ts'
+
+async function createProject (app: FastifyInstance, user: TestUser, body: Record<string, unknown> = {}) {
+  const res = await app.inject({ method: 'POST', url: '/projects', headers: authHeader(user), payload: { name: 'Site A', budgetMinor: 1000, ...body } })
+  if (res.statusCode !== 201) throw new Error(`create failed: ${res.statusCode} ${res.body}`)
+  return res.json().project as { id: string, version: number, name: string, budgetMinor: number, description: string }
+}
+
+const patch = (app: FastifyInstance, user: TestUser, id: string, payload: Record<string, unknown>, headers: Record<string, string> = {}) =>
+  app.inject({ method: 'PATCH', url: `/projects/${id}`, headers: { ...authHeader(user), ...headers }, payload })
+
+async function eventsOf (app: FastifyInstance, where: { stream?: string, type: string }) {
+  return await app.prisma.event.findMany({ where, orderBy: { seq: 'asc' } })
+}
+
+async function setup (t: Test, conflicts?: Omit<ErpConflictsOptions, 'prisma'>) {
+  const built = await build(t, { realtime: conflicts ? { conflicts } : {} })
+  const company = await createCompany(built.app, ['admin', 'manager', 'member'])
+  return { ...built, company, estimator: company.as('manager'), siteManager: company.as('member') }
+}
+
+t.test('two users editing different fields from the same base are both applied; the second answer says merged', async t => {
+  const { app, estimator, siteManager } = await setup(t)
+  const project = await createProject(app, estimator)
+  const budget = await patch(app, estimator, project.id, { baseVersion: 1, budgetMinor: 5000 })
+  t.equal(budget.statusCode, 200)
+  t.match(budget.json(), { merged: false, project: { budgetMinor: 5000, name: 'Site A', version: 2 } })
+  const rename = await patch(app, siteManager, project.id, { baseVersion: 1, name: 'Site A (north)' })
+  t.equal(rename.statusCode, 200)
+  t.match(rename.json(), { merged: true, project: { budgetMinor: 5000, name: 'Site A (north)', version: 3 } })
+  const updates = await eventsOf(app, { type: 'project:updated' })
+  t.same(updates.map(e => (e.data as { changed: string[] }).changed), [['budgetMinor'], ['name']])
+  t.same(updates.map(e => (e.data as { merged: boolean }).merged), [false, true])
+})
+
+t.test('a field sent with its base value is not an edit: the newer value someone else wrote is kept', async t => {
+  // Clients often send the whole form; only the fields that differ from the base are theirs.
+  const { app, estimator, siteManager } = await setup(t)
+  const project = await createProject(app, estimator)
+  await patch(app, estimator, project.id, { baseVersion: 1, budgetMinor: 5000 })
+  const res = await patch(app, siteManager, project.id, { baseVersion: 1, name: 'Renamed', budgetMinor: 1000, description: '' })
+  t.equal(res.statusCode, 200)
+  t.match(res.json(), { merged: true, project: { name: 'Renamed', budgetMinor: 5000, version: 3 } })
+})
+
+t.test('a stale edit that makes the change someone else already made answers the current row without a new version', async t => {
+  const { app, estimator, siteManager } = await setup(t)
+  const project = await createProject(app, estimator)
+  await patch(app, estimator, project.id, { baseVersion: 1, name: 'Same' })
+  const res = await patch(app, siteManager, project.id, { baseVersion: 1, name: 'Same' })
+  t.equal(res.statusCode, 200)
+  t.match(res.json(), { merged: true, project: { name: 'Same', version: 2 } })
+  t.equal((await eventsOf(app, { type: 'project:updated' })).length, 1)
+})
+
+t.test('reject (default): overlapping edits answer 409 with current, yours, base and fields, and conflict:detected reaches the editor', async t => {
+  const { app, url, estimator, siteManager } = await setup(t)
+  const project = await createProject(app, estimator)
+  const socket = await connect(t, url, siteManager.token)
+  const other = await connect(t, url, estimator.token)
+  let leaked = false
+  other.on('conflict:detected', () => { leaked = true })
+  await patch(app, estimator, project.id, { baseVersion: 1, name: 'Web name', budgetMinor: 7000 })
+  const detected = nextEvent(socket, 'conflict:detected')
+  const res = await patch(app, siteManager, project.id, { baseVersion: 1, name: 'Mobile name', description: 'from the site' })
+  t.equal(res.statusCode, 409)
+  const body = res.json()
+  t.equal(body.error.code, 'CONFLICT')
+  t.type(body.error.message, 'string')
+  t.same(body.fields, ['name'])
+  t.same(body.yours, { name: 'Mobile name', description: 'from the site' })
+  t.match(body.current, { id: project.id, name: 'Web name', budgetMinor: 7000, version: 2 })
+  t.match(body.base, { id: project.id, name: 'Site A', budgetMinor: 1000, version: 1 })
+  const event = await detected
+  t.match(event, {
+    stream: `user:${siteManager.id}`,
+    type: 'conflict:detected',
+    actor: { userId: siteManager.id },
+    data: { entity: 'project', entityId: project.id, fields: ['name'], resolution: 'rejected' }
+  })
+  // Nothing of the rejected request was applied, not even its non-overlapping field.
+  const row = await app.prisma.project.findUniqueOrThrow({ where: { id: project.id } })
+  t.match(row, { name: 'Web name', description: '', version: 2 })
+  t.equal(leaked, false, 'the other user is not told about someone else\'s conflict')
+})
+
+t.test('If-Match works like baseVersion', async t => {
+  const { app, estimator, siteManager } = await setup(t)
+  const project = await createProject(app, estimator)
+  const first = await patch(app, estimator, project.id, { name: 'One' }, { 'if-match': '"1"' })
+  t.equal(first.statusCode, 200)
+  t.match(first.json(), { merged: false, project: { version: 2 } })
+  const stale = await patch(app, siteManager, project.id, { name: 'Two' }, { 'if-match': 'W/"1"' })
+  t.equal(stale.statusCode, 409)
+  t.equal(stale.json().error.code, 'CONFLICT')
+  const merged = await patch(app, siteManager, project.id, { budgetMinor: 3 }, { 'if-match': '1' })
+  t.match(merged.json(), { merged: true, project: { name: 'One', budgetMinor: 3, version: 3 } })
+  const bad = await patch(app, siteManager, project.id, { name: 'Three' }, { 'if-match': '*' })
+  t.equal(bad.statusCode, 400)
+  t.equal(bad.json().error.code, 'VALIDATION_FAILED')
+  const missing = await patch(app, siteManager, project.id, { name: 'Three' })
+  t.equal(missing.statusCode, 400)
+})
+
+t.test('a baseVersion newer than the row is refused, and another company\'s project answers 404', async t => {
+  const { app, estimator } = await setup(t)
+  const project = await createProject(app, estimator)
+  const ahead = await patch(app, estimator, project.id, { baseVersion: 9, name: 'x' })
+  t.equal(ahead.statusCode, 400)
+  t.match(ahead.json().error, { code: 'VALIDATION_FAILED', message: /newer/ })
+  const stranger = (await createCompany(app, ['manager'])).as('manager')
+  const foreign = await patch(app, stranger, project.id, { baseVersion: 1, name: 'x' })
+  t.equal(foreign.statusCode, 404)
+  t.equal(foreign.json().error.code, 'NOT_FOUND')
+})
+
+t.test('when the base revision is no longer kept, every differing field conflicts', async t => {
+  const { app, estimator, siteManager } = await setup(t)
+  const project = await createProject(app, estimator)
+  await patch(app, estimator, project.id, { baseVersion: 1, budgetMinor: 2 })
+  await app.prisma.revision.deleteMany({ where: { entityId: project.id, version: 1 } })
+  const res = await patch(app, siteManager, project.id, { baseVersion: 1, budgetMinor: 3, name: 'Site A' })
+  t.equal(res.statusCode, 409)
+  t.same(res.json().fields, ['budgetMinor'])
+  t.equal(res.json().base, null)
+})
+
+t.test('last-write-wins: the overlapping edit is applied and the editor is told', async t => {
+  const { app, url, estimator, siteManager } = await setup(t, { strategies: { project: 'last-write-wins' } })
+  const project = await createProject(app, estimator)
+  const socket = await connect(t, url, siteManager.token)
+  await patch(app, estimator, project.id, { baseVersion: 1, name: 'Web name', budgetMinor: 7000 })
+  const detected = nextEvent(socket, 'conflict:detected')
+  const res = await patch(app, siteManager, project.id, { baseVersion: 1, name: 'Mobile name' })
+  t.equal(res.statusCode, 200)
+  t.match(res.json(), { merged: true, project: { name: 'Mobile name', budgetMinor: 7000, version: 3 } })
+  t.match(await detected, { data: { entity: 'project', entityId: project.id, fields: ['name'], resolution: 'last-write-wins' } })
+  // The conflict is recorded in the same transaction as the change, after its company event.
+  const updated = await eventsOf(app, { type: 'project:updated' })
+  t.equal(updated.length, 2)
+})
+
+t.test('a custom resolver decides: its result is applied, and null rejects with 409', async t => {
+  const seen: ConflictContext[] = []
+  const resolver = (context: ConflictContext) => {
+    seen.push(context)
+    if (context.fields.includes('budgetMinor')) return null
+    return { ...context.merged, name: `${String(context.current.name)} / ${String(context.yours.name)}`, version: 99, id: 'hijack' }
+  }
+  const { app, url, estimator, siteManager } = await setup(t, { strategies: { project: resolver } })
+  const project = await createProject(app, estimator)
+  const socket = await connect(t, url, siteManager.token)
+  await patch(app, estimator, project.id, { baseVersion: 1, name: 'Web', budgetMinor: 10 })
+
+  const detected = nextEvent(socket, 'conflict:detected')
+  const res = await patch(app, siteManager, project.id, { baseVersion: 1, name: 'Mobile', description: 'd' })
+  t.equal(res.statusCode, 200)
+  t.match(res.json(), { merged: true, project: { id: project.id, name: 'Web / Mobile', description: 'd', budgetMinor: 10, version: 3 } })
+  t.match(await detected, { data: { fields: ['name'], resolution: 'custom' } })
+  t.match(seen[0], {
+    entity: 'project',
+    id: project.id,
+    fields: ['name'],
+    base: { name: 'Site A', version: 1 },
+    current: { name: 'Web', version: 2 },
+    yours: { name: 'Mobile', description: 'd' },
+    merged: { name: 'Mobile', description: 'd' }
+  })
+
+  const refused = await patch(app, siteManager, project.id, { baseVersion: 1, budgetMinor: 11 })
+  t.equal(refused.statusCode, 409)
+  t.same(refused.json().fields, ['budgetMinor'])
+  t.equal((await app.prisma.project.findUniqueOrThrow({ where: { id: project.id } })).budgetMinor, 10)
+})
+
+t.test('a writer that bypasses update() between its read and its write makes it re-read and retry, never overwrite', async t => {
+  // The resolver runs between the read and the conditional write: a direct SQL bump there is
+  // exactly the interleaving of a concurrent stock adjustment.
+  let bumps = 0
+  let app!: FastifyInstance
+  const resolver = async (context: ConflictContext) => {
+    if (bumps < 1 || context.yours.name === 'forever') {
+      bumps++
+      await app.prisma.$executeRaw`UPDATE projects SET version = version + 1, description = ${`bump ${bumps}`} WHERE id = ${context.id}`
+    }
+    return context.merged
+  }
+  const built = await setup(t, { strategies: { project: resolver } })
+  app = built.app
+  const project = await createProject(app, built.estimator)
+  await patch(app, built.estimator, project.id, { baseVersion: 1, name: 'Web' })
+  const res = await patch(app, built.siteManager, project.id, { baseVersion: 1, name: 'Mobile' })
+  t.equal(res.statusCode, 200)
+  t.match(res.json(), { merged: true, project: { name: 'Mobile', description: 'bump 1', version: 4 } })
+
+  const starved = await patch(app, built.siteManager, project.id, { baseVersion: 1, name: 'forever' })
+  t.equal(starved.statusCode, 503)
+  t.equal(starved.json().error.code, 'SERVICE_UNAVAILABLE')
+  t.equal((await app.prisma.project.findUniqueOrThrow({ where: { id: project.id } })).name, 'Mobile')
+})
+
+t.test('50 concurrent edits from the same base: one applies as-is, the rest merge or get 409, and rows plus events account for all', async t => {
+  const { app, estimator, siteManager } = await setup(t)
+  const project = await createProject(app, estimator)
+  const fieldOf = (i: number) => (['name', 'description', 'budgetMinor'] as const)[i % 3]!
+  const valueOf = (i: number) => (fieldOf(i) === 'budgetMinor' ? 10_000 + i : `edit ${i}`)
+  const responses = await Promise.all(Array.from({ length: 50 }, (_, i) =>
+    patch(app, siteManager, project.id, { baseVersion: 1, [fieldOf(i)]: valueOf(i) }).then(res => ({ i, res }))))
+
+  const ok = responses.filter(r => r.res.statusCode === 200)
+  const conflicts = responses.filter(r => r.res.statusCode === 409)
+  t.equal(ok.length + conflicts.length, 50, 'every request answered 200 or 409')
+  t.equal(ok.filter(r => r.res.json().merged === false).length, 1, 'exactly one applied as-is')
+  // Later edits of a field someone already changed since base 1 overlap; at most one per field applies.
+  t.same(new Set(ok.map(r => fieldOf(r.i))).size, ok.length, 'no field was written twice from the same base')
+  t.same(ok.map(r => r.res.json().project.version).sort((a, b) => a - b), Array.from({ length: ok.length }, (_, k) => k + 2))
+
+  const row = await app.prisma.project.findUniqueOrThrow({ where: { id: project.id } })
+  t.equal(row.version, 1 + ok.length, 'one version per applied request')
+  for (const { i } of ok) t.equal((row as Record<string, unknown>)[fieldOf(i)], valueOf(i), `applied edit ${i} is in the row`)
+  for (const { i, res } of conflicts) {
+    t.same(res.json().fields, [fieldOf(i)])
+    t.not((row as Record<string, unknown>)[fieldOf(i)], valueOf(i))
+  }
+
+  const updated = await eventsOf(app, { type: 'project:updated' })
+  t.equal(updated.length, ok.length, 'one project:updated per applied request')
+  const rejected = await eventsOf(app, { stream: `user:${siteManager.id}`, type: 'conflict:detected' })
+  t.equal(rejected.length, conflicts.length, 'one conflict:detected per 409')
+  t.ok(rejected.every(e => (e.data as { resolution: string }).resolution === 'rejected'))
+})
+
+t.test('50 concurrent edits with last-write-wins: every one applies, each on its own version', async t => {
+  const { app, siteManager, estimator } = await setup(t, { strategies: { project: 'last-write-wins' } })
+  const project = await createProject(app, estimator)
+  const responses = await Promise.all(Array.from({ length: 50 }, (_, i) =>
+    patch(app, siteManager, project.id, { baseVersion: 1, name: `edit ${i}` })))
+  t.ok(responses.every(r => r.statusCode === 200))
+  t.equal(responses.filter(r => r.json().merged === false).length, 1)
+  const versions = responses.map(r => r.json().project.version as number).sort((a, b) => a - b)
+  t.same(versions, Array.from({ length: 50 }, (_, k) => k + 2))
+  const last = responses.find(r => r.json().project.version === 51)!
+  const row = await app.prisma.project.findUniqueOrThrow({ where: { id: project.id } })
+  t.equal(row.name, last.json().project.name, 'the last write won')
+  t.equal((await eventsOf(app, { type: 'project:updated' })).length, 50)
+  t.equal((await eventsOf(app, { type: 'conflict:detected' })).length, 49)
+})
+
+t.test('old revisions are pruned by the background job', async t => {
+  const { app, estimator } = await setup(t, { revisionTtlSeconds: 60, pruneIntervalMs: 20 })
+  const project = await createProject(app, estimator)
+  await patch(app, estimator, project.id, { baseVersion: 1, name: 'v2' })
+  await app.prisma.revision.updateMany({ where: { entityId: project.id, version: 1 }, data: { createdAt: new Date(Date.now() - 3600_000) } })
+  const deadline = Date.now() + 5000
+  while (await app.prisma.revision.count({ where: { entityId: project.id, version: 1 } }) > 0 && Date.now() < deadline) {
+    await new Promise(resolve => setTimeout(resolve, 20))
+  }
+  t.same((await app.prisma.revision.findMany({ where: { entityId: project.id } })).map(r => r.version), [2])
+})
+
+t.test('prune() deletes in bounded batches', async t => {
+  const { app, estimator } = await setup(t, { pruneIntervalMs: 0, revisionTtlSeconds: 60, pruneBatchSize: 2 })
+  for (let i = 0; i < 5; i++) await createProject(app, estimator, { name: `p${i}` })
+  await app.prisma.revision.updateMany({ data: { createdAt: new Date(Date.now() - 3600_000) } })
+  t.equal(await app.conflicts.prune(), 5)
+  t.equal(await app.conflicts.prune(), 0)
+})
+
+t.test('invalid options stop the registration with a message naming the option', async t => {
+  const db = await testDatabase(t)
+  await t.rejects(
+    buildApp({ config: testConfig(), db, realtime: { conflicts: { strategies: { project: 'first-write-wins' as never } } } }),
+    /erp-conflicts: invalid option strategies\.project/
+  )
+  await t.rejects(
+    buildApp({ config: testConfig(), db, realtime: { conflicts: { revisionTtlSeconds: 1 } } }),
+    /erp-conflicts: invalid option revisionTtlSeconds/
+  )
+})
