@@ -1,5 +1,4 @@
 import { randomUUID } from 'node:crypto'
-import { once } from 'node:events'
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { z } from 'zod'
@@ -254,10 +253,20 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     return last
   }
 
+  // Waits until the connection has flushed its write buffer (bounded memory per resuming
+  // client), removing both listeners whichever fires first.
   const waitForDrain = async (socket: ErpSocket) => {
     const conn = socket.conn as unknown as { writeBuffer: unknown[] } & NodeJS.EventEmitter
     if (!socket.connected || conn.writeBuffer.length < 64) return
-    await Promise.race([once(conn, 'drain'), once(conn, 'close')])
+    await new Promise<void>(resolve => {
+      const done = () => {
+        conn.off('drain', done)
+        conn.off('close', done)
+        resolve()
+      }
+      conn.on('drain', done)
+      conn.on('close', done)
+    })
   }
 
   const replay = async (socket: ErpSocket, stream: string, lastSeq: number): Promise<ResumeStreamResult> => {
