@@ -92,7 +92,8 @@ export interface NodeProcess {
 export async function startNode (t: TestLike, env: Record<string, string>): Promise<NodeProcess> {
   const child = spawn(process.execPath, ['--import', 'tsx', 'src/server.ts'], {
     cwd: root,
-    env: { ...process.env, PORT: '0', HOST: '127.0.0.1', JWT_SECRET: TEST_JWT_SECRET, LOG_LEVEL: 'warn', ...env },
+    // Coverage off in the child (tsx transform; see test/startup.test.ts).
+    env: { ...process.env, PORT: '0', HOST: '127.0.0.1', JWT_SECRET: TEST_JWT_SECRET, LOG_LEVEL: 'warn', _TAPJS_PROCESSINFO_COVERAGE_: '0', ...env },
     stdio: ['ignore', 'pipe', 'pipe']
   })
   let output = ''
