@@ -3,6 +3,7 @@ import fastifyJwt from '@fastify/jwt'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { ExtendedError } from 'socket.io'
 import { z } from 'zod'
+import { parseOptions } from '../support.ts'
 import type { PrismaClient } from '../../src/generated/prisma/client.ts'
 import { Errors, type ErrorCode } from '../errors.ts'
 import { authRefreshSchema, companyStream, ROLES, userStream, type Role } from '../events.ts'
@@ -89,12 +90,7 @@ function bearer (header: unknown): string | undefined {
 }
 
 async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
-  const parsed = optionsSchema.safeParse(rawOptions)
-  if (!parsed.success) {
-    const issue = parsed.error.issues[0]
-    throw new Error(`erp-auth: invalid option ${issue?.path.join('.')}: ${issue?.message}`)
-  }
-  const { secret, prisma, tokenTtlSeconds } = parsed.data
+  const { secret, prisma, tokenTtlSeconds } = parseOptions('erp-auth', optionsSchema, rawOptions)
 
   await fastify.register(fastifyJwt, {
     secret,

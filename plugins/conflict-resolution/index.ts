@@ -1,6 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { z } from 'zod'
+import { deleteInBatches, every, parseOptions } from '../support.ts'
 import type { PrismaClient } from '../../src/generated/prisma/client.ts'
 import { Errors, type ErrorWithBody } from '../errors.ts'
 import { userStream } from '../events.ts'
@@ -118,12 +119,7 @@ class ConflictRejected extends Error {
 const MAX_ATTEMPTS = 10
 
 async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsOptions) {
-  const parsed = optionsSchema.safeParse(rawOptions)
-  if (!parsed.success) {
-    const issue = parsed.error.issues[0]
-    throw new Error(`erp-conflicts: invalid option ${issue?.path.join('.')}: ${issue?.message}`)
-  }
-  const { prisma, strategies, revisionTtlSeconds, pruneIntervalMs, pruneBatchSize } = parsed.data
+  const { prisma, strategies, revisionTtlSeconds, pruneIntervalMs, pruneBatchSize } = parseOptions('erp-conflicts', optionsSchema, rawOptions)
 
   const snapshot = async (tx: Tx, entity: string, row: { id: string, companyId: string, version: number }) => {
     const data = plain(row) as never
@@ -238,30 +234,13 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
     }
   }
 
-  const prune = async (): Promise<number> => {
+  const prune = () => {
     const cutoff = new Date(Date.now() - revisionTtlSeconds * 1000)
-    let deleted = 0
-    for (let i = 0; i < 10; i++) {
-      const n = await prisma.$executeRaw`
-        DELETE FROM revisions WHERE ctid IN (
-          SELECT ctid FROM revisions WHERE "createdAt" < ${cutoff} LIMIT ${pruneBatchSize})`
-      deleted += n
-      if (n < pruneBatchSize) break
-    }
-    return deleted
+    return deleteInBatches(pruneBatchSize, () => prisma.$executeRaw`
+      DELETE FROM revisions WHERE ctid IN (
+        SELECT ctid FROM revisions WHERE "createdAt" < ${cutoff} LIMIT ${pruneBatchSize})`)
   }
-
-  let timer: NodeJS.Timeout | undefined
-  if (pruneIntervalMs > 0) {
-    let running = false
-    timer = setInterval(() => {
-      if (running) return
-      running = true
-      prune().catch(err => fastify.log.warn({ err }, 'erp-conflicts: revision pruning failed')).finally(() => { running = false })
-    }, pruneIntervalMs)
-    timer.unref()
-  }
-  fastify.addHook('onClose', async () => clearInterval(timer))
+  every(fastify, pruneIntervalMs, 'erp-conflicts: revision pruning', prune)
 
   fastify.decorate('conflicts', { update, snapshot, prune } satisfies Conflicts)
 }

@@ -1,6 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { z } from 'zod'
+import { parseOptions } from '../support.ts'
 import type { PrismaClient } from '../../src/generated/prisma/client.ts'
 
 export interface ErpHealthOptions {
@@ -40,12 +41,7 @@ const optionsSchema = z.object({
 })
 
 async function erpHealth (fastify: FastifyInstance, rawOptions: ErpHealthOptions) {
-  const parsed = optionsSchema.safeParse(rawOptions)
-  if (!parsed.success) {
-    const issue = parsed.error.issues[0]
-    throw new Error(`erp-health: invalid option ${issue?.path.join('.')}: ${issue?.message}`)
-  }
-  const { prisma, eventLogBackend, databaseTimeoutMs, prefix } = parsed.data
+  const { prisma, eventLogBackend, databaseTimeoutMs, prefix } = parseOptions('erp-health', optionsSchema, rawOptions)
 
   const probeDatabase = async (): Promise<WebsocketHealth['database']> => {
     const started = performance.now()

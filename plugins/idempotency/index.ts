@@ -2,6 +2,7 @@ import { createHash } from 'node:crypto'
 import fp from 'fastify-plugin'
 import type { FastifyInstance, FastifyReply, FastifyRequest, HTTPMethods, onSendHookHandler, preHandlerHookHandler } from 'fastify'
 import { z } from 'zod'
+import { deleteInBatches, every, parseOptions } from '../support.ts'
 import type { PrismaClient } from '../../src/generated/prisma/client.ts'
 import { Errors } from '../errors.ts'
 
@@ -92,12 +93,7 @@ interface RecordRow { requestHash: string, statusCode: number, body: StoredBody 
 const sleep = (ms: number) => new Promise(resolve => setTimeout(resolve, ms))
 
 async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempotencyOptions) {
-  const parsed = optionsSchema.safeParse(rawOptions)
-  if (!parsed.success) {
-    const issue = parsed.error.issues[0]
-    throw new Error(`erp-idempotency: invalid option ${issue?.path.join('.')}: ${issue?.message}`)
-  }
-  const { prisma, ttlSeconds, waitMs, pollIntervalMs, pruneIntervalMs, pruneBatchSize } = parsed.data
+  const { prisma, ttlSeconds, waitMs, pollIntervalMs, pruneIntervalMs, pruneBatchSize } = parseOptions('erp-idempotency', optionsSchema, rawOptions)
   const claims = new WeakMap<FastifyRequest, Claim>()
 
   const claim = async (c: Claim, hash: string): Promise<boolean> => {
@@ -198,29 +194,10 @@ async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempote
     route.onSend = [...list(route.onSend), onSend]
   })
 
-  const prune = async (): Promise<number> => {
-    let deleted = 0
-    for (let i = 0; i < 10; i++) {
-      const n = await prisma.$executeRaw`
-        DELETE FROM idempotency_records WHERE ctid IN (
-          SELECT ctid FROM idempotency_records WHERE "expiresAt" <= (now() AT TIME ZONE 'UTC') LIMIT ${pruneBatchSize})`
-      deleted += n
-      if (n < pruneBatchSize) break
-    }
-    return deleted
-  }
-
-  let timer: NodeJS.Timeout | undefined
-  if (pruneIntervalMs > 0) {
-    let running = false
-    timer = setInterval(() => {
-      if (running) return
-      running = true
-      prune().catch(err => fastify.log.warn({ err }, 'erp-idempotency: pruning failed')).finally(() => { running = false })
-    }, pruneIntervalMs)
-    timer.unref()
-  }
-  fastify.addHook('onClose', async () => clearInterval(timer))
+  const prune = () => deleteInBatches(pruneBatchSize, () => prisma.$executeRaw`
+    DELETE FROM idempotency_records WHERE ctid IN (
+      SELECT ctid FROM idempotency_records WHERE "expiresAt" <= (now() AT TIME ZONE 'UTC') LIMIT ${pruneBatchSize})`)
+  every(fastify, pruneIntervalMs, 'erp-idempotency: pruning', prune)
 
   fastify.decorate('idempotency', { prune } satisfies Idempotency)
 }

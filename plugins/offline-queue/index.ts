@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto'
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { z } from 'zod'
+import { deleteInBatches, every, parseOptions } from '../support.ts'
 import type { Prisma, PrismaClient } from '../../src/generated/prisma/client.ts'
 import {
   companyStream, syncResumeSchema, userStream,
@@ -121,12 +122,7 @@ interface Hold {
 }
 
 async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOfflineQueueOptions) {
-  const parsed = optionsSchema.safeParse(rawOptions)
-  if (!parsed.success) {
-    const issue = parsed.error.issues[0]
-    throw new Error(`erp-offline-queue: invalid option ${issue?.path.join('.')}: ${issue?.message}`)
-  }
-  const options = parsed.data
+  const options = parseOptions('erp-offline-queue', optionsSchema, rawOptions)
   const { prisma } = options
   const io = fastify.io
   const nsp = io.of('/')
@@ -367,24 +363,15 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
   // ---- background jobs ----
 
   const prune = async (): Promise<number> => {
-    let deleted = 0
     const cutoff = new Date(Date.now() - options.ttlSeconds * 1000)
-    for (let i = 0; i < 10; i++) {
-      const n = await prisma.$executeRaw`
-        DELETE FROM events WHERE ctid IN (
-          SELECT ctid FROM events WHERE "createdAt" < ${cutoff} LIMIT ${options.pruneBatchSize})`
-      deleted += n
-      if (n < options.pruneBatchSize) break
-    }
-    for (let i = 0; i < 10; i++) {
-      const n = await prisma.$executeRaw`
-        DELETE FROM events WHERE ctid IN (
-          SELECT e.ctid FROM events e JOIN stream_heads h ON h.stream = e.stream
-          WHERE e.seq <= h.seq - ${options.maxLen} LIMIT ${options.pruneBatchSize})`
-      deleted += n
-      if (n < options.pruneBatchSize) break
-    }
-    return deleted
+    const expired = await deleteInBatches(options.pruneBatchSize, () => prisma.$executeRaw`
+      DELETE FROM events WHERE ctid IN (
+        SELECT ctid FROM events WHERE "createdAt" < ${cutoff} LIMIT ${options.pruneBatchSize})`)
+    const beyondMaxLen = await deleteInBatches(options.pruneBatchSize, () => prisma.$executeRaw`
+      DELETE FROM events WHERE ctid IN (
+        SELECT e.ctid FROM events e JOIN stream_heads h ON h.stream = e.stream
+        WHERE e.seq <= h.seq - ${options.maxLen} LIMIT ${options.pruneBatchSize})`)
+    return expired + beyondMaxLen
   }
 
   const beacon = async (): Promise<void> => {
@@ -400,23 +387,8 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     }))
   }
 
-  const timers: NodeJS.Timeout[] = []
-  const every = (ms: number, job: () => Promise<unknown>, what: string) => {
-    if (ms === 0) return
-    let running = false
-    const timer = setInterval(() => {
-      if (running) return
-      running = true
-      job().catch(err => fastify.log.warn({ err }, `erp-offline-queue: ${what} failed`)).finally(() => { running = false })
-    }, ms)
-    timer.unref()
-    timers.push(timer)
-  }
-  every(options.headIntervalMs, beacon, 'sync:head beacon')
-  every(options.pruneIntervalMs, prune, 'retention job')
-  fastify.addHook('onClose', async () => {
-    for (const timer of timers) clearInterval(timer)
-  })
+  every(fastify, options.headIntervalMs, 'erp-offline-queue: sync:head beacon', beacon)
+  every(fastify, options.pruneIntervalMs, 'erp-offline-queue: retention job', prune)
 
   fastify.decorate('eventLog', {
     transaction,

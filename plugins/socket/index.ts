@@ -6,6 +6,7 @@ import { Server, type ServerOptions } from 'socket.io'
 import { createAdapter } from '@socket.io/redis-adapter'
 import { Redis, type RedisOptions } from 'ioredis'
 import { z } from 'zod'
+import { parseOptions } from '../support.ts'
 import type { ClientToServerEvents, InterServerEvents, ServerToClientEvents, SocketData } from '../events.ts'
 
 export type ErpServer = Server<ClientToServerEvents, ServerToClientEvents, InterServerEvents, SocketData>
@@ -102,12 +103,7 @@ function originAllowedFor (allowed: readonly string[]) {
 }
 
 async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions) {
-  const parsed = optionsSchema.safeParse(rawOptions)
-  if (!parsed.success) {
-    const issue = parsed.error.issues[0]
-    throw new Error(`erp-socket: invalid option ${issue?.path.join('.')}: ${issue?.message}`)
-  }
-  const options = parsed.data
+  const options = parseOptions('erp-socket', optionsSchema, rawOptions)
   const nodeId = options.nodeId ?? `${hostname()}-${process.pid}-${randomBytes(3).toString('hex')}`
   const originAllowed = originAllowedFor(options.corsOrigins)
 
