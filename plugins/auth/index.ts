@@ -114,11 +114,11 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
   }
 
   const membership = async (userId: string, companyId: string): Promise<Role | null> => {
-    const row = await prisma.membership.findUnique({
-      where: { userId_companyId: { userId, companyId } },
-      select: { role: true, user: { select: { active: true } } }
-    })
-    return row && row.user.active ? row.role : null
+    // Runs on every request and handshake: one indexed join, one round trip.
+    const rows = await prisma.$queryRaw<Array<{ role: Role }>>`
+      SELECT m.role::text AS role FROM memberships m JOIN users u ON u.id = m."userId"
+      WHERE m."userId" = ${userId} AND m."companyId" = ${companyId} AND u.active`
+    return rows[0]?.role ?? null
   }
 
   const authenticate = async (token: string): Promise<AuthUser> => {

@@ -122,12 +122,11 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
   const { prisma, strategies, revisionTtlSeconds, pruneIntervalMs, pruneBatchSize } = parseOptions('erp-conflicts', optionsSchema, rawOptions)
 
   const snapshot = async (tx: Tx, entity: string, row: { id: string, companyId: string, version: number }) => {
-    const data = plain(row) as never
-    await tx.revision.upsert({
-      where: { entity_entityId_version: { entity, entityId: row.id, version: row.version } },
-      create: { entity, entityId: row.id, version: row.version, companyId: row.companyId, data },
-      update: {}
-    })
+    // One round trip on the hot path of every create and update.
+    await tx.$executeRaw`
+      INSERT INTO revisions (entity, "entityId", version, "companyId", data, "createdAt")
+      VALUES (${entity}, ${row.id}, ${row.version}, ${row.companyId}, ${JSON.stringify(plain(row))}::jsonb, (now() AT TIME ZONE 'UTC'))
+      ON CONFLICT DO NOTHING`
   }
 
   // Updates of one row queue in memory on this node before they take a pooled connection, so
