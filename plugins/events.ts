@@ -60,6 +60,8 @@ export interface PresenceEntry {
   devices: number
   viewing?: Viewing
   since: string
+  /** The user's presence revision: apply a later `presence:changed` only if its rev is higher. */
+  rev: number
 }
 export interface PresenceChanged {
   userId: string
@@ -67,6 +69,12 @@ export interface PresenceChanged {
   devices: number
   viewing?: Viewing
   at: string
+  /**
+   * The user's presence revision (per company), higher for every later state, also across offline
+   * and back. Announcements from different nodes can arrive out of order: drop one whose rev is
+   * not newer than the last you applied for that user.
+   */
+  rev: number
 }
 
 export interface ResumeStreamResult { recovered: boolean, replayed: number, headSeq: number }

@@ -1,5 +1,8 @@
+import { isDeepStrictEqual } from 'node:util'
+import type { FastifyInstance } from 'fastify'
 import { Redis } from 'ioredis'
 import t from 'tap'
+import type { PresenceChanged } from '../plugins/events.ts'
 import type { ErpPresenceOptions } from '../plugins/presence/index.ts'
 import { RedisPresenceStore } from '../plugins/presence/redis-store.ts'
 import { dedicatedRedis } from './cluster-helpers.ts'
@@ -7,7 +10,8 @@ import {
   build, connect, createCompany, request, sleep, testDatabase, TEST_REDIS_URL, uniqueName, waitFor, type TestLike
 } from './helpers.ts'
 import {
-  badPayloadsChangeNothing, companiesStayApart, entryOf, FAST, list, reconnectInsideGrace, twoDevicesThenGrace, watch
+  badPayloadsChangeNothing, companiesStayApart, entryOf, FAST, increasing, list, reconnectInsideGrace, storeRevisionsOnlyGrow,
+  twoDevicesThenGrace, watch, type Watcher
 } from './presence-scenarios.ts'
 
 /** A unique key prefix whose keys are deleted after everything else in the test has closed. */
@@ -63,29 +67,86 @@ t.test('two nodes sharing Redis: the same presence:list on both, changes reach t
   const onA = await watch(t, a.url, company.as('admin').token)
   const onB = await watch(t, b.url, company.as('manager').token)
   const member = company.as('member')
+  const latest = (watcher: Watcher) => watcher.about(member.id).at(-1)
+  const bothAt = (expected: object) => async () =>
+    isDeepStrictEqual(latest(onA), expected) && isDeepStrictEqual(latest(onB), expected)
 
   const phone = await connect(t, a.url, member.token)
   const laptop = await connect(t, b.url, member.token)
-  await waitFor(() => onA.about(member.id).length === 2 && onB.about(member.id).length === 2, 5000, 'both nodes see both devices')
-  const expected = [{ userId: member.id, status: 'online', devices: 1 }, { userId: member.id, status: 'online', devices: 2 }]
-  t.same(onA.about(member.id), expected, 'node A: one online event, then devices: 2 (one device on each node)')
-  t.same(onB.about(member.id), expected, 'node B saw the same')
+  // Node A announces one device and node B two; a node may get the other's announcement after its
+  // own newer one, and then drops it. What each node's clients see is in rev order and ends the same.
+  const twoDevices = { userId: member.id, status: 'online', devices: 2 }
+  await waitFor(bothAt(twoDevices), 5000, 'both nodes end at devices: 2')
+  for (const [name, watcher] of [['A', onA], ['B', onB]] as const) {
+    t.ok(increasing(watcher.revs(member.id)), `node ${name}: revs only go up (${watcher.revs(member.id).join(', ')}), no stale change after a newer one`)
+    const seen = watcher.about(member.id)
+    t.ok(seen.every(c => c.status === 'online') && [[1, 2], [2]].some(devices => isDeepStrictEqual(seen.map(c => c.devices), devices)),
+      `node ${name}: devices 1 then 2, or 2 alone (a stale 1 arriving later dropped): ${JSON.stringify(seen)}`)
+  }
+  t.equal(onA.revs(member.id).at(-1), onB.revs(member.id).at(-1), 'both nodes end at the same rev')
 
   const listA = await list(onA.socket)
   t.same(await list(onB.socket), listA, 'both nodes answer the same list')
   t.same(listA.map(u => u.userId).sort(), company.users.map(u => u.id).sort())
-  t.match(listA.find(u => u.userId === member.id), { status: 'online', devices: 2 })
+  t.match(listA.find(u => u.userId === member.id), { status: 'online', devices: 2, rev: onA.revs(member.id).at(-1) },
+    'the list matches what both nodes announced last, rev included')
 
   t.same(await request(laptop, 'presence:set', { status: 'busy', viewing: { type: 'project', id: 'p-7' } }), { ok: true })
-  await waitFor(() => onA.about(member.id).length === 3, 5000, 'the change made on node B reaches node A')
-  t.same(onA.about(member.id)[2], { userId: member.id, status: 'busy', devices: 2, viewing: { type: 'project', id: 'p-7' } })
+  const busy = { userId: member.id, status: 'busy', devices: 2, viewing: { type: 'project', id: 'p-7' } }
+  await waitFor(bothAt(busy), 5000, 'the change made on node B reaches node A')
   t.same(await list(onA.socket), await list(onB.socket))
 
   phone.disconnect()
-  await waitFor(() => onB.about(member.id).length === 4, 5000, 'the disconnect on node A reaches node B')
-  t.same(onB.about(member.id)[3], { userId: member.id, status: 'busy', devices: 1, viewing: { type: 'project', id: 'p-7' } })
+  const oneDevice = { ...busy, devices: 1 }
+  await waitFor(bothAt(oneDevice), 5000, 'the disconnect on node A reaches node B')
   await sleep(100)
-  t.equal(onA.about(member.id).length, 4, 'each change is announced once, not once per node')
+  for (const [name, watcher] of [['A', onA], ['B', onB]] as const) {
+    t.ok(increasing(watcher.revs(member.id)), `node ${name}: each change delivered once, in rev order (${watcher.revs(member.id).join(', ')})`)
+    t.same(watcher.about(member.id).slice(-2), [busy, oneDevice], `node ${name}: busy, then one device left`)
+  }
+  t.match(await entryOf(onB.socket, member.id), { ...oneDevice, rev: onB.revs(member.id).at(-1) }, 'and the list agrees')
+})
+
+t.test('regression: a devices: 1 relayed from node A after node B announced devices: 2 is dropped, not applied (presence out of order across nodes)', async t => {
+  const { a, b } = await twoNodes(t)
+  const company = await createCompany(a.app, ['admin', 'manager', 'member'])
+  const onA = await watch(t, a.url, company.as('admin').token)
+  const onB = await watch(t, b.url, company.as('manager').token)
+  const member = company.as('member')
+
+  // Hold node A's relays to the other nodes: B announces its newer state before A's older one arrives.
+  const held: Array<() => void> = []
+  const relay = a.app.erpSocket.toOtherNodes
+  const send = relay as (...args: unknown[]) => void
+  a.app.erpSocket.toOtherNodes = ((...args: unknown[]) => { held.push(() => send(...args)) }) as typeof relay
+  const arrivedOnB: PresenceChanged[] = []
+  b.app.io.on('erp:presence', ({ change }) => { arrivedOnB.push(change) })
+
+  await connect(t, a.url, member.token)
+  await waitFor(() => onA.about(member.id).length === 1, 5000, 'node A announces devices: 1')
+  const laptop = await connect(t, b.url, member.token)
+  await waitFor(() => onB.about(member.id).length === 1 && onA.about(member.id).length === 2, 5000, 'node B announces devices: 2, on both nodes')
+  t.same(onB.about(member.id), [{ userId: member.id, status: 'online', devices: 2 }])
+  t.equal(held.length, 1, 'node A’s devices: 1 is still on its way')
+
+  a.app.erpSocket.toOtherNodes = relay
+  held.shift()!()
+  await waitFor(() => arrivedOnB.some(c => c.userId === member.id), 5000, 'the late devices: 1 reaches node B')
+  const stale = arrivedOnB.find(c => c.userId === member.id)!
+  t.match(stale, { status: 'online', devices: 1 })
+  t.ok(stale.rev < onB.revs(member.id)[0]!, `it is older (rev ${stale.rev}) than what node B delivered (rev ${onB.revs(member.id)[0]})`)
+
+  // A change made after it: a socket receives in order, so had the stale one been sent, it would come first.
+  t.same(await request(laptop, 'presence:set', { status: 'away' }), { ok: true })
+  await waitFor(() => onB.about(member.id).at(-1)?.status === 'away', 5000, 'away on node B')
+  t.same(onB.about(member.id), [
+    { userId: member.id, status: 'online', devices: 2 },
+    { userId: member.id, status: 'away', devices: 2 }
+  ], 'node B’s clients never saw devices: 1 after devices: 2')
+  await waitFor(() => onA.about(member.id).at(-1)?.status === 'away', 5000, 'away on node A')
+  t.same(onA.about(member.id).map(c => c.devices), [1, 2, 2], 'node A delivered its own devices: 1 first, in order')
+  t.ok(increasing(onA.revs(member.id)) && increasing(onB.revs(member.id)))
+  t.match(await entryOf(onB.socket, member.id), { status: 'away', devices: 2, rev: onB.revs(member.id).at(-1) })
 })
 
 t.test('two nodes: a reconnect to the other node inside the grace period announces nothing', async t => {
@@ -149,15 +210,105 @@ t.test('redis store: keys under the prefix, nothing left behind, a client passed
   const company = await createCompany(app, ['admin', 'member'])
   const member = await connect(t, url, company.as('member').token)
   await waitFor(async () => (await app.presence.list(company.id)).length === 1, 5000, 'listed')
-  t.same((await client.keys(`${prefix}:*`)).sort(), [`${prefix}:expiry`, `${prefix}:sockets:${company.id}`, `${prefix}:users:${company.id}`])
+  t.same((await client.keys(`${prefix}:*`)).sort(),
+    [`${prefix}:expiry`, `${prefix}:rev:${company.id}`, `${prefix}:sockets:${company.id}`, `${prefix}:users:${company.id}`])
 
   member.disconnect()
   await waitFor(async () => (await app.presence.list(company.id)).length === 0, FAST.graceMs + 2000, 'offline')
-  t.same(await client.keys(`${prefix}:*`), [], 'an empty company leaves no keys')
+  t.same(await client.keys(`${prefix}:*`), [`${prefix}:rev:${company.id}`],
+    'an empty company leaves only its revision counter (so revs keep growing when its users come back)')
 
   await app.close()
   t.equal(await client.ping(), 'PONG', 'the caller’s client is still open')
   t.equal(client.listenerCount('error'), 0, 'the store removed its listeners')
+})
+
+t.test('redis store: every presence mutation takes a higher rev, also across offline and back', async t => {
+  const prefix = redisPrefix(t)
+  const store = new RedisPresenceStore({ redis: TEST_REDIS_URL, prefix })
+  t.teardown(() => store.close())
+  await storeRevisionsOnlyGrow(t, store, 'company-1')
+  const other = await store.connect({ companyId: 'company-2', userId: 'u-1', socketId: 's-2' }, 60_000)
+  t.equal(other.after.rev, 1, 'each company counts its own revs (nothing about one company shows in another’s)')
+
+  // A counter lost while users are present (deleted by hand, or an eviction) never takes a rev backwards.
+  await store.redis.del(`${prefix}:rev:company-2`)
+  const busy = await store.set('company-2', 'u-1', { status: 'busy' })
+  t.ok(busy!.after.rev > other.after.rev, `rev ${busy!.after.rev} after ${other.after.rev}`)
+  const extra = await store.connect({ companyId: 'company-2', userId: 'u-1', socketId: 's-3' }, 60_000)
+  t.ok(extra.after.rev > busy!.after.rev, 'and the counter carries on from there')
+
+  // Entries written before revisions existed read as rev 0, and the next mutation gives them one.
+  await store.redis.hset(`${prefix}:users:company-3`, 'u-1', JSON.stringify({ status: 'away', devices: 1, since: 1 }))
+  t.match(await store.list('company-3'), [{ userId: 'u-1', status: 'away', rev: 0 }])
+  t.equal((await store.set('company-3', 'u-1', { status: 'online' }))?.after.rev, 1)
+})
+
+/** Sends a presence announcement to the other nodes as node `from` would. */
+const relayFrom = (from: { app: FastifyInstance }, payload: unknown) =>
+  (from.app.erpSocket.toOtherNodes as (event: string, payload: unknown) => void)('erp:presence', payload)
+
+t.test('two nodes: relayed announcements that are not newer, or malformed, never reach clients', async t => {
+  const { a, b } = await twoNodes(t, { ttlMs: 2000 })
+  const company = await createCompany(a.app, ['admin', 'member', 'member'])
+  const [, first, second] = company.users
+  const onB = await watch(t, b.url, company.as('admin').token)
+  const firstSocket = await connect(t, a.url, first!.token)
+  await waitFor(() => onB.about(first!.id).length === 1, 5000, 'online relayed to node B')
+  const online = onB.changes.find(c => c.userId === first!.id)!
+  const at = new Date().toISOString()
+
+  const warnings: unknown[] = []
+  const warn = b.app.log.warn.bind(b.app.log)
+  b.app.log.warn = ((...args: Parameters<typeof warn>) => { warnings.push(args[0]); return warn(...args) }) as typeof warn
+  relayFrom(a, { companyId: company.id, change: { ...online, devices: 5, at } }) // the same rev again
+  relayFrom(a, { companyId: company.id, change: { ...online, devices: 6, at, rev: online.rev - 1 } })
+  relayFrom(a, { companyId: company.id, change: { ...online, rev: 'high' } })
+  relayFrom(a, { companyId: 42, change: online })
+  relayFrom(a, null)
+  // A real change sent after them: on a socket it arrives after anything they had caused.
+  t.same(await request(firstSocket, 'presence:set', { status: 'busy' }), { ok: true })
+  await waitFor(() => onB.about(first!.id).length === 2, 5000, 'busy on node B')
+  t.same(onB.about(first!.id), [
+    { userId: first!.id, status: 'online', devices: 1 },
+    { userId: first!.id, status: 'busy', devices: 1 }
+  ], 'neither a repeated rev nor an older one was delivered')
+  await waitFor(() => warnings.length >= 3, 5000, 'the malformed ones logged')
+  t.equal(warnings.length, 3, 'each malformed announcement logged, none crashed the node')
+
+  // Offline delivered: the node still remembers the rev for a while, so a late earlier state is dropped.
+  firstSocket.disconnect()
+  await waitFor(() => onB.about(first!.id).at(-1)?.status === 'offline', FAST.graceMs + 5000, 'offline on node B')
+  relayFrom(a, { companyId: company.id, change: { ...online, status: 'busy', at, rev: onB.revs(first!.id).at(-1)! - 1 } })
+  await connect(t, a.url, second!.token)
+  await waitFor(() => onB.about(second!.id).length === 1, 5000, 'the next user online on node B')
+  t.equal(onB.about(first!.id).at(-1)?.status, 'offline', 'a stale online after the offline was dropped')
+  t.ok(increasing(onB.revs(first!.id)))
+})
+
+t.test('two nodes: a node remembers at most revCacheSize users, least recently announced forgotten first', async t => {
+  const prefix = redisPrefix(t)
+  const db = await testDatabase(t)
+  const socket = { redis: TEST_REDIS_URL, redisPrefix: `${prefix}-adapter` }
+  const a = await build(t, { db, realtime: { socket, presence: redisPresence(prefix) } })
+  const b = await build(t, { db, realtime: { socket, presence: redisPresence(prefix, { revCacheSize: 1 }) } })
+  const company = await createCompany(a.app, ['admin', 'member', 'member'])
+  const [, first, second] = company.users
+  const onB = await watch(t, b.url, company.as('admin').token)
+  await connect(t, a.url, first!.token)
+  await waitFor(() => onB.about(first!.id).length === 1, 5000, 'first online on node B')
+  const online = onB.changes.find(c => c.userId === first!.id)!
+
+  relayFrom(a, { companyId: company.id, change: { ...online, devices: 9 } })
+  await connect(t, a.url, second!.token)
+  await waitFor(() => onB.about(second!.id).length === 1, 5000, 'second online on node B')
+  t.equal(onB.about(first!.id).length, 1, 'while remembered, a repeat of the first user’s rev is dropped')
+
+  // The second user's announcement took the only slot: the first user's rev is forgotten, and a
+  // repeat now passes (bounded memory; clients applying the rev rule still drop it themselves).
+  relayFrom(a, { companyId: company.id, change: { ...online, devices: 9 } })
+  await waitFor(() => onB.about(first!.id).length === 2, 5000, 'the repeat delivered')
+  t.equal(onB.revs(first!.id)[1], online.rev, 'same rev: a client drops it as not newer')
 })
 
 t.test('redis store: the sweep drops expiry members it cannot read', async t => {

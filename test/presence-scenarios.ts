@@ -3,6 +3,7 @@
 import type { Test } from 'tap'
 import type { Socket as ClientSocket } from 'socket.io-client'
 import type { PresenceChanged, PresenceEntry } from '../plugins/events.ts'
+import type { PresenceStore } from '../plugins/presence/store.ts'
 import { connect, request, sleep, waitFor, type TestCompany, type TestLike } from './helpers.ts'
 
 /** Short timings so grace and expiry happen within a test (ttl >= 2 × heartbeat). */
@@ -12,9 +13,14 @@ export interface Watcher {
   socket: ClientSocket
   /** Every presence:changed received, with its arrival time. */
   changes: Array<PresenceChanged & { receivedAt: number }>
-  /** The changes about one user, without `at`/`receivedAt` (for deep equality). */
-  about (userId: string): Array<Omit<PresenceChanged, 'at'>>
+  /** The changes about one user, without `at`/`rev`/`receivedAt` (for deep equality). */
+  about (userId: string): Array<Omit<PresenceChanged, 'at' | 'rev'>>
+  /** The revs of the changes about one user, in arrival order. */
+  revs (userId: string): number[]
 }
+
+/** Whether revs only ever go up (what a client applying them in arrival order needs). */
+export const increasing = (revs: number[]): boolean => revs.every((rev, i) => i === 0 || rev > revs[i - 1]!)
 
 /** Connects a client that records every presence:changed it receives. */
 export async function watch (t: TestLike, url: string, token: string): Promise<Watcher> {
@@ -24,7 +30,8 @@ export async function watch (t: TestLike, url: string, token: string): Promise<W
   return {
     socket,
     changes,
-    about: userId => changes.filter(c => c.userId === userId).map(({ at: _at, receivedAt: _r, ...rest }) => rest)
+    about: userId => changes.filter(c => c.userId === userId).map(({ at: _at, rev: _rev, receivedAt: _r, ...rest }) => rest),
+    revs: userId => changes.filter(c => c.userId === userId).map(c => c.rev)
   }
 }
 
@@ -49,7 +56,8 @@ export async function twoDevicesThenGrace (t: Test, url: string, company: TestCo
     { userId: subject.id, status: 'online', devices: 1 },
     { userId: subject.id, status: 'online', devices: 2 }
   ], 'one online event, then devices: 2')
-  t.match(await entryOf(observer.socket, subject.id), { status: 'online', devices: 2, since: String })
+  t.match(await entryOf(observer.socket, subject.id), { status: 'online', devices: 2, since: String, rev: observer.revs(subject.id)[1] },
+    'the list entry carries the rev of the last change announced')
 
   phone.disconnect()
   await waitFor(() => observer.about(subject.id).length === 3, 5000, 'devices: 1')
@@ -64,9 +72,18 @@ export async function twoDevicesThenGrace (t: Test, url: string, company: TestCo
   await waitFor(() => observer.about(subject.id).length === 4, graceMs + 5000, 'the offline event')
   const offline = observer.changes.filter(c => c.userId === subject.id)[3]!
   t.same(observer.about(subject.id)[3], { userId: subject.id, status: 'offline', devices: 0 })
+  t.ok(increasing(observer.revs(subject.id)), `revs only go up: ${observer.revs(subject.id).join(', ')}`)
   t.ok(offline.receivedAt - lastGone >= graceMs, `offline came ${offline.receivedAt - lastGone} ms after the last device left, not before the ${graceMs} ms grace`)
   t.type(offline.at, 'string')
   t.equal(await entryOf(observer.socket, subject.id), undefined, 'no longer listed')
+
+  // Back after being offline, once nodes have forgotten the user (FAST.ttlMs after the offline):
+  // a rev above the offline's, so a late copy of an earlier state can never win.
+  await sleep(FAST.ttlMs + 50)
+  await connect(t, url, subject.token)
+  await waitFor(() => observer.about(subject.id).length === 5, 5000, 'online again')
+  t.same(observer.about(subject.id)[4], { userId: subject.id, status: 'online', devices: 1 })
+  t.ok(observer.revs(subject.id)[4]! > offline.rev, 'the rev keeps growing across offline and back')
 }
 
 /** Disconnect and reconnect inside the grace period: no event at all, status kept. */
@@ -88,7 +105,10 @@ export async function reconnectInsideGrace (t: Test, url: string, company: TestC
     { userId: subject.id, status: 'online', devices: 1 },
     { userId: subject.id, status: 'away', devices: 1 }
   ], 'the lift doors closing and opening again announced nothing')
-  t.same(await entryOf(observer.socket, subject.id), before, 'same status, devices and since as before the drop')
+  const { rev: revAfter, ...after } = (await entryOf(observer.socket, subject.id))!
+  const { rev: revBefore, ...unchanged } = before!
+  t.same(after, unchanged, 'same status, devices and since as before the drop')
+  t.ok(revAfter > revBefore, 'the drop and the reconnect still moved the rev (they are mutations, just not announced)')
   second.disconnect()
 }
 
@@ -153,4 +173,73 @@ export async function badPayloadsChangeNothing (t: Test, url: string, company: T
   t.equal(observer.about(subject.id).length, 2, 'no presence:changed for refused payloads')
   t.same(await list(observer.socket), before, 'presence unchanged')
   t.ok(socket.connected, 'the socket stays connected')
+}
+
+/**
+ * Store level: every mutation that changes a user's presence takes a higher rev, in the results
+ * and in the list; a set that changes nothing takes none; offline and back keeps growing.
+ */
+export async function storeRevisionsOnlyGrow (t: Test, store: PresenceStore, companyId: string): Promise<void> {
+  const phone = { companyId, userId: 'u-1', socketId: `${companyId}-phone` }
+  const laptop = { ...phone, socketId: `${companyId}-laptop` }
+  const listedRev = async () => (await store.list(companyId)).find(u => u.userId === 'u-1')?.rev
+  const revs: number[] = []
+  const took = (rev: number | undefined, what: string) => {
+    t.ok(rev !== undefined && rev > (revs.at(-1) ?? 0), `${what} takes a higher rev (${rev} after ${revs.at(-1)})`)
+    revs.push(rev!)
+  }
+
+  const first = await store.connect(phone, 60_000)
+  t.equal(first.before, null)
+  took(first.after.rev, 'the first device')
+  const second = await store.connect(laptop, 60_000)
+  t.equal(second.before?.rev, first.after.rev, 'before carries the previous rev')
+  took(second.after.rev, 'the second device')
+  t.equal(await listedRev(), second.after.rev, 'the list entry has the current rev')
+
+  const busy = await store.set(companyId, 'u-1', { status: 'busy', viewing: { type: 'project', id: 'p-1' } })
+  took(busy?.after.rev, 'a status change')
+  const same = await store.set(companyId, 'u-1', { status: 'busy', viewing: { type: 'project', id: 'p-1' } })
+  t.equal(same?.after.rev, busy?.after.rev, 'a set that changes nothing takes no rev')
+  const kept = await store.set(companyId, 'u-1', { status: 'busy' })
+  t.equal(kept?.after.rev, busy?.after.rev, 'an omitted viewing changes nothing either')
+  const cleared = await store.set(companyId, 'u-1', { status: 'busy', viewing: null })
+  took(cleared?.after.rev, 'clearing viewing')
+  t.same(await store.set(companyId, 'u-1', { status: 'busy', viewing: null }), { before: cleared?.after, after: cleared?.after }, 'clearing it again changes nothing')
+  const viewing = await store.set(companyId, 'u-1', { status: 'busy', viewing: { type: 'project', id: 'p-2' } })
+  took(viewing?.after.rev, 'a viewing change')
+
+  const oneLeft = await store.disconnect(phone, 60_000)
+  took(oneLeft?.after.rev, 'a device leaving')
+  const lastLeft = await store.disconnect(laptop, 60_000)
+  t.type(lastLeft?.graceUntil, 'number')
+  took(lastLeft?.after.rev, 'the last device leaving (grace starts)')
+  t.equal(await store.endGrace(companyId, 'u-1', lastLeft!.graceUntil! + 1), null, 'a grace period that is not this one is not ended')
+  const offline = await store.endGrace(companyId, 'u-1', lastLeft!.graceUntil!)
+  took(offline?.rev, 'going offline')
+  t.equal(await store.endGrace(companyId, 'u-1', lastLeft!.graceUntil!), null, 'ended once only')
+  t.equal(await listedRev(), undefined, 'no longer listed')
+
+  const back = await store.connect(phone, 0)
+  t.equal(back.before, null, 'a fresh entry')
+  took(back.after.rev, 'coming back after offline')
+
+  // Expiry: the socket above is due at once (ttl 0); one for the devices left, one for offline.
+  await store.connect(laptop, 0)
+  revs.push((await store.list(companyId))[0]!.rev)
+  const expired = (await store.sweep(100)).filter(e => e.companyId === companyId)
+  t.equal(expired.length, 2, 'both expired sockets claimed')
+  t.match(expired.map(e => e.after?.devices ?? 'offline').sort(), [1, 'offline'].sort())
+  for (const item of [...expired].sort((a, b) => a.rev - b.rev)) took(item.rev, `expiry (${item.after ? 'devices' : 'offline'})`)
+  t.ok(expired.every(e => e.after === null || e.after.rev === e.rev), 'an expiry with devices left carries its rev in after too')
+
+  // A grace period ended by a sweep (another node's) takes a rev too.
+  await store.connect(phone, 60_000)
+  revs.push((await store.list(companyId))[0]!.rev)
+  await store.disconnect(phone, 0)
+  revs.push((await store.list(companyId))[0]!.rev)
+  const swept = (await store.sweep(100)).filter(e => e.companyId === companyId)
+  t.match(swept, [{ userId: 'u-1', after: null }], 'the grace period swept: offline')
+  took(swept[0]?.rev, 'offline through a sweep')
+  t.ok(increasing(revs), `revs: ${revs.join(', ')}`)
 }

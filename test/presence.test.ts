@@ -5,8 +5,16 @@ import erpPresence, { MemoryPresenceStore, type ErpPresenceOptions, type Presenc
 import erpSocket from '../plugins/socket/index.ts'
 import { build, connect, createCompany, request, sleep, testDatabase, waitFor } from './helpers.ts'
 import {
-  badPayloadsChangeNothing, companiesStayApart, entryOf, FAST, list, reconnectInsideGrace, twoDevicesThenGrace, watch
+  badPayloadsChangeNothing, companiesStayApart, entryOf, FAST, increasing, list, reconnectInsideGrace, storeRevisionsOnlyGrow,
+  twoDevicesThenGrace, watch
 } from './presence-scenarios.ts'
+
+t.test('memory store: every presence mutation takes a higher rev, also across offline and back', async t => {
+  const store = new MemoryPresenceStore()
+  await storeRevisionsOnlyGrow(t, store, 'company-1')
+  const other = await store.connect({ companyId: 'company-2', userId: 'u-1', socketId: 's-2' }, 60_000)
+  t.equal(other.after.rev, 1, 'each company counts its own revs (nothing about one company shows in another’s)')
+})
 
 t.test('memory store: two devices of one user, then the grace period', async t => {
   const { app, url } = await build(t, { realtime: { presence: FAST } })
@@ -57,12 +65,13 @@ t.test('presence:set announces status and viewing changes only, and keeps since 
   t.same(await request(socket, 'presence:set', { status: 'busy', viewing: null }), { ok: true })
   await waitFor(() => observer.about(subject.id).length === 4, 5000, 'viewing cleared')
   t.same(observer.about(subject.id)[3], { userId: subject.id, status: 'busy', devices: 1 }, 'viewing: null clears it')
-  t.same(await entryOf(observer.socket, subject.id), { userId: subject.id, status: 'busy', devices: 1, since: busy?.since })
+  t.same(await entryOf(observer.socket, subject.id), { userId: subject.id, status: 'busy', devices: 1, since: busy?.since, rev: observer.revs(subject.id)[3] })
 
   // A presence:set without an ack callback still applies.
   socket.emit('presence:set', { status: 'away' })
   await waitFor(() => observer.about(subject.id).length === 5, 5000, 'away')
   t.equal(observer.about(subject.id)[4]?.status, 'away')
+  t.ok(increasing(observer.revs(subject.id)), `revs only go up: ${observer.revs(subject.id).join(', ')}`)
   t.same(await app.presence.list(company.id), await list(observer.socket), 'fastify.presence.list matches presence:list')
 })
 

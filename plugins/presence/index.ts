@@ -2,6 +2,7 @@ import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { Redis, type RedisOptions } from 'ioredis'
 import { z } from 'zod'
+import { parseOptions } from '../support.ts'
 import {
   companyStream, presenceSetSchema,
   type PresenceChanged, type PresenceEntry, type Viewing
@@ -43,6 +44,12 @@ export interface ErpPresenceOptions {
   sweepIntervalMs?: number
   /** Expired entries claimed per store call during a sweep. Default 500. */
   sweepBatchSize?: number
+  /**
+   * How many users' last announced `rev` a node remembers, to drop announcements that reach it
+   * after a newer one (from another node, through Redis). Least recently announced users are
+   * forgotten first; a user who went offline is forgotten `ttlMs` after it. Default 100000.
+   */
+  revCacheSize?: number
 }
 
 export interface ErpPresenceDecorator {
@@ -88,19 +95,16 @@ const optionsSchema = z.object({
   heartbeatMs: z.number().int().min(10).default(10000),
   ttlMs: z.number().int().min(20).default(30000),
   sweepIntervalMs: z.number().int().min(10).default(1000),
-  sweepBatchSize: z.number().int().min(1).max(10000).default(500)
+  sweepBatchSize: z.number().int().min(1).max(10000).default(500),
+  revCacheSize: z.number().int().min(1).max(10_000_000).default(100_000)
 }).refine(o => o.ttlMs >= 2 * o.heartbeatMs, { message: 'must be at least twice heartbeatMs', path: ['ttlMs'] })
 
 /** Sweep batches per run, so a backlog after an outage drains without one run monopolising the node. */
 const MAX_SWEEP_BATCHES = 20
 
 async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOptions) {
-  const parsed = optionsSchema.safeParse(rawOptions)
-  if (!parsed.success) {
-    const issue = parsed.error.issues[0]
-    throw new Error(`erp-presence: invalid option ${issue?.path.join('.')}: ${issue?.message}`)
-  }
-  const { graceMs, heartbeatMs, ttlMs, sweepIntervalMs, sweepBatchSize } = parsed.data
+  const parsed = { data: parseOptions('erp-presence', optionsSchema, rawOptions) }
+  const { graceMs, heartbeatMs, ttlMs, sweepIntervalMs, sweepBatchSize, revCacheSize } = parsed.data
   const storeOption = parsed.data.store
   const ownsStore = storeOption === 'memory' || !isStore(storeOption)
   const store: PresenceStore = storeOption === 'memory'
@@ -149,19 +153,65 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
   }
   const succeeded = () => { lastFailure = '' }
 
-  const toChange = (userId: string, presence: UserPresence | null): PresenceChanged => {
+  const toChange = (userId: string, presence: UserPresence | null, rev: number): PresenceChanged => {
     const at = new Date().toISOString()
-    if (!presence) return { userId, status: 'offline', devices: 0, at }
-    const change: PresenceChanged = { userId, status: presence.status, devices: presence.devices, at }
+    if (!presence) return { userId, status: 'offline', devices: 0, at, rev }
+    const change: PresenceChanged = { userId, status: presence.status, devices: presence.devices, at, rev }
     if (presence.viewing) change.viewing = presence.viewing
     return change
   }
-  // io.to() (not io.local): the Redis adapter carries it to the company's sockets on every node.
-  const announce = (companyId: string, userId: string, presence: UserPresence | null) => {
-    io.to(companyStream(companyId)).emit('presence:changed', toChange(userId, presence))
-  }
 
   const graceKey = (ref: { companyId: string, userId: string }) => `${ref.companyId}\u0000${ref.userId}`
+
+  /*
+   * Announcements of one user can be made by different nodes (each reports the store operations
+   * it ran) and reach a node in any order: its own at once, the others' through Redis. Each node
+   * therefore delivers to its sockets only what is newer than the last rev it delivered for that
+   * user, so its clients never apply a stale state over a newer one.
+   */
+  /** Last delivered rev per user (graceKey), least recently delivered first. */
+  const delivered = new Map<string, number>()
+  /** When an offline was delivered, per user, oldest first; forgotten `ttlMs` later. */
+  const offlineAt = new Map<string, number>()
+
+  const deliver = (companyId: string, change: PresenceChanged): void => {
+    const now = Date.now()
+    for (const [key, at] of offlineAt) {
+      if (now - at < ttlMs) break
+      offlineAt.delete(key)
+      delivered.delete(key)
+    }
+    const key = graceKey({ companyId, userId: change.userId })
+    const last = delivered.get(key)
+    if (last !== undefined && change.rev <= last) return
+    delivered.delete(key) // re-inserted last: the map stays in least-recently-delivered order
+    delivered.set(key, change.rev)
+    offlineAt.delete(key)
+    if (change.status === 'offline') offlineAt.set(key, now)
+    if (delivered.size > revCacheSize) {
+      const oldest = delivered.keys().next().value as string
+      delivered.delete(oldest)
+      offlineAt.delete(oldest)
+    }
+    io.local.to(companyStream(companyId)).emit('presence:changed', change)
+  }
+
+  const announce = (companyId: string, userId: string, presence: UserPresence | null, rev: number) => {
+    const change = toChange(userId, presence, rev)
+    deliver(companyId, change)
+    fastify.erpSocket.toOtherNodes('erp:presence', { companyId, change })
+  }
+
+  const onRelayed = (relayed: { companyId: string, change: PresenceChanged }) => {
+    const change = relayed?.change
+    if (typeof relayed?.companyId !== 'string' || typeof change?.userId !== 'string' || !Number.isSafeInteger(change.rev)) {
+      fastify.log.warn({ relayed }, 'erp-presence: ignored a malformed presence announcement from another node')
+      return
+    }
+    deliver(relayed.companyId, change)
+  }
+  io.on('erp:presence', onRelayed)
+
   const cancelGrace = (ref: SocketRef) => {
     const key = graceKey(ref)
     clearTimeout(graceTimers.get(key))
@@ -173,10 +223,10 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
     clearTimeout(graceTimers.get(key))
     const timer = setTimeout(() => {
       graceTimers.delete(key)
-      // Another node's sweep may have claimed it first; endGrace answers true to one caller only.
+      // Another node's sweep may have claimed it first; endGrace answers with a rev to one caller only.
       track(store.endGrace(ref.companyId, ref.userId, graceUntil)).then(offline => {
         succeeded()
-        if (offline) announce(ref.companyId, ref.userId, null)
+        if (offline) announce(ref.companyId, ref.userId, null, offline.rev)
       }, failed('ending a grace period'))
     }, graceMs)
     timer.unref()
@@ -187,13 +237,13 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
     const { before, after } = await store.connect(ref, ttlMs)
     cancelGrace(ref)
     // A device back within the grace period (devices 0 → 1) changes nothing the company saw.
-    if (before === null || (before.devices > 0 && before.devices !== after.devices)) announce(ref.companyId, ref.userId, after)
+    if (before === null || (before.devices > 0 && before.devices !== after.devices)) announce(ref.companyId, ref.userId, after, after.rev)
   }
 
   const unregister = async (ref: SocketRef): Promise<void> => {
     const departure = await store.disconnect(ref, graceMs)
     if (!departure) return
-    if (departure.graceUntil === undefined) announce(ref.companyId, ref.userId, departure.after)
+    if (departure.graceUntil === undefined) announce(ref.companyId, ref.userId, departure.after, departure.after.rev)
     else startGrace(ref, departure.graceUntil)
   }
 
@@ -206,14 +256,14 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
       if (!transition) throw new SocketError('SERVICE_UNAVAILABLE', 'Presence could not be recorded; try again')
     }
     const { before, after } = transition
-    if (before.status !== after.status || !sameViewing(before.viewing, after.viewing)) announce(ref.companyId, ref.userId, after)
+    if (before.status !== after.status || !sameViewing(before.viewing, after.viewing)) announce(ref.companyId, ref.userId, after, after.rev)
   }
 
   const list = async (companyId: string): Promise<PresenceEntry[]> => {
     const users = await store.list(companyId)
     users.sort((a, b) => (a.userId < b.userId ? -1 : a.userId > b.userId ? 1 : 0))
-    return users.map(({ userId, status, devices, viewing, since }) => {
-      const entry: PresenceEntry = { userId, status, devices, since: new Date(since).toISOString() }
+    return users.map(({ userId, status, devices, viewing, since, rev }) => {
+      const entry: PresenceEntry = { userId, status, devices, since: new Date(since).toISOString(), rev }
       if (viewing) entry.viewing = viewing
       return entry
     })
@@ -280,8 +330,11 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
         claimed += expired.length
         // Several sockets of one user may expire together: announce only where they ended up.
         const last = new Map<string, Expired>()
-        for (const item of expired) last.set(graceKey(item), item)
-        for (const item of last.values()) announce(item.companyId, item.userId, item.after)
+        for (const item of expired) {
+          const key = graceKey(item)
+          if (item.rev > (last.get(key)?.rev ?? -1)) last.set(key, item)
+        }
+        for (const item of last.values()) announce(item.companyId, item.userId, item.after, item.rev)
         if (expired.length < sweepBatchSize) break
       }
     } finally {
@@ -316,11 +369,14 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
 
   fastify.addHook('onClose', async () => {
     io.off('connection', onConnection)
+    io.off('erp:presence', onRelayed)
     // Sockets were disconnected in preClose; let their store updates land. Their grace periods
     // stay in the store, where the other nodes' sweeps end them.
     stop()
     await Promise.allSettled([...pending])
     local.clear()
+    delivered.clear()
+    offlineAt.clear()
     if (ownsStore) await store.close()
   })
 }

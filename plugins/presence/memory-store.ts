@@ -1,5 +1,5 @@
 import type { Viewing } from '../events.ts'
-import type { Change, Departure, Expired, PresenceStore, SocketRef, Transition, UserPresence } from './store.ts'
+import { sameViewing, type Change, type Departure, type Expired, type Offline, type PresenceStore, type SocketRef, type Transition, type UserPresence } from './store.ts'
 
 interface Deadline {
   companyId: string
@@ -22,6 +22,11 @@ export class MemoryPresenceStore implements PresenceStore {
   private readonly sockets = new Map<string, string>()
   /** Socket expiries and grace deadlines; swept by scanning (a sweep is O(entries) in memory). */
   private readonly deadlines = new Map<string, Deadline>()
+  /**
+   * Per-company revision counters. Kept when a company empties (one number per company), so a
+   * user who goes offline and comes back gets a higher rev than any announcement before.
+   */
+  private readonly revs = new Map<string, number>()
 
   constructor (private readonly clock: () => number = Date.now) {}
 
@@ -29,6 +34,12 @@ export class MemoryPresenceStore implements PresenceStore {
     let users = this.users.get(companyId)
     if (!users) this.users.set(companyId, users = new Map())
     return users
+  }
+
+  private nextRev (companyId: string): number {
+    const rev = (this.revs.get(companyId) ?? 0) + 1
+    this.revs.set(companyId, rev)
+    return rev
   }
 
   private drop (companyId: string, userId: string): void {
@@ -42,11 +53,12 @@ export class MemoryPresenceStore implements PresenceStore {
     const users = this.company(ref.companyId)
     const current = users.get(ref.userId)
     const before = current ? { ...current } : null
-    const after: UserPresence = current ? { ...current } : { status: 'online', devices: 0, since: now }
+    const after: UserPresence = current ? { ...current } : { status: 'online', devices: 0, since: now, rev: 0 }
     if (!this.sockets.has(ref.socketId)) {
       this.sockets.set(ref.socketId, ref.userId)
       after.devices++
     }
+    after.rev = this.nextRev(ref.companyId)
     users.set(ref.userId, after)
     this.deadlines.set(socketKey(ref), { ...ref, at: now + ttlMs })
     this.deadlines.delete(graceKey(ref.companyId, ref.userId))
@@ -59,6 +71,7 @@ export class MemoryPresenceStore implements PresenceStore {
     const current = this.users.get(ref.companyId)?.get(ref.userId)
     if (!current) return null
     current.devices = Math.max(0, current.devices - 1)
+    current.rev = this.nextRev(ref.companyId)
     if (current.devices > 0) return { after: { ...current } }
     const graceUntil = this.clock() + graceMs
     this.deadlines.set(graceKey(ref.companyId, ref.userId), { companyId: ref.companyId, userId: ref.userId, at: graceUntil })
@@ -75,21 +88,22 @@ export class MemoryPresenceStore implements PresenceStore {
     }
     if (change.viewing === null) delete current.viewing
     else if (change.viewing !== undefined) current.viewing = { type: change.viewing.type, id: change.viewing.id }
+    if (current.status !== before.status || !sameViewing(current.viewing, before.viewing)) current.rev = this.nextRev(companyId)
     return { before, after: { ...current } }
   }
 
-  async endGrace (companyId: string, userId: string, graceUntil: number): Promise<boolean> {
+  async endGrace (companyId: string, userId: string, graceUntil: number): Promise<Offline | null> {
     const key = graceKey(companyId, userId)
-    if (this.deadlines.get(key)?.at !== graceUntil) return false
+    if (this.deadlines.get(key)?.at !== graceUntil) return null
     this.deadlines.delete(key)
     return this.offlineIfIdle(companyId, userId)
   }
 
-  private offlineIfIdle (companyId: string, userId: string): boolean {
+  private offlineIfIdle (companyId: string, userId: string): Offline | null {
     const current = this.users.get(companyId)?.get(userId)
-    if (!current || current.devices > 0) return false
+    if (!current || current.devices > 0) return null
     this.drop(companyId, userId)
-    return true
+    return { rev: this.nextRev(companyId) }
   }
 
   async refresh (refs: SocketRef[], ttlMs: number): Promise<SocketRef[]> {
@@ -112,20 +126,22 @@ export class MemoryPresenceStore implements PresenceStore {
       this.deadlines.delete(key)
       const { companyId, userId, socketId } = deadline
       if (socketId === undefined) {
-        if (this.offlineIfIdle(companyId, userId)) expired.push({ companyId, userId, after: null })
+        const offline = this.offlineIfIdle(companyId, userId)
+        if (offline) expired.push({ companyId, userId, after: null, rev: offline.rev })
         continue
       }
       if (!this.sockets.delete(socketId)) continue
       const current = this.users.get(companyId)?.get(userId)
       if (!current) continue
       current.devices = Math.max(0, current.devices - 1)
+      current.rev = this.nextRev(companyId)
       // An expired socket already outlived any grace period: its last one means offline now.
       if (current.devices === 0) {
         this.drop(companyId, userId)
         this.deadlines.delete(graceKey(companyId, userId))
-        expired.push({ companyId, userId, after: null })
+        expired.push({ companyId, userId, after: null, rev: current.rev })
       } else {
-        expired.push({ companyId, userId, after: { ...current } })
+        expired.push({ companyId, userId, after: { ...current }, rev: current.rev })
       }
     }
     return expired

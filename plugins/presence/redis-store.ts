@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto'
 import { Redis, type RedisOptions } from 'ioredis'
 import type { Viewing } from '../events.ts'
-import type { Change, Departure, Expired, PresenceStore, SocketRef, Transition, UserPresence } from './store.ts'
+import type { Change, Departure, Expired, Offline, PresenceStore, SocketRef, Transition, UserPresence } from './store.ts'
 
 export interface RedisPresenceStoreOptions {
   /** A `redis://` / `rediss://` URL (the store opens and closes its own connection) or a client you own. */
@@ -16,8 +16,12 @@ export interface RedisPresenceStoreOptions {
 
 /*
  * Keys (all under the prefix):
- *   users:<companyId>    hash   userId   -> JSON { status, devices, since, viewing? }
+ *   users:<companyId>    hash   userId   -> JSON { status, devices, since, rev, viewing? }
  *   sockets:<companyId>  hash   socketId -> userId
+ *   rev:<companyId>      string the company's revision counter: every mutation of a user's presence
+ *                               takes the next value as the user's `rev`. It is not deleted when the
+ *                               company empties (one small key per company), so revs keep growing
+ *                               across offline and back and a late, stale announcement never wins.
  *   expiry               zset   JSON ["s", companyId, userId, socketId] (socket entry) or
  *                               JSON ["g", companyId, userId] (grace period) -> deadline, ms (Redis clock)
  * One expiry set for all companies lets every node find due entries with one ZRANGEBYSCORE; each
@@ -29,6 +33,18 @@ const NOW = `local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 `
 
+// bump(counterKey, user?) -> the next revision, and never one at or below the user's current rev
+// (should the counter have been deleted by hand while the user was present).
+const REV = `local function bump (key, u)
+  local rev = redis.call('INCR', key)
+  if u and u.rev and rev <= u.rev then
+    rev = u.rev + 1
+    redis.call('SET', key, rev)
+  end
+  return rev
+end
+`
+
 class Script {
   readonly sha: string
   constructor (readonly source: string) {
@@ -36,26 +52,28 @@ class Script {
   }
 }
 
-// KEYS users, sockets, expiry; ARGV userId, socketId, socketMember, graceMember, ttlMs
-const CONNECT = new Script(NOW + `
+// KEYS users, sockets, expiry, rev; ARGV userId, socketId, socketMember, graceMember, ttlMs
+const CONNECT = new Script(NOW + REV + `
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 local u
 if raw then u = cjson.decode(raw) else u = { status = 'online', devices = 0, since = now } end
 if redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[1]) == 1 then u.devices = u.devices + 1 end
+u.rev = bump(KEYS[4], u)
 local after = cjson.encode(u)
 redis.call('HSET', KEYS[1], ARGV[1], after)
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[3])
 redis.call('ZREM', KEYS[3], ARGV[4])
 return { raw or '', after }`)
 
-// KEYS users, sockets, expiry; ARGV userId, socketId, socketMember, graceMember, graceMs
-const DISCONNECT = new Script(NOW + `
+// KEYS users, sockets, expiry, rev; ARGV userId, socketId, socketMember, graceMember, graceMs
+const DISCONNECT = new Script(NOW + REV + `
 redis.call('ZREM', KEYS[3], ARGV[3])
 if redis.call('HDEL', KEYS[2], ARGV[2]) == 0 then return false end
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if not raw then return false end
 local u = cjson.decode(raw)
 u.devices = math.max(0, u.devices - 1)
+u.rev = bump(KEYS[4], u)
 local after = cjson.encode(u)
 redis.call('HSET', KEYS[1], ARGV[1], after)
 if u.devices > 0 then return { after, '' } end
@@ -63,21 +81,32 @@ local graceUntil = now + tonumber(ARGV[5])
 redis.call('ZADD', KEYS[3], graceUntil, ARGV[4])
 return { after, tostring(graceUntil) }`)
 
-// KEYS users; ARGV userId, status, viewing ('' keeps, 'null' clears, else JSON)
-const SET = new Script(NOW + `
+// KEYS users, rev; ARGV userId, status, viewing ('' keeps, 'null' clears, else JSON)
+// A set that changes nothing writes nothing (and takes no revision).
+const SET = new Script(NOW + REV + `
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if not raw then return false end
 local u = cjson.decode(raw)
-if u.status ~= ARGV[2] then u.status = ARGV[2]; u.since = now end
-if ARGV[3] == 'null' then u.viewing = nil elseif ARGV[3] ~= '' then u.viewing = cjson.decode(ARGV[3]) end
+local changed = false
+if u.status ~= ARGV[2] then u.status = ARGV[2]; u.since = now; changed = true end
+if ARGV[3] == 'null' then
+  if u.viewing then changed = true end
+  u.viewing = nil
+elseif ARGV[3] ~= '' then
+  local v = cjson.decode(ARGV[3])
+  if not u.viewing or u.viewing.type ~= v.type or u.viewing.id ~= v.id then changed = true end
+  u.viewing = v
+end
+if not changed then return { raw, raw } end
+u.rev = bump(KEYS[2], u)
 local after = cjson.encode(u)
 redis.call('HSET', KEYS[1], ARGV[1], after)
 return { raw, after }`)
 
-// KEYS users, expiry; ARGV userId, graceMember, mode ('exact' | 'due'), deadline
-// Returns 1 when the user went offline. 'exact' ends the grace period this node started;
-// 'due' (the sweep) ends any grace period whose deadline has passed.
-const END_GRACE = new Script(`
+// KEYS users, expiry, rev; ARGV userId, graceMember, mode ('exact' | 'due'), deadline
+// Returns the offline's rev when the user went offline, else 0. 'exact' ends the grace period
+// this node started; 'due' (the sweep) ends any grace period whose deadline has passed.
+const END_GRACE = new Script(REV + `
 local score = redis.call('ZSCORE', KEYS[2], ARGV[2])
 if not score then return 0 end
 if ARGV[3] == 'exact' and tonumber(score) ~= tonumber(ARGV[4]) then return 0 end
@@ -85,13 +114,14 @@ if ARGV[3] == 'due' and tonumber(score) > tonumber(ARGV[4]) then return 0 end
 redis.call('ZREM', KEYS[2], ARGV[2])
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if not raw then return 0 end
-if cjson.decode(raw).devices > 0 then return 0 end
+local u = cjson.decode(raw)
+if u.devices > 0 then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
-return 1`)
+return bump(KEYS[3], u)`)
 
-// KEYS users, sockets, expiry; ARGV userId, socketId, socketMember, now
-// Claims an expired socket entry: { 'offline' } or { 'devices', userJSON }, false when not due or gone.
-const EXPIRE_SOCKET = new Script(`
+// KEYS users, sockets, expiry, rev; ARGV userId, socketId, socketMember, now
+// Claims an expired socket entry: { 'offline', rev } or { 'devices', userJSON }, false when not due or gone.
+const EXPIRE_SOCKET = new Script(REV + `
 local score = redis.call('ZSCORE', KEYS[3], ARGV[3])
 if not score or tonumber(score) > tonumber(ARGV[4]) then return false end
 redis.call('ZREM', KEYS[3], ARGV[3])
@@ -100,9 +130,10 @@ local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if not raw then return false end
 local u = cjson.decode(raw)
 u.devices = math.max(0, u.devices - 1)
+u.rev = bump(KEYS[4], u)
 if u.devices == 0 then
   redis.call('HDEL', KEYS[1], ARGV[1])
-  return { 'offline' }
+  return { 'offline', u.rev }
 end
 local after = cjson.encode(u)
 redis.call('HSET', KEYS[1], ARGV[1], after)
@@ -133,12 +164,14 @@ interface StoredPresence {
   status: UserPresence['status']
   devices: number
   since: number
+  /** Absent in entries written before revisions existed: read as 0. */
+  rev?: number
   viewing?: Viewing
 }
 
 const parse = (raw: string): UserPresence => {
   const stored = JSON.parse(raw) as StoredPresence
-  const presence: UserPresence = { status: stored.status, devices: stored.devices, since: stored.since }
+  const presence: UserPresence = { status: stored.status, devices: stored.devices, since: stored.since, rev: stored.rev ?? 0 }
   if (stored.viewing) presence.viewing = { type: String(stored.viewing.type), id: String(stored.viewing.id) }
   return presence
 }
@@ -172,6 +205,7 @@ export class RedisPresenceStore implements PresenceStore {
 
   private usersKey (companyId: string) { return `${this.prefix}:users:${companyId}` }
   private socketsKey (companyId: string) { return `${this.prefix}:sockets:${companyId}` }
+  private revKey (companyId: string) { return `${this.prefix}:rev:${companyId}` }
   private get expiryKey () { return `${this.prefix}:expiry` }
   private socketMember (ref: SocketRef) { return JSON.stringify(['s', ref.companyId, ref.userId, ref.socketId]) }
   private graceMember (companyId: string, userId: string) { return JSON.stringify(['g', companyId, userId]) }
@@ -188,14 +222,14 @@ export class RedisPresenceStore implements PresenceStore {
 
   async connect (ref: SocketRef, ttlMs: number): Promise<Transition> {
     const [before, after] = await this.run<[string, string]>(CONNECT,
-      [this.usersKey(ref.companyId), this.socketsKey(ref.companyId), this.expiryKey],
+      [this.usersKey(ref.companyId), this.socketsKey(ref.companyId), this.expiryKey, this.revKey(ref.companyId)],
       [ref.userId, ref.socketId, this.socketMember(ref), this.graceMember(ref.companyId, ref.userId), ttlMs])
     return { before: before === '' ? null : parse(before), after: parse(after) }
   }
 
   async disconnect (ref: SocketRef, graceMs: number): Promise<Departure | null> {
     const result = await this.run<[string, string] | null>(DISCONNECT,
-      [this.usersKey(ref.companyId), this.socketsKey(ref.companyId), this.expiryKey],
+      [this.usersKey(ref.companyId), this.socketsKey(ref.companyId), this.expiryKey, this.revKey(ref.companyId)],
       [ref.userId, ref.socketId, this.socketMember(ref), this.graceMember(ref.companyId, ref.userId), graceMs])
     if (!result) return null
     const departure: Departure = { after: parse(result[0]) }
@@ -205,14 +239,14 @@ export class RedisPresenceStore implements PresenceStore {
 
   async set (companyId: string, userId: string, change: { status: UserPresence['status'], viewing?: Viewing | null }): Promise<Change | null> {
     const viewing = change.viewing === undefined ? '' : change.viewing === null ? 'null' : JSON.stringify({ type: change.viewing.type, id: change.viewing.id })
-    const result = await this.run<[string, string] | null>(SET, [this.usersKey(companyId)], [userId, change.status, viewing])
+    const result = await this.run<[string, string] | null>(SET, [this.usersKey(companyId), this.revKey(companyId)], [userId, change.status, viewing])
     return result ? { before: parse(result[0]), after: parse(result[1]) } : null
   }
 
-  async endGrace (companyId: string, userId: string, graceUntil: number): Promise<boolean> {
-    const result = await this.run<number>(END_GRACE, [this.usersKey(companyId), this.expiryKey],
+  async endGrace (companyId: string, userId: string, graceUntil: number): Promise<Offline | null> {
+    const rev = await this.run<number>(END_GRACE, [this.usersKey(companyId), this.expiryKey, this.revKey(companyId)],
       [userId, this.graceMember(companyId, userId), 'exact', graceUntil])
-    return result === 1
+    return rev > 0 ? { rev } : null
   }
 
   async refresh (refs: SocketRef[], ttlMs: number): Promise<SocketRef[]> {
@@ -242,14 +276,16 @@ export class RedisPresenceStore implements PresenceStore {
       }
       const [kind, companyId, userId, socketId] = parsed as string[]
       if (kind === 'g' && companyId && userId) {
-        const offline = await this.run<number>(END_GRACE, [this.usersKey(companyId), this.expiryKey], [userId, member, 'due', now!])
-        return offline === 1 ? { companyId, userId, after: null } : null
+        const rev = await this.run<number>(END_GRACE, [this.usersKey(companyId), this.expiryKey, this.revKey(companyId)], [userId, member, 'due', now!])
+        return rev > 0 ? { companyId, userId, after: null, rev } : null
       }
       if (kind === 's' && companyId && userId && socketId) {
-        const result = await this.run<[string, string?] | null>(EXPIRE_SOCKET,
-          [this.usersKey(companyId), this.socketsKey(companyId), this.expiryKey], [userId, socketId, member, now!])
+        const result = await this.run<['offline', number] | ['devices', string] | null>(EXPIRE_SOCKET,
+          [this.usersKey(companyId), this.socketsKey(companyId), this.expiryKey, this.revKey(companyId)], [userId, socketId, member, now!])
         if (!result) return null
-        return { companyId, userId, after: result[0] === 'offline' ? null : parse(result[1]!) }
+        if (result[0] === 'offline') return { companyId, userId, after: null, rev: Number(result[1]) }
+        const after = parse(result[1])
+        return { companyId, userId, after, rev: after.rev }
       }
       await this.redis.zrem(this.expiryKey, member)
       return null

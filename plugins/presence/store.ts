@@ -15,6 +15,12 @@ export interface UserPresence {
   viewing?: Viewing
   /** When the current status began, ms since the epoch. */
   since: number
+  /**
+   * The user's revision in this company: the store raises it atomically on every mutation of the
+   * user's presence, and it keeps growing across offline and back (it comes from a per-company
+   * counter that outlives the user's entry), so a later state always has a higher rev.
+   */
+  rev: number
 }
 
 export interface Transition {
@@ -40,6 +46,13 @@ export interface Expired {
   companyId: string
   userId: string
   after: UserPresence | null
+  /** The revision of this outcome (`after.rev`, or the offline's own rev). */
+  rev: number
+}
+
+/** A user who went offline: the revision of that change. */
+export interface Offline {
+  rev: number
 }
 
 /**
@@ -55,8 +68,8 @@ export interface PresenceStore {
   disconnect (ref: SocketRef, graceMs: number): Promise<Departure | null>
   /** Sets status and viewing (`undefined` keeps it, `null` clears it). null when the user is unknown. */
   set (companyId: string, userId: string, change: { status: UserPresence['status'], viewing?: Viewing | null }): Promise<Change | null>
-  /** Ends the grace period that `disconnect` started at `graceUntil`: true when the user is now offline. */
-  endGrace (companyId: string, userId: string, graceUntil: number): Promise<boolean>
+  /** Ends the grace period that `disconnect` started at `graceUntil`: the offline's rev when the user is now offline, else null. */
+  endGrace (companyId: string, userId: string, graceUntil: number): Promise<Offline | null>
   /** Pushes the expiry of live sockets `ttlMs` ahead; returns the ones the store no longer has. */
   refresh (refs: SocketRef[], ttlMs: number): Promise<SocketRef[]>
   /** Claims up to `limit` expired sockets and grace periods, removing them. */
