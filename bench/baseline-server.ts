@@ -1,0 +1,67 @@
+/**
+ * The baseline: minimal Fastify + Socket.IO, no auth, no database. Clients join one room on
+ * connect; POST /emit does a plain `io.to(room).emit`. The floor our server is compared with.
+ */
+import Fastify from 'fastify'
+import { Server } from 'socket.io'
+import { childArgs, serveParent, type Handlers } from './lib/child.ts'
+import { now } from './lib/clock.ts'
+import { scenarios } from './scenarios/index.ts'
+import { memory } from './lib/memory.ts'
+
+export interface BaselineState {
+  io: Server
+  room: string
+  /** Per-scenario scratch space (e.g. the in-memory "log" of the replay baseline). */
+  store: Map<string, unknown>
+}
+
+childArgs<Record<string, never>>()
+const app = Fastify({ logger: false, forceCloseConnections: true })
+const io = new Server(app.server)
+const room = 'company:bench'
+const state: BaselineState = { io, room, store: new Map() }
+
+io.on('connection', (socket) => {
+  socket.join(room)
+  for (const scenario of Object.values(scenarios)) scenario.baselineConnection?.(socket, state)
+})
+
+// A payload about the size of our project:created envelope, so both send similar frames.
+const padding = {
+  id: '00000000-0000-4000-8000-000000000000',
+  stream: room,
+  type: 'project:created',
+  actor: { userId: '00000000-0000-4000-8000-000000000001' },
+  data: { project: { id: '00000000-0000-4000-8000-000000000002', name: 'bench', description: '', status: 'active', budgetMinor: 0, version: 1, createdAt: new Date().toISOString(), updatedAt: new Date().toISOString() } }
+}
+
+app.post('/emit', async (request) => {
+  const { t0 } = request.body as { t0: number }
+  io.to(room).emit('bench', { ...padding, t0, tEmit: now() })
+  return { ok: true }
+})
+
+app.addHook('preClose', (done) => { io.local.disconnectSockets(true); done() })
+app.addHook('onClose', async () => { await io.close() })
+await app.listen({ port: 0, host: '127.0.0.1' })
+const address = app.server.address()
+const port = typeof address === 'object' && address ? address.port : 0
+
+const handlers: Handlers = {
+  memory,
+  stats () {
+    return { sockets: io.of('/').sockets.size, engine: io.engine.clientsCount }
+  },
+  async close () {
+    await app.close()
+    setTimeout(() => process.exit(0), 10)
+  }
+}
+for (const scenario of Object.values(scenarios)) {
+  for (const [cmd, fn] of Object.entries(scenario.baselineCommands ?? {})) {
+    handlers[`${scenario.name}:${cmd}`] = (a: unknown) => fn(a, state)
+  }
+}
+
+serveParent(handlers, { port, pid: process.pid })

@@ -1,0 +1,228 @@
+import { Child } from './child.ts'
+import { now, until } from './clock.ts'
+import { createBenchDatabase, seedCompany, type BenchDatabase, type SeededCompany } from './db.ts'
+import type { Memory } from './memory.ts'
+import { Histogram, type HistogramJSON } from './stats.ts'
+import type { ServerArgs } from '../server.ts'
+
+const SERVER = new URL('../server.ts', import.meta.url)
+const BASELINE = new URL('../baseline-server.ts', import.meta.url)
+const CLIENT = new URL('../client.ts', import.meta.url)
+
+export interface ServerHandle {
+  kind: 'ours' | 'raw'
+  url: string
+  port: number
+  pid: number
+  call<T = any> (cmd: string, args?: unknown, timeoutMs?: number): Promise<T>
+  memory (): Promise<Memory>
+  stats (): Promise<{ sockets: number, engine: number }>
+  /** Waits until the server holds exactly `sockets` connections; false at the deadline. */
+  waitForSockets (sockets: number, timeoutMs?: number): Promise<boolean>
+  stop (): Promise<void>
+}
+
+export interface ConnectResult {
+  connected: number
+  failed: number
+  errors: Record<string, number>
+  startedAt: number
+  endedAt: number
+  /** connected / (last end - first start), per second. */
+  rate: number
+}
+
+export interface Collected {
+  received: number
+  firstRecv: number
+  lastRecv: number
+  series: Record<string, Histogram>
+}
+
+/** The load-client processes of one scenario; groups of sockets are split evenly across them. */
+export class ClientPool {
+  constructor (readonly procs: Child[]) {}
+
+  /** Connects `tokens.length` authenticated (or `count` anonymous) sockets to `url`, all processes at once. */
+  async connect (group: string, url: string, options: { tokens?: string[], count?: number, concurrency?: number, deadlineMs?: number, timeoutMs?: number }): Promise<ConnectResult> {
+    const n = this.procs.length
+    const total = options.tokens?.length ?? options.count ?? 0
+    const parts = this.procs.map((proc, i) => {
+      const from = Math.floor(total * i / n)
+      const to = Math.floor(total * (i + 1) / n)
+      return proc.call('connect', {
+        group,
+        url,
+        tokens: options.tokens?.slice(from, to),
+        count: options.tokens ? undefined : to - from,
+        concurrency: Math.max(1, Math.floor((options.concurrency ?? 400) / n)),
+        deadlineMs: options.deadlineMs ?? 120_000,
+        timeoutMs: options.timeoutMs ?? 20_000
+      }, (options.deadlineMs ?? 120_000) + 30_000)
+    })
+    const results: Array<Omit<ConnectResult, 'rate'>> = await Promise.all(parts)
+    const errors: Record<string, number> = {}
+    for (const r of results) for (const [k, v] of Object.entries(r.errors)) errors[k] = (errors[k] ?? 0) + v
+    const connected = results.reduce((s, r) => s + r.connected, 0)
+    const startedAt = Math.min(...results.map(r => r.startedAt))
+    const endedAt = Math.max(...results.map(r => r.endedAt))
+    return { connected, failed: total - connected, errors, startedAt, endedAt, rate: connected / ((endedAt - startedAt) / 1000) }
+  }
+
+  async listen (group: string, event: string, extractor: string): Promise<void> {
+    await Promise.all(this.procs.map(p => p.call('listen', { group, event, extractor })))
+  }
+
+  async count (group: string): Promise<number> {
+    const counts = await Promise.all(this.procs.map(p => p.call<number>('count', { group })))
+    return counts.reduce((a, b) => a + b, 0)
+  }
+
+  /** Waits until the group received `expected` events in total; returns the count reached. */
+  async waitForCount (group: string, expected: number, deadline: number): Promise<number> {
+    let seen = 0
+    await until(async () => (seen = await this.count(group)) >= expected, deadline, 100)
+    return seen
+  }
+
+  /** Merged histograms of the group (and resets them in the clients). */
+  async collect (group: string): Promise<Collected> {
+    const parts = await Promise.all(this.procs.map(p => p.call<{ received: number, firstRecv: number, lastRecv: number, series: Record<string, HistogramJSON> }>('collect', { group })))
+    const series: Record<string, Histogram> = {}
+    for (const part of parts) {
+      for (const [name, json] of Object.entries(part.series)) (series[name] ??= new Histogram()).merge(json)
+    }
+    const withData = parts.filter(p => p.received > 0)
+    return {
+      received: parts.reduce((s, p) => s + p.received, 0),
+      firstRecv: withData.length ? Math.min(...withData.map(p => p.firstRecv)) : 0,
+      lastRecv: withData.length ? Math.max(...withData.map(p => p.lastRecv)) : 0,
+      series
+    }
+  }
+
+  async disconnect (group: string): Promise<void> {
+    await Promise.all(this.procs.map(p => p.call('disconnect', { group })))
+  }
+
+  /** Calls a command on one client process (scenario commands are `<scenario>:<cmd>`). */
+  call<T = any> (cmd: string, args?: unknown, timeoutMs?: number, proc = 0): Promise<T> {
+    return this.procs[proc]!.call<T>(cmd, args, timeoutMs)
+  }
+}
+
+export interface ContextOptions {
+  quick: boolean
+  reps: number
+  flags: Record<string, string | boolean>
+  cpuProf?: string
+  log: (message: string) => void
+}
+
+/** What a scenario gets: process and database helpers that are cleaned up after it. */
+export class Context {
+  readonly quick: boolean
+  readonly reps: number
+  readonly flags: Record<string, string | boolean>
+  readonly log: (message: string) => void
+  private readonly cpuProf?: string
+  private cleanups: Array<() => Promise<void>> = []
+
+  constructor (readonly scenario: string, options: ContextOptions) {
+    this.quick = options.quick
+    this.reps = options.reps
+    this.flags = options.flags
+    this.log = (message) => options.log(`[${scenario}] ${message}`)
+    this.cpuProf = options.cpuProf
+  }
+
+  /** A numeric flag (`--sizes 100,1000` → [100, 1000]), or the default. */
+  numbers (flag: string, fallback: number[]): number[] {
+    const value = this.flags[flag]
+    if (typeof value !== 'string') return fallback
+    const parsed = value.split(',').map(Number).filter(n => Number.isFinite(n) && n > 0)
+    return parsed.length ? parsed : fallback
+  }
+
+  number (flag: string, fallback: number): number {
+    return this.numbers(flag, [fallback])[0]!
+  }
+
+  /** A fresh migrated PostgreSQL database, dropped after the scenario. */
+  async database (): Promise<BenchDatabase> {
+    const db = await createBenchDatabase()
+    this.cleanups.push(() => db.drop())
+    return db
+  }
+
+  seed (db: BenchDatabase, users: number): Promise<SeededCompany> {
+    return seedCompany(db, users)
+  }
+
+  /** Our server (the real app) as a child process on `db`. */
+  async startServer (db: BenchDatabase, options: Omit<ServerArgs, 'databaseUrl'> = {}): Promise<ServerHandle> {
+    const execArgv = this.profileFlags('ours')
+    const { child, info } = await Child.start<{ port: number }>(SERVER, { name: 'bench server', args: { ...options, databaseUrl: db.url }, execArgv })
+    return this.handle('ours', child, info.port)
+  }
+
+  /** The baseline server (plain Fastify + Socket.IO) as a child process. */
+  async startBaseline (): Promise<ServerHandle> {
+    const execArgv = this.profileFlags('raw')
+    const { child, info } = await Child.start<{ port: number }>(BASELINE, { name: 'baseline server', execArgv })
+    return this.handle('raw', child, info.port)
+  }
+
+  /** `count` load-client processes (default 2). */
+  async clients (count = 2): Promise<ClientPool> {
+    const procs = await Promise.all(Array.from({ length: count }, (_, i) =>
+      Child.start(CLIENT, { name: `bench client ${i + 1}` }).then(r => r.child)))
+    this.cleanups.push(async () => { await Promise.all(procs.map(p => p.stop(3000))) })
+    return new ClientPool(procs)
+  }
+
+  /**
+   * --cpu-prof for a server process: one folder per scenario and side; Node names each file
+   * CPU.<date>.<pid>.<thread>.<n>.cpuprofile (tsx's loader thread writes a small one too:
+   * the largest file is the main thread).
+   */
+  private profileFlags (kind: 'ours' | 'raw'): string[] {
+    return this.cpuProf ? ['--cpu-prof', '--cpu-prof-dir', `${this.cpuProf}/${this.scenario}-${kind}`] : []
+  }
+
+  /** A deadline `ms` from now, for until()/waitForCount(). */
+  deadline (ms: number): number {
+    return now() + ms
+  }
+
+  private handle (kind: 'ours' | 'raw', child: Child, port: number): ServerHandle {
+    const stop = () => child.stop(10_000)
+    this.cleanups.push(stop)
+    const handle: ServerHandle = {
+      kind,
+      url: `http://127.0.0.1:${port}`,
+      port,
+      pid: child.pid,
+      call: (cmd, args, timeoutMs) => child.call(cmd, args, timeoutMs),
+      memory: () => child.call('memory'),
+      stats: () => child.call('stats'),
+      async waitForSockets (sockets, timeoutMs = 30_000) {
+        return await until(async () => (await handle.stats()).sockets === sockets, now() + timeoutMs, 100)
+      },
+      stop
+    }
+    return handle
+  }
+
+  /** Stops everything this scenario started (last first) and drops its databases. */
+  async cleanup (): Promise<void> {
+    for (const fn of this.cleanups.reverse()) {
+      try {
+        await fn()
+      } catch (err) {
+        this.log(`cleanup: ${(err as Error).message}`)
+      }
+    }
+    this.cleanups = []
+  }
+}
