@@ -289,3 +289,34 @@ t.test('regression: a long replay leaves no drain/close listeners behind (MaxLis
   t.same({ drain: conn.listenerCount('drain'), close: conn.listenerCount('close') }, before)
   t.same(warnings.filter(w => w.name === 'MaxListenersExceededWarning'), [])
 })
+
+t.test('a storm of clients resuming at once is served completely with bounded concurrent log reads', async t => {
+  const { app, url } = await build(t, { realtime: { eventLog: { pageSize: 50, maxConcurrentReads: 2 } } })
+  const company = await createCompany(app, ['admin', ...Array.from({ length: 12 }, () => 'member' as const)])
+  await app.eventLog.transaction(async (_tx, publish) => {
+    for (let i = 0; i < 300; i++) {
+      await publish({ stream: companyOf(company), type: 'project:deleted', companyId: company.id, actorId: null, data: { projectId: `p${i}` } })
+    }
+  })
+  // Count the log reads running at once while every member resumes from 0 simultaneously
+  // (a counting wrapper around the real client: the reads still go to PostgreSQL).
+  let active = 0
+  let peak = 0
+  const original = app.prisma.$queryRaw.bind(app.prisma)
+  ;(app.prisma as any).$queryRaw = async (...args: any[]) => {
+    const sql = String(args[0]?.strings?.join?.('?') ?? args[0])
+    const counted = sql.includes('FROM events WHERE stream')
+    if (counted) peak = Math.max(peak, ++active)
+    try { return await (original as any)(...args) } finally { if (counted) active-- }
+  }
+  t.teardown(() => { (app.prisma as any).$queryRaw = original })
+  const members = company.users.filter(u => u.role === 'member')
+  const sockets = await Promise.all(members.map(m => connect(t, url, m.token, { auth: { token: m.token, resume: true } })))
+  const seen = sockets.map(s => record(s))
+  const acks = await Promise.all(sockets.map(s => request(s, 'sync:resume', { streams: { [companyOf(company)]: 0 } })))
+  for (const [i, ack] of acks.entries()) {
+    t.same(ack.streams[companyOf(company)], { recovered: true, replayed: 300, headSeq: 300 }, `client ${i}`)
+    t.same(seqsByStream(seen[i]!)[companyOf(company)], range(1, 300), `client ${i} got every event once, in order`)
+  }
+  t.ok(peak >= 1 && peak <= 2, `at most maxConcurrentReads log reads at once (peak ${peak})`)
+})
