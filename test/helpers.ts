@@ -21,18 +21,9 @@ export interface TestLike {
 
 export const uniqueName = (prefix: string) => `${prefix}_${Date.now().toString(36)}_${randomBytes(4).toString('hex')}`
 
-/**
- * A fresh, migrated PostgreSQL database for one test (dropped at teardown), or an in-memory
- * PGlite one with `{ embedded: true }`.
- */
-export async function testDatabase (t: TestLike, options: { embedded?: boolean, poolSize?: number } = {}): Promise<Database & { url?: string }> {
-  if (options.embedded) {
-    const db = await openDatabase({ dataDir: 'memory://' })
-    t.teardown(() => db.close())
-    await db.withSession(sql => migrate(sql))
-    return db
-  }
-  const name = uniqueName('erp_test')
+/** A fresh, empty (not migrated) PostgreSQL database for one test, dropped at teardown. */
+export async function emptyTestDatabase (t: TestLike, options: { poolSize?: number, prefix?: string } = {}): Promise<Database & { url: string }> {
+  const name = uniqueName(options.prefix ?? 'erp_test')
   const admin = new pg.Client({ connectionString: TEST_POSTGRES_URL })
   await admin.connect()
   try {
@@ -50,8 +41,23 @@ export async function testDatabase (t: TestLike, options: { embedded?: boolean, 
     await cleanup.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`)
     await cleanup.end()
   })
-  await db.withSession(sql => migrate(sql))
   return Object.assign(db, { url: url.toString() })
+}
+
+/**
+ * A fresh, migrated PostgreSQL database for one test (dropped at teardown), or an in-memory
+ * PGlite one with `{ embedded: true }`.
+ */
+export async function testDatabase (t: TestLike, options: { embedded?: boolean, poolSize?: number } = {}): Promise<Database & { url?: string }> {
+  if (options.embedded) {
+    const db = await openDatabase({ dataDir: 'memory://' })
+    t.teardown(() => db.close())
+    await db.withSession(sql => migrate(sql))
+    return db
+  }
+  const db = await emptyTestDatabase(t, { poolSize: options.poolSize })
+  await db.withSession(sql => migrate(sql))
+  return db
 }
 
 export function testConfig (overrides: Partial<AppConfig> = {}): AppConfig {

@@ -3,30 +3,12 @@ import { cp, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/pr
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import t, { type Test } from 'tap'
-import pg from 'pg'
-import { openDatabase, type Database } from '../src/db/index.ts'
+import type { Database } from '../src/db/index.ts'
 import { DEFAULT_MIGRATIONS_DIR, migrate, MigrationError, type SqlRunner } from '../src/db/migrate.ts'
-import { TEST_POSTGRES_URL, uniqueName } from './helpers.ts'
+import { emptyTestDatabase } from './helpers.ts'
 
 /** A fresh PostgreSQL database with nothing in it (not migrated), dropped at teardown. */
-async function emptyDatabase (t: Test): Promise<Database> {
-  const name = uniqueName('erp_migrate')
-  const admin = new pg.Client({ connectionString: TEST_POSTGRES_URL })
-  await admin.connect()
-  await admin.query(`CREATE DATABASE ${name}`)
-  await admin.end()
-  const url = new URL(TEST_POSTGRES_URL)
-  url.pathname = `/${name}`
-  const db = await openDatabase({ url: url.toString(), poolSize: 3 })
-  t.teardown(async () => {
-    await db.close()
-    const cleanup = new pg.Client({ connectionString: TEST_POSTGRES_URL })
-    await cleanup.connect()
-    await cleanup.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`)
-    await cleanup.end()
-  })
-  return db
-}
+const emptyDatabase = (t: Test) => emptyTestDatabase(t, { poolSize: 3, prefix: 'erp_migrate' })
 
 /** A copy of the real migrations folder that a test may add to and edit. */
 async function migrationsCopy (t: Test): Promise<string> {
