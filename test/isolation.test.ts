@@ -215,3 +215,23 @@ t.test("another company's ids over HTTP answer 404 and change nothing", async t 
   t.same(domain(seenA).map(e => e.event), ['project:updated'], 'company A saw only its own update')
   t.same(domain(seenB), [], 'company B saw nothing')
 })
+
+t.test('regression: a submitter who left the company gets no notification about its expenses on their user stream', async t => {
+  const { app, url, prisma } = await build(t)
+  const acme = await createCompany(app)
+  const globex = await createCompany(app, ['admin'])
+  // One person in both companies: they submit in acme, then leave acme.
+  const person = acme.as('member')
+  await prisma.membership.create({ data: { userId: person.id, companyId: globex.id, role: 'member' } })
+  const globexToken = app.erpAuth.sign({ sub: person.id, companyId: globex.id, role: 'member' })
+  const submitted = await call(app, person, 'POST', '/expenses', { amountMinor: 990, currency: 'EUR', description: 'hotel' })
+  t.equal(submitted.statusCode, 201)
+  await prisma.membership.delete({ where: { userId_companyId: { userId: person.id, companyId: acme.id } } })
+  const socket = await connect(t, url, globexToken)
+  const seen = record(socket)
+  const approved = await call(app, acme.as('manager'), 'POST', `/expenses/${submitted.json().expense.id}/approve`)
+  t.equal(approved.statusCode, 200)
+  await waitFor(async () => (await prisma.event.count({ where: { companyId: acme.id, type: 'expense:approved' } })) === 1, 2000, 'approval recorded')
+  t.equal(await prisma.event.count({ where: { stream: `user:${person.id}` } }), 0, 'nothing recorded on their user stream')
+  t.same(seen.filter(e => DOMAIN_EVENTS.has(e.event)), [], 'their other company\'s session received nothing')
+})

@@ -67,6 +67,9 @@ export async function expenseRoutes (fastify: FastifyInstance) {
       if (count === 0) throw new Errors.INVALID_TRANSITION(action, expense.status)
       await fastify.conflicts.snapshot(tx, 'expense', expense)
       await publish({ stream: companyStream(companyId), type: `expense:${status}`, companyId, actorId: userId, data: { expense } })
+      // A user stream follows the person across companies: someone who has left this company
+      // (or was deactivated) is not told about its expenses any more.
+      if (await fastify.erpAuth.membership(expense.submitterId, companyId) === null) return expense
       await publish({
         stream: userStream(expense.submitterId),
         type: 'notification:new',
