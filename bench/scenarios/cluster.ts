@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto'
 import { now, sleep } from '../lib/clock.ts'
+import { openLoop, postProject } from '../lib/load.ts'
 import type { ClientPool, ServerHandle } from '../lib/context.ts'
 import type { Row, Scenario } from '../lib/scenario.ts'
 import { Histogram, median, round, type Percentiles } from '../lib/stats.ts'
@@ -22,30 +23,9 @@ interface Burst {
 
 const REDIS_URL = process.env.BENCH_REDIS_URL ?? process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 
-async function post (url: string, token: string, t0: number): Promise<void> {
-  const res = await fetch(`${url}/projects`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json', authorization: `Bearer ${token}` },
-    body: JSON.stringify({ name: `bench ${t0}` })
-  })
-  await res.arrayBuffer()
-  if (res.status !== 201) throw new Error(`HTTP ${res.status}`)
-}
-
 /** `count` changes on `target` at `rate`/s (open loop), received by `groups` of `clients`. */
 async function burst (target: ServerHandle, clients: ClientPool, groups: string[], token: string, size: number, count: number, rate: number): Promise<Burst> {
-  const interval = 1000 / rate
-  const sends: Array<Promise<void>> = []
-  const http = new Histogram()
-  let httpErrors = 0
-  const start = now() + 5
-  for (let i = 0; i < count; i++) {
-    const wait = start + i * interval - now()
-    if (wait > 0) await sleep(wait)
-    const t0 = now()
-    sends.push(post(target.url, token, t0).then(() => http.record(now() - t0), () => { httpErrors++ }))
-  }
-  await Promise.all(sends)
+  const { interval, http, httpErrors } = await openLoop(count, rate, t0 => postProject(target.url, token, t0))
   const expected = (count - httpErrors) * size
   const deadline = now() + 10_000 + count * interval
   let received = 0

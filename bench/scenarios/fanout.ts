@@ -1,7 +1,8 @@
-import { now, sleep } from '../lib/clock.ts'
+import { now } from '../lib/clock.ts'
+import { openLoop, postProject } from '../lib/load.ts'
 import type { ClientPool, ServerHandle } from '../lib/context.ts'
 import type { Row, Scenario } from '../lib/scenario.ts'
-import { Histogram, median, round, type Percentiles } from '../lib/stats.ts'
+import { median, round, type Percentiles } from '../lib/stats.ts'
 
 /**
  * fanout: an HTTP change through a real domain route (POST /projects: validation, auth with
@@ -25,30 +26,15 @@ interface Burst {
 }
 
 async function post (server: ServerHandle, token: string, t0: number): Promise<void> {
-  const ours = server.kind === 'ours'
-  const res = await fetch(`${server.url}${ours ? '/projects' : '/emit'}`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json', ...(ours ? { authorization: `Bearer ${token}` } : {}) },
-    body: JSON.stringify(ours ? { name: `bench ${t0}` } : { t0 })
-  })
+  if (server.kind === 'ours') return await postProject(server.url, token, t0)
+  const res = await fetch(`${server.url}/emit`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ t0 }) })
   await res.arrayBuffer()
-  if (res.status !== (ours ? 201 : 200)) throw new Error(`HTTP ${res.status}`)
+  if (res.status !== 200) throw new Error(`HTTP ${res.status}`)
 }
 
 /** `count` changes at `rate`/s (open loop: sent on schedule, not after the previous answer). */
 async function burst (server: ServerHandle, clients: ClientPool, group: string, token: string, size: number, count: number, rate: number): Promise<Burst> {
-  const interval = 1000 / rate
-  const sends: Array<Promise<void>> = []
-  const http = new Histogram()
-  let httpErrors = 0
-  const start = now() + 5
-  for (let i = 0; i < count; i++) {
-    const wait = start + i * interval - now()
-    if (wait > 0) await sleep(wait)
-    const t0 = now()
-    sends.push(post(server, token, t0).then(() => http.record(now() - t0), () => { httpErrors++ }))
-  }
-  await Promise.all(sends)
+  const { start, interval, http, httpErrors } = await openLoop(count, rate, t0 => post(server, token, t0))
   const expected = (count - httpErrors) * size
   // Bounded: everything should arrive within a few seconds of the last send.
   await clients.waitForCount(group, expected, now() + 10_000 + count * interval)
