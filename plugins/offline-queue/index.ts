@@ -389,6 +389,8 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
 
   every(fastify, options.headIntervalMs, 'erp-offline-queue: sync:head beacon', beacon)
   every(fastify, options.pruneIntervalMs, 'erp-offline-queue: retention job', prune)
+  // The sequencer forgets streams nobody here listens to, even when beacons are disabled.
+  every(fastify, 60_000, 'erp-offline-queue: sequencer sweep', async () => dispatcher.sweep())
 
   fastify.decorate('eventLog', {
     transaction,
