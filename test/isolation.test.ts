@@ -2,7 +2,7 @@ import t, { type Test } from 'tap'
 import type { FastifyInstance } from 'fastify'
 import type { Socket as ClientSocket } from 'socket.io-client'
 import type { Envelope } from '../plugins/events.ts'
-import { authHeader, build, connect, createCompany, record, waitFor, type TestCompany, type TestUser } from './helpers.ts'
+import { authHeader, build, connect, createCompany, record, testDatabase, waitFor, type TestCompany, type TestUser } from './helpers.ts'
 
 const DOMAIN_EVENTS = new Set([
   'project:created', 'project:updated', 'project:deleted',
@@ -234,4 +234,15 @@ t.test('regression: a submitter who left the company gets no notification about 
   await waitFor(async () => (await prisma.event.count({ where: { companyId: acme.id, type: 'expense:approved' } })) === 1, 2000, 'approval recorded')
   t.equal(await prisma.event.count({ where: { stream: `user:${person.id}` } }), 0, 'nothing recorded on their user stream')
   t.same(seen.filter(e => DOMAIN_EVENTS.has(e.event)), [], 'their other company\'s session received nothing')
+})
+
+t.test('regression: concurrent decisions on one expense with a small pool neither deadlock nor double-apply (membership check took a second connection inside the transaction)', async t => {
+  const db = await testDatabase(t, { poolSize: 2 })
+  const { app } = await build(t, { db })
+  const company = await createCompany(app)
+  const submitted = await call(app, company.as('member'), 'POST', '/expenses', { amountMinor: 500, currency: 'EUR', description: 'tolls' })
+  const id = submitted.json().expense.id
+  const results = await Promise.all(Array.from({ length: 6 }, (_, i) => call(app, company.as('manager'), 'POST', `/expenses/${id}/${i % 2 ? 'approve' : 'reject'}`)))
+  t.same(results.map(r => r.statusCode).sort(), [200, 409, 409, 409, 409, 409])
+  t.equal(await app.prisma.event.count({ where: { stream: `user:${company.as('member').id}`, type: 'notification:new' } }), 1)
 })

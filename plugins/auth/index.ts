@@ -41,7 +41,7 @@ export interface ErpAuthDecorator {
   /** Verifies signature, algorithm, expiry and claim shape; throws an error with a stable code. */
   verify (token: string): Required<TokenClaims>
   /** The user's role in the company, or null when the user is missing, inactive or not a member. */
-  membership (userId: string, companyId: string): Promise<Role | null>
+  membership (userId: string, companyId: string, db?: Pick<PrismaClient, '$queryRaw'>): Promise<Role | null>
   /** Verify + membership: the full check used for HTTP and for the socket handshake. */
   authenticate (token: string): Promise<AuthUser>
 }
@@ -113,9 +113,11 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     return claims.data
   }
 
-  const membership = async (userId: string, companyId: string): Promise<Role | null> => {
+  // `db` lets a caller inside a transaction check on its own connection: taking a second pooled
+  // connection while holding one can starve the pool under load.
+  const membership = async (userId: string, companyId: string, db: Pick<PrismaClient, '$queryRaw'> = prisma): Promise<Role | null> => {
     // Runs on every request and handshake: one indexed join, one round trip.
-    const rows = await prisma.$queryRaw<Array<{ role: Role }>>`
+    const rows = await db.$queryRaw<Array<{ role: Role }>>`
       SELECT m.role::text AS role FROM memberships m JOIN users u ON u.id = m."userId"
       WHERE m."userId" = ${userId} AND m."companyId" = ${companyId} AND u.active`
     return rows[0]?.role ?? null

@@ -69,7 +69,7 @@ export async function expenseRoutes (fastify: FastifyInstance) {
       await publish({ stream: companyStream(companyId), type: `expense:${status}`, companyId, actorId: userId, data: { expense } })
       // A user stream follows the person across companies: someone who has left this company
       // (or was deactivated) is not told about its expenses any more.
-      if (await fastify.erpAuth.membership(expense.submitterId, companyId) === null) return expense
+      if (await fastify.erpAuth.membership(expense.submitterId, companyId, tx) === null) return expense
       await publish({
         stream: userStream(expense.submitterId),
         type: 'notification:new',
