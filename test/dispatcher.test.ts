@@ -159,3 +159,32 @@ t.test('the semaphore runs at most `limit` jobs at once, in arrival order', asyn
   await t.rejects(semaphore.run(async () => { throw new Error('job failed') }), /job failed/)
   t.equal(await semaphore.run(async () => 'still usable'), 'still usable')
 })
+
+t.test('track: a stream is followed from the head read before the first local socket joins', async t => {
+  const h = harness()
+  h.unblock()
+  let release!: (head: number) => void
+  const tracking = h.dispatcher.track(stream, () => new Promise<number>(resolve => { release = resolve }))
+  // Regression: a node that first saw a stream through a later event (seq 2 from itself before
+  // seq 1 from another node) started there and dropped seq 1 as a duplicate.
+  h.dispatcher.ingest([envelope(2)])
+  t.same(h.delivered, [], 'events wait while the head is read')
+  release(0)
+  await tracking
+  await flush()
+  t.same(h.delivered, [1, 2], 'the missing seq 1 was filled from the log, then seq 2')
+  let reads = 0
+  await h.dispatcher.track(stream, async () => { reads++; return 99 })
+  t.equal(reads, 0, 'a followed stream is not read again')
+  h.dispatcher.ingest([envelope(3)])
+  t.same(h.delivered, [1, 2, 3])
+})
+
+t.test('track: a failed head read leaves the stream to start at its first event', async t => {
+  const h = harness()
+  h.unblock()
+  await h.dispatcher.track(stream, async () => { throw new Error('database down') })
+  t.equal(h.errors.length, 1)
+  h.dispatcher.ingest([envelope(5), envelope(6)])
+  t.same(h.delivered, [5, 6])
+})

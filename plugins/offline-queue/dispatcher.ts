@@ -44,6 +44,36 @@ export class Dispatcher {
     for (const envelope of envelopes) this.offer(envelope)
   }
 
+  /**
+   * Starts following a stream before a local socket joins it, from the head the log has now
+   * (read before the join): later events are then delivered, and a jump is filled, instead of
+   * whichever event happens to arrive first setting the starting point. Events arriving while
+   * the head is read wait their turn. No-op for a stream already followed.
+   */
+  async track (stream: string, readHead: () => Promise<number>): Promise<void> {
+    const existing = this.streams.get(stream)
+    if (existing) {
+      while (existing.filling) await existing.filling
+      return
+    }
+    const state = this.state(stream)
+    const run = async () => {
+      try {
+        const head = await readHead()
+        if (state.last === undefined) state.last = head
+      } catch (err) {
+        this.onError(err, stream)
+      } finally {
+        state.filling = undefined
+        const pending = state.pending
+        state.pending = []
+        for (const envelope of pending) this.offer(envelope)
+      }
+    }
+    state.filling = run()
+    await state.filling
+  }
+
   /** Brings a stream up to `head` (from the log when events are missing). Resolves when done. */
   async catchUp (stream: string, head: number): Promise<void> {
     const state = this.state(stream)

@@ -313,11 +313,11 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
   // Sockets that announce `auth: { resume: true }` are held from the handshake, so no live
   // event can reach them ahead of the events they missed.
   io.use((socket, next) => {
-    if (socket.handshake.auth?.resume === true) {
-      hold(socket, companyStream(socket.data.companyId))
-      hold(socket, userStream(socket.data.userId))
-    }
-    next()
+    const streams = [companyStream(socket.data.companyId), userStream(socket.data.userId)]
+    if (socket.handshake.auth?.resume === true) for (const stream of streams) hold(socket, stream)
+    // Follow the socket's streams from their current head before it joins them (see track()).
+    Promise.all(streams.map(stream => dispatcher.track(stream, async () => (await heads([stream])).get(stream) ?? 0)))
+      .then(() => next(), () => next())
   })
 
   io.on('connection', (socket: ErpSocket) => {
