@@ -57,21 +57,10 @@ export class Dispatcher {
       return
     }
     const state = this.state(stream)
-    const run = async () => {
-      try {
-        const head = await readHead()
-        if (state.last === undefined) state.last = head
-      } catch (err) {
-        this.onError(err, stream)
-      } finally {
-        state.filling = undefined
-        const pending = state.pending
-        state.pending = []
-        for (const envelope of pending) this.offer(envelope)
-      }
-    }
-    state.filling = run()
-    await state.filling
+    await this.exclusive(stream, state, async () => {
+      const head = await readHead()
+      if (state.last === undefined) state.last = head
+    }, () => {})
   }
 
   /** Brings a stream up to `head` (from the log when events are missing). Resolves when done. */
@@ -155,23 +144,35 @@ export class Dispatcher {
   }
 
   private fill (stream: string, state: StreamState, upTo: number): Promise<void> {
+    return this.exclusive(stream, state, async () => {
+      while ((state.last ?? upTo) < upTo) {
+        const want = Math.min(upTo - state.last!, this.pageSize)
+        const rows = await this.read(stream, state.last!, want)
+        for (const row of rows) {
+          if (row.seq > upTo || row.seq <= state.last!) continue
+          this.advance(state, row)
+        }
+        if (rows.length < want) break
+      }
+    }, () => {
+      // Whatever could not be read (pruned, or the database is down) is skipped: clients see
+      // the seq jump and resume, or learn recovered:false. Never retried forever.
+      if (state.last === undefined || state.last < upTo) state.last = upTo
+    })
+  }
+
+  /**
+   * Runs `work` with the stream marked busy: events offered meanwhile wait in `pending` and go
+   * through `offer` again, in seq order, once it is done (after `settle`, whatever happened).
+   */
+  private exclusive (stream: string, state: StreamState, work: () => Promise<void>, settle: () => void): Promise<void> {
     const run = async () => {
       try {
-        while ((state.last ?? upTo) < upTo) {
-          const want = Math.min(upTo - state.last!, this.pageSize)
-          const rows = await this.read(stream, state.last!, want)
-          for (const row of rows) {
-            if (row.seq > upTo || row.seq <= state.last!) continue
-            this.advance(state, row)
-          }
-          if (rows.length < want) break
-        }
+        await work()
       } catch (err) {
         this.onError(err, stream)
       } finally {
-        // Whatever could not be read (pruned, or the database is down) is skipped: clients see
-        // the seq jump and resume, or learn recovered:false. Never retried forever.
-        if (state.last === undefined || state.last < upTo) state.last = upTo
+        settle()
         state.filling = undefined
         const pending = state.pending
         state.pending = []
