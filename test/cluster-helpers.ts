@@ -6,7 +6,7 @@ import { createServer } from 'node:net'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { io as ioClient, type Socket as ClientSocket } from 'socket.io-client'
-import { TEST_JWT_SECRET, sleep, waitFor, type TestLike } from './helpers.ts'
+import { dropRedisPrefix, TEST_JWT_SECRET, sleep, waitFor, type TestLike } from './helpers.ts'
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..')
 
@@ -110,7 +110,12 @@ export async function startNode (t: TestLike, env: Record<string, string>): Prom
       await once(child, 'exit')
     }
   }
-  t.teardown(() => node.kill())
+  t.teardown(async () => {
+    await node.kill()
+    // Nodes killed without cleanup leave presence entries; no node of this prefix remains to
+    // expire them, so remove them from the (possibly shared) Redis once this node is gone.
+    if (env.REDIS_URL && env.REDIS_PREFIX) await dropRedisPrefix(env.REDIS_URL, env.REDIS_PREFIX)
+  })
   await waitFor(() => /listening on (http:\/\/\S+)/.test(output) || node.exited(), 60_000, 'the node to listen')
   const match = /listening on (http:\/\/\S+)/.exec(output)
   if (!match) throw new Error(`node exited before listening:\n${output}`)

@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto'
 import type { FastifyInstance } from 'fastify'
 import pg from 'pg'
+import { Redis } from 'ioredis'
 import { io as ioClient, type ManagerOptions, type Socket as ClientSocket, type SocketOptions } from 'socket.io-client'
 import { buildApp, type BuildOptions } from '../src/app.ts'
 import { loadConfig, type AppConfig } from '../src/config.ts'
@@ -193,6 +194,25 @@ export async function waitFor (check: () => boolean | Promise<boolean>, timeoutM
   while (!(await check())) {
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
     await sleep(20)
+  }
+}
+
+/** Deletes every key under `prefix:` (SCAN, not KEYS); a Redis that is down is left alone. */
+export async function dropRedisPrefix (url: string, prefix: string): Promise<void> {
+  const redis = new Redis(url, { maxRetriesPerRequest: 1, retryStrategy: () => null, lazyConnect: true })
+  redis.on('error', () => {})
+  try {
+    await redis.connect()
+    let cursor = '0'
+    do {
+      const [next, keys] = await redis.scan(cursor, 'MATCH', `${prefix}:*`, 'COUNT', 500)
+      cursor = next
+      if (keys.length > 0) await redis.unlink(...keys)
+    } while (cursor !== '0')
+  } catch {
+    // Redis already stopped (outage tests): nothing to clean there.
+  } finally {
+    redis.disconnect()
   }
 }
 

@@ -214,6 +214,11 @@ export class Context {
     return handle
   }
 
+  /** Runs `fn` at cleanup; cleanups run last first, so register before starting what it outlives. */
+  onCleanup (fn: () => Promise<void>): void {
+    this.cleanups.push(fn)
+  }
+
   /** Stops everything this scenario started (last first) and drops its databases. */
   async cleanup (): Promise<void> {
     for (const fn of this.cleanups.reverse()) {

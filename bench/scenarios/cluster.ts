@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto'
 import { now, sleep } from '../lib/clock.ts'
 import { openLoop, postProject } from '../lib/load.ts'
+import { dropRedisPrefix } from '../lib/redis.ts'
 import type { ClientPool, ServerHandle } from '../lib/context.ts'
 import type { Row, Scenario } from '../lib/scenario.ts'
 import { Histogram, median, round, type Percentiles } from '../lib/stats.ts'
@@ -55,6 +56,8 @@ export const cluster: Scenario = {
     const warmup = ctx.number('warmup', ctx.quick ? 10 : 20)
     const rate = ctx.number('rate', 50)
     const redisPrefix = `erp_bench_${randomBytes(4).toString('hex')}`
+    // Runs after the nodes stop (cleanups run last first): their presence keys go too.
+    ctx.onCleanup(() => dropRedisPrefix(REDIS_URL, redisPrefix))
     const parameters = { clients: size, nodes: 3, emitsPerRep: emits, warmupEmits: warmup, rate, reps: ctx.reps, route: 'POST /projects on node A', redis: REDIS_URL.replace(/\/\/[^@]*@/, '//***@'), singleNode: 'memory adapter', clientProcesses: 2 }
 
     const db = await ctx.database()

@@ -1,11 +1,11 @@
 import { randomBytes } from 'node:crypto'
-import { Redis } from 'ioredis'
 import { io as ioClient, type Socket } from 'socket.io-client'
 import { RedisPresenceStore } from '../../plugins/presence/redis-store.ts'
 import { now, sleep } from '../lib/clock.ts'
 import type { ClientPool } from '../lib/context.ts'
 import { memory, type Memory } from '../lib/memory.ts'
 import type { Row, Scenario } from '../lib/scenario.ts'
+import { dropRedisPrefix } from '../lib/redis.ts'
 import { Histogram, median, round, type Percentiles } from '../lib/stats.ts'
 
 /**
@@ -130,10 +130,7 @@ export const presence: Scenario = {
     if (redis) {
       // A stopped node leaves its users' grace periods for other nodes to end; there are none here.
       await ours.stop()
-      const cleaner = new Redis(BENCH_REDIS_URL)
-      const keys = await cleaner.keys(`${redisPrefix}:*`)
-      if (keys.length > 0) await cleaner.del(...keys)
-      await cleaner.quit()
+      await dropRedisPrefix(BENCH_REDIS_URL, redisPrefix)
     }
 
     const rows: Row[] = []
