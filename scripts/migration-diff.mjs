@@ -2,8 +2,10 @@
 // Writes a new Prisma migration (prisma/migrations/<timestamp>_<name>/migration.sql) by
 // diffing schemas offline with Prisma's WebAssembly schema engine: no database and no native
 // engine download needed.
-//   npm run db:diff -- <name> [--from <older schema.prisma>]   (default: from empty)
-import { readFile, writeFile, mkdir } from 'node:fs/promises'
+//   npm run db:diff -- <name> --from <schema.prisma as of the last migration>
+//   e.g. git show HEAD:prisma/schema.prisma > /tmp/old.prisma && npm run db:diff -- add_x --from /tmp/old.prisma
+// Without --from it diffs from an empty database, which is only right for the first migration.
+import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises'
 import { createRequire } from 'node:module'
 import path from 'node:path'
 
@@ -13,6 +15,12 @@ const name = args.find((a, i) => !a.startsWith('--') && args[i - 1] !== '--from'
 const fromIndex = args.indexOf('--from')
 if (!name || !/^[a-z0-9_]+$/.test(name)) {
   console.error('usage: npm run db:diff -- <snake_case_name> [--from <older schema.prisma>]')
+  process.exit(2)
+}
+
+const existing = await readdir(path.join('prisma', 'migrations'), { withFileTypes: true }).catch(() => [])
+if (fromIndex < 0 && existing.some(entry => entry.isDirectory())) {
+  console.error('prisma/migrations already has migrations: pass --from <the schema as of the last migration> (e.g. git show HEAD:prisma/schema.prisma > /tmp/old.prisma)')
   process.exit(2)
 }
 
