@@ -7,6 +7,7 @@ import type { ErpPresenceOptions } from '../plugins/presence/index.ts'
 import { RedisPresenceStore } from '../plugins/presence/redis-store.ts'
 import { dedicatedRedis } from './cluster-helpers.ts'
 import {
+  dropRedisPrefix,
   build, connect, createCompany, request, sleep, testDatabase, TEST_REDIS_URL, uniqueName, waitFor, type TestLike
 } from './helpers.ts'
 import {
@@ -18,16 +19,7 @@ import {
 function redisPrefix (t: TestLike, name = 'presence'): string {
   const prefix = uniqueName(name)
   // Registered first, so it runs last (teardowns run in reverse order).
-  t.teardown(async () => {
-    const redis = new Redis(TEST_REDIS_URL)
-    let cursor = '0'
-    do {
-      const [next, keys] = await redis.scan(cursor, 'MATCH', `${prefix}:*`, 'COUNT', 1000)
-      cursor = next
-      if (keys.length > 0) await redis.del(...keys)
-    } while (cursor !== '0')
-    await redis.quit()
-  })
+  t.teardown(() => dropRedisPrefix(TEST_REDIS_URL, prefix))
   return prefix
 }
 

@@ -45,6 +45,19 @@ const REV = `local function bump (key, u)
 end
 `
 
+// dropSocket(users, sockets, revKey, userId, socketId) -> the user with one device less and a
+// new rev (not yet written back), or nil when the socket or the user is already gone.
+const DROP_SOCKET = REV + `local function dropSocket (users, sockets, revKey, userId, socketId)
+  if redis.call('HDEL', sockets, socketId) == 0 then return nil end
+  local raw = redis.call('HGET', users, userId)
+  if not raw then return nil end
+  local u = cjson.decode(raw)
+  u.devices = math.max(0, u.devices - 1)
+  u.rev = bump(revKey, u)
+  return u
+end
+`
+
 class Script {
   readonly sha: string
   constructor (readonly source: string) {
@@ -66,14 +79,10 @@ redis.call('ZREM', KEYS[3], ARGV[4])
 return { raw or '', after }`)
 
 // KEYS users, sockets, expiry, rev; ARGV userId, socketId, socketMember, graceMember, graceMs
-const DISCONNECT = new Script(NOW + REV + `
+const DISCONNECT = new Script(NOW + DROP_SOCKET + `
 redis.call('ZREM', KEYS[3], ARGV[3])
-if redis.call('HDEL', KEYS[2], ARGV[2]) == 0 then return false end
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if not raw then return false end
-local u = cjson.decode(raw)
-u.devices = math.max(0, u.devices - 1)
-u.rev = bump(KEYS[4], u)
+local u = dropSocket(KEYS[1], KEYS[2], KEYS[4], ARGV[1], ARGV[2])
+if not u then return false end
 local after = cjson.encode(u)
 redis.call('HSET', KEYS[1], ARGV[1], after)
 if u.devices > 0 then return { after, '' } end
@@ -121,16 +130,12 @@ return bump(KEYS[3], u)`)
 
 // KEYS users, sockets, expiry, rev; ARGV userId, socketId, socketMember, now
 // Claims an expired socket entry: { 'offline', rev } or { 'devices', userJSON }, false when not due or gone.
-const EXPIRE_SOCKET = new Script(REV + `
+const EXPIRE_SOCKET = new Script(DROP_SOCKET + `
 local score = redis.call('ZSCORE', KEYS[3], ARGV[3])
 if not score or tonumber(score) > tonumber(ARGV[4]) then return false end
 redis.call('ZREM', KEYS[3], ARGV[3])
-if redis.call('HDEL', KEYS[2], ARGV[2]) == 0 then return false end
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if not raw then return false end
-local u = cjson.decode(raw)
-u.devices = math.max(0, u.devices - 1)
-u.rev = bump(KEYS[4], u)
+local u = dropSocket(KEYS[1], KEYS[2], KEYS[4], ARGV[1], ARGV[2])
+if not u then return false end
 if u.devices == 0 then
   redis.call('HDEL', KEYS[1], ARGV[1])
   return { 'offline', u.rev }
