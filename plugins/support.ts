@@ -1,3 +1,4 @@
+import DataLoader from 'dataloader'
 import type { FastifyInstance } from 'fastify'
 import type { z, ZodType } from 'zod'
 
@@ -36,4 +37,41 @@ export async function deleteInBatches (batchSize: number, deleteBatch: () => Pro
     if (n < batchSize) break
   }
   return deleted
+}
+
+/**
+ * Turns a per-key lookup into batched calls: every `load(key)` started while the current I/O
+ * callbacks run (a reconnect storm of handshakes, a burst of requests) is answered by a single
+ * `loadMany(keys)` (at most `maxBatchSize` keys), and only one such call runs at a time, so keys
+ * arriving meanwhile gather into the next one (the busier the node, the fewer the queries).
+ * Nothing is cached; a failed call rejects every lookup of its batch. `loadMany` returns one
+ * value per key, in order.
+ */
+export function batchPerTurn<K, V> (loadMany: (keys: readonly K[]) => Promise<V[]>, maxBatchSize = 500): (key: K) => Promise<V> {
+  const ready: Array<() => void> = []
+  let running: Promise<V[]> | undefined
+  // DataLoader calls the batch function synchronously from `dispatch` (never for an empty batch).
+  const pump = () => {
+    while (!running && ready.length > 0) ready.shift()!()
+  }
+  const loader = new DataLoader<K, V>((keys) => {
+    const call = loadMany(keys)
+    running = call
+    const done = () => {
+      running = undefined
+      setImmediate(pump)
+    }
+    call.then(done, done)
+    return call
+  }, {
+    cache: false,
+    maxBatchSize,
+    // DataLoader's default waits for the current tick only; a storm arrives over many I/O
+    // callbacks of one turn, and the next batch waits for the running call.
+    batchScheduleFn: (dispatch) => {
+      ready.push(dispatch)
+      setImmediate(pump)
+    }
+  })
+  return key => loader.load(key)
 }

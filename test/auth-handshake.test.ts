@@ -210,6 +210,53 @@ t.test('role comes from the membership row, not from the token', async t => {
   t.equal(app.io.of('/').sockets.get(socket.id!)?.data.role, 'member')
 })
 
+t.test('concurrent handshakes and membership lookups are batched, each with its own answer', async t => {
+  const { app, url, prisma } = await build(t)
+  const acme = await createCompany(app, ['admin', 'manager', 'member', 'member', 'member'])
+  const globex = await createCompany(app, ['admin', 'member'])
+  const [inactive, removed] = acme.users.slice(3)
+  await prisma.user.update({ where: { id: inactive!.id }, data: { active: false } })
+  await prisma.membership.delete({ where: { userId_companyId: { userId: removed!.id, companyId: acme.id } } })
+  // A globex member with a token claiming acme: signed correctly, not a member there.
+  const outsider = app.erpAuth.sign({ sub: globex.as('member').id, companyId: acme.id, role: 'member' })
+  // Count the membership queries: erp-auth reads `prisma.$queryRaw` at each call.
+  let queries = 0
+  const queryRaw = prisma.$queryRaw.bind(prisma)
+  const spy = (strings: TemplateStringsArray, ...values: unknown[]) => {
+    if (strings.join('?').includes('FROM memberships')) queries++
+    return queryRaw(strings, ...values)
+  }
+  Object.defineProperty(prisma, '$queryRaw', { value: spy, configurable: true, writable: true })
+  t.teardown(() => { Object.defineProperty(prisma, '$queryRaw', { value: queryRaw, configurable: true, writable: true }) })
+  const attempts: Array<{ token: string, expect: string, role?: string }> = [
+    ...acme.users.slice(0, 3).map(u => ({ token: u.token, expect: 'ok', role: u.role })),
+    { token: inactive!.token, expect: 'AUTH_NOT_A_MEMBER' },
+    { token: removed!.token, expect: 'AUTH_NOT_A_MEMBER' },
+    { token: outsider, expect: 'AUTH_NOT_A_MEMBER' },
+    ...globex.users.map(u => ({ token: u.token, expect: 'ok', role: u.role }))
+  ]
+  // Five devices per attempt, all at once: a small reconnect storm.
+  const storm = attempts.flatMap(a => [a, a, a, a, a])
+  const outcomes = await Promise.all(storm.map(a => connect(t, url, a.token).then(
+    socket => ({ result: 'ok', role: app.io.of('/').sockets.get(socket.id!)?.data.role }),
+    (err: Error & { data?: { code: string } }) => ({ result: err.data?.code, role: undefined })
+  )))
+  t.same(outcomes.map(o => o.result), storm.map(a => a.expect), 'members in, others refused, each by its own row')
+  t.same(outcomes.filter(o => o.result === 'ok').map(o => o.role), storm.filter(a => a.expect === 'ok').map(a => a.role), 'roles from the rows')
+  t.ok(queries >= 1 && queries <= storm.length, `${queries} membership queries for ${storm.length} handshakes`)
+
+  // Lookups started together are answered by one query (the handshake storm above batches as
+  // far as its arrival spreads over turns allow).
+  queries = 0
+  const lookups = [
+    [acme.as('admin').id, acme.id], [inactive!.id, acme.id], [removed!.id, acme.id],
+    [globex.as('member').id, acme.id], [globex.as('member').id, globex.id], ['no-such-user', acme.id]
+  ] as const
+  const roles = await Promise.all(lookups.map(([userId, companyId]) => app.erpAuth.membership(userId, companyId)))
+  t.same(roles, ['admin', null, null, null, 'member', null])
+  t.equal(queries, 1, 'one query for six lookups')
+})
+
 t.test('POST /auth/login', async t => {
   const { app, prisma } = await build(t)
   const company = await createCompany(app, ['admin', 'member'])

@@ -3,11 +3,11 @@ import fastifyJwt from '@fastify/jwt'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { ExtendedError } from 'socket.io'
 import { z } from 'zod'
-import { parseOptions } from '../support.ts'
+import { batchPerTurn, parseOptions } from '../support.ts'
 import type { PrismaClient } from '../../src/generated/prisma/client.ts'
 import { Errors, type ErrorCode } from '../errors.ts'
 import { authRefreshSchema, companyStream, ROLES, userStream, type Role } from '../events.ts'
-import { handle, SocketError, type ErpSocket } from '../socket/handle.ts'
+import { listener, SocketError, type ErpSocket } from '../socket/handle.ts'
 
 export interface ErpAuthOptions {
   /** HS256 signing key, at least 32 characters. Required. */
@@ -113,10 +113,20 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     return claims.data
   }
 
+  // Runs on every request and handshake: concurrent checks share one indexed query.
+  const memberships = batchPerTurn<{ userId: string, companyId: string }, Role | null>(async (keys) => {
+    const rows = await prisma.$queryRaw<Array<{ userId: string, companyId: string, role: Role }>>`
+      SELECT m."userId", m."companyId", m.role::text AS role FROM memberships m JOIN users u ON u.id = m."userId"
+      WHERE (m."userId", m."companyId") IN (SELECT * FROM unnest(${keys.map(k => k.userId)}::text[], ${keys.map(k => k.companyId)}::text[]))
+        AND u.active`
+    const roles = new Map(rows.map(row => [`${row.userId} ${row.companyId}`, row.role]))
+    return keys.map(key => roles.get(`${key.userId} ${key.companyId}`) ?? null)
+  })
+
   // `db` lets a caller inside a transaction check on its own connection: taking a second pooled
   // connection while holding one can starve the pool under load.
-  const membership = async (userId: string, companyId: string, db: Pick<PrismaClient, '$queryRaw'> = prisma): Promise<Role | null> => {
-    // Runs on every request and handshake: one indexed join, one round trip.
+  const membership = async (userId: string, companyId: string, db?: Pick<PrismaClient, '$queryRaw'>): Promise<Role | null> => {
+    if (!db) return await memberships({ userId, companyId })
     const rows = await db.$queryRaw<Array<{ role: Role }>>`
       SELECT m.role::text AS role FROM memberships m JOIN users u ON u.id = m."userId"
       WHERE m."userId" = ${userId} AND m."companyId" = ${companyId} AND u.active`
@@ -176,42 +186,55 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     })
   })
 
+  // Per-socket state lives in maps and shared functions (no closures per connection): a node
+  // holds tens of thousands of sockets.
+  const expiryTimers = new Map<string, NodeJS.Timeout>()
+  const armExpiry = (socket: ErpSocket): void => {
+    clearTimeout(expiryTimers.get(socket.id))
+    const remaining = socket.data.exp * 1000 - Date.now()
+    if (remaining <= 0) {
+      expiryTimers.delete(socket.id)
+      socket.emit('auth:expired', { message: 'Token expired; reconnect with a new token' })
+      socket.disconnect()
+      return
+    }
+    const timer = setTimeout(armExpiry, Math.min(remaining, MAX_TIMER_MS), socket)
+    timer.unref()
+    expiryTimers.set(socket.id, timer)
+  }
+  function onDisconnect (this: ErpSocket) {
+    clearTimeout(expiryTimers.get(this.id))
+    expiryTimers.delete(this.id)
+  }
+
+  const onRefresh = listener('auth:refresh', authRefreshSchema, async (socket, { token }) => {
+    let user: AuthUser
+    try {
+      user = await authenticate(token)
+    } catch (err) {
+      const e = err as Error & { code?: string }
+      if (e.code && e.code in Errors) throw new SocketError(e.code, e.message)
+      throw err
+    }
+    if (user.userId !== socket.data.userId || user.companyId !== socket.data.companyId) {
+      throw new SocketError('AUTH_INVALID_TOKEN', 'Refresh token must be for the same user and company')
+    }
+    if (user.exp < socket.data.exp) throw new SocketError('AUTH_INVALID_TOKEN', 'Refresh token expires before the current one')
+    socket.data.exp = user.exp
+    socket.data.role = user.role
+    if (socket.connected) armExpiry(socket)
+    return { exp: user.exp }
+  }, err => fastify.log.error({ err }, 'erp-auth: auth:refresh failed'))
+
   io.on('connection', (socket: ErpSocket) => {
     socket.join([companyStream(socket.data.companyId), userStream(socket.data.userId)])
-
-    let timer: NodeJS.Timeout | undefined
-    const arm = () => {
-      clearTimeout(timer)
-      const remaining = socket.data.exp * 1000 - Date.now()
-      if (remaining <= 0) {
-        socket.emit('auth:expired', { message: 'Token expired; reconnect with a new token' })
-        socket.disconnect()
-        return
-      }
-      timer = setTimeout(arm, Math.min(remaining, MAX_TIMER_MS))
-      timer.unref()
-    }
-    arm()
-    socket.once('disconnect', () => clearTimeout(timer))
-
-    handle(socket, 'auth:refresh', authRefreshSchema, async ({ token }) => {
-      let user: AuthUser
-      try {
-        user = await authenticate(token)
-      } catch (err) {
-        const e = err as Error & { code?: string }
-        if (e.code && e.code in Errors) throw new SocketError(e.code, e.message)
-        throw err
-      }
-      if (user.userId !== socket.data.userId || user.companyId !== socket.data.companyId) {
-        throw new SocketError('AUTH_INVALID_TOKEN', 'Refresh token must be for the same user and company')
-      }
-      if (user.exp < socket.data.exp) throw new SocketError('AUTH_INVALID_TOKEN', 'Refresh token expires before the current one')
-      socket.data.exp = user.exp
-      socket.data.role = user.role
-      arm()
-      return { exp: user.exp }
-    }, err => fastify.log.error({ err }, 'erp-auth: auth:refresh failed'))
+    armExpiry(socket)
+    socket.on('disconnect', onDisconnect)
+    socket.on('auth:refresh', onRefresh)
+  })
+  fastify.addHook('onClose', async () => {
+    for (const timer of expiryTimers.values()) clearTimeout(timer)
+    expiryTimers.clear()
   })
 }
 

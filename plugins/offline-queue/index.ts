@@ -2,13 +2,13 @@ import { randomUUID } from 'node:crypto'
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { z } from 'zod'
-import { deleteInBatches, every, parseOptions } from '../support.ts'
+import { batchPerTurn, deleteInBatches, every, parseOptions } from '../support.ts'
 import type { Prisma, PrismaClient } from '../../src/generated/prisma/client.ts'
 import {
   companyStream, syncResumeSchema, userStream,
   type DomainEventMap, type DomainEventType, type Envelope, type ResumeStreamResult, type Stream
 } from '../events.ts'
-import { handle, SocketError, type ErpSocket } from '../socket/handle.ts'
+import { listener, SocketError, type ErpSocket } from '../socket/handle.ts'
 import { Dispatcher } from './dispatcher.ts'
 import { Semaphore } from './semaphore.ts'
 
@@ -168,6 +168,12 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     return result
   }
 
+  // Handshakes in a storm read their streams' heads together.
+  const head = batchPerTurn<string, number>(async (streams) => {
+    const current = await heads([...new Set(streams)])
+    return streams.map(stream => current.get(stream) ?? 0)
+  })
+
   // ---- delivery: live events, held sockets ----
 
   const holds = new Map<string, Map<string, Hold>>()
@@ -316,48 +322,56 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     const streams = [companyStream(socket.data.companyId), userStream(socket.data.userId)]
     if (socket.handshake.auth?.resume === true) for (const stream of streams) hold(socket, stream)
     // Follow the socket's streams from their current head before it joins them (see track()).
-    Promise.all(streams.map(stream => dispatcher.track(stream, async () => (await heads([stream])).get(stream) ?? 0)))
+    Promise.all(streams.map(stream => dispatcher.track(stream, () => head(stream))))
       .then(() => next(), () => next())
   })
 
-  io.on('connection', (socket: ErpSocket) => {
-    let windowTimer: NodeJS.Timeout | undefined
-    if (holds.has(socket.id)) {
-      windowTimer = setTimeout(() => {
-        for (const stream of [...(holds.get(socket.id)?.keys() ?? [])]) {
-          if (!resuming.has(`${socket.id} ${stream}`)) release(socket, stream, -1)
-        }
-      }, options.resumeWindowMs)
-      windowTimer.unref()
+  // Shared functions and maps, not closures per connection (see erp-auth).
+  const resumeWindows = new Map<string, NodeJS.Timeout>()
+  const releaseUnclaimed = (socket: ErpSocket) => {
+    resumeWindows.delete(socket.id)
+    for (const stream of [...(holds.get(socket.id)?.keys() ?? [])]) {
+      if (!resuming.has(`${socket.id} ${stream}`)) release(socket, stream, -1)
     }
-    socket.once('disconnect', () => {
-      clearTimeout(windowTimer)
-      holds.delete(socket.id)
-    })
+  }
+  function onDisconnect (this: ErpSocket) {
+    clearTimeout(resumeWindows.get(this.id))
+    resumeWindows.delete(this.id)
+    holds.delete(this.id)
+  }
 
-    handle(socket, 'sync:resume', syncResumeSchema, async ({ streams }) => {
-      const own = new Set<string>([companyStream(socket.data.companyId), userStream(socket.data.userId)])
-      const requested = Object.entries(streams)
-      // Check every stream before sending anything: a refused request leaks nothing.
+  const onResume = listener('sync:resume', syncResumeSchema, async (socket, { streams }) => {
+    const own = new Set<string>([companyStream(socket.data.companyId), userStream(socket.data.userId)])
+    const requested = Object.entries(streams)
+    // Check every stream before sending anything: a refused request leaks nothing.
+    for (const [stream] of requested) {
+      if (!own.has(stream)) throw new SocketError('SYNC_STREAM_FORBIDDEN', `Stream ${stream} is not one of this connection's streams`)
+      if (resuming.has(`${socket.id} ${stream}`)) throw new SocketError('SYNC_IN_PROGRESS', `A resume of ${stream} is already running`)
+    }
+    for (const [stream] of requested) {
+      resuming.add(`${socket.id} ${stream}`)
+      hold(socket, stream)
+    }
+    const results: Record<string, ResumeStreamResult> = {}
+    try {
+      for (const [stream, lastSeq] of requested) results[stream] = await replay(socket, stream, lastSeq)
+    } finally {
       for (const [stream] of requested) {
-        if (!own.has(stream)) throw new SocketError('SYNC_STREAM_FORBIDDEN', `Stream ${stream} is not one of this connection's streams`)
-        if (resuming.has(`${socket.id} ${stream}`)) throw new SocketError('SYNC_IN_PROGRESS', `A resume of ${stream} is already running`)
+        resuming.delete(`${socket.id} ${stream}`)
+        if (holds.get(socket.id)?.has(stream)) release(socket, stream, -1)
       }
-      for (const [stream] of requested) {
-        resuming.add(`${socket.id} ${stream}`)
-        hold(socket, stream)
-      }
-      const results: Record<string, ResumeStreamResult> = {}
-      try {
-        for (const [stream, lastSeq] of requested) results[stream] = await replay(socket, stream, lastSeq)
-      } finally {
-        for (const [stream] of requested) {
-          resuming.delete(`${socket.id} ${stream}`)
-          if (holds.get(socket.id)?.has(stream)) release(socket, stream, -1)
-        }
-      }
-      return { streams: results }
-    }, err => fastify.log.error({ err }, 'erp-offline-queue: sync:resume failed'))
+    }
+    return { streams: results }
+  }, err => fastify.log.error({ err }, 'erp-offline-queue: sync:resume failed'))
+
+  io.on('connection', (socket: ErpSocket) => {
+    if (holds.has(socket.id)) {
+      const timer = setTimeout(releaseUnclaimed, options.resumeWindowMs, socket)
+      timer.unref()
+      resumeWindows.set(socket.id, timer)
+    }
+    socket.on('disconnect', onDisconnect)
+    socket.on('sync:resume', onResume)
   })
 
   // ---- background jobs ----

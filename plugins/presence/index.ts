@@ -7,7 +7,7 @@ import {
   companyStream, presenceSetSchema,
   type PresenceChanged, type PresenceEntry, type Viewing
 } from '../events.ts'
-import { handle, SocketError, type ErpSocket } from '../socket/handle.ts'
+import { listener, SocketError, type ErpSocket } from '../socket/handle.ts'
 import { MemoryPresenceStore } from './memory-store.ts'
 import { RedisPresenceStore } from './redis-store.ts'
 import { sameViewing, type Expired, type PresenceStore, type SocketRef, type UserPresence } from './store.ts'
@@ -276,30 +276,36 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
     throw new SocketError('SERVICE_UNAVAILABLE', 'Presence is unavailable; try again')
   }
 
+  // Shared listeners (the socket is `this`), not closures per connection (see erp-auth).
+  const onSet = listener('presence:set', presenceSetSchema, async (socket, { status, viewing }) => {
+    const entry = local.get(socket.id)
+    if (!active || !entry) throw new SocketError('SERVICE_UNAVAILABLE', 'This node is shutting down')
+    await enqueue(entry, () => setPresence(entry.ref, status, viewing)).catch(unavailable)
+    return {}
+  }, err => fastify.log.error({ err }, 'erp-presence: presence:set failed'))
+
+  const onList = listener('presence:list', null, async (socket) => {
+    // Own company only: the company comes from the authenticated handshake, never the client.
+    const users = await list(socket.data.companyId).catch(unavailable)
+    return { users }
+  }, err => fastify.log.error({ err }, 'erp-presence: presence:list failed'))
+
+  function onDisconnect (this: ErpSocket) {
+    const entry = local.get(this.id)
+    local.delete(this.id)
+    if (!active || !entry) return
+    enqueue(entry, () => unregister(entry.ref)).then(succeeded, failed('recording a disconnection'))
+  }
+
   const onConnection = (socket: ErpSocket) => {
     const { companyId, userId } = socket.data
     if (!active || !companyId || !userId) return
     const entry: LocalSocket = { ref: { companyId, userId, socketId: socket.id }, chain: Promise.resolve() }
     local.set(socket.id, entry)
     enqueue(entry, () => register(entry.ref)).then(succeeded, failed('recording a connection'))
-
-    handle(socket, 'presence:set', presenceSetSchema, async ({ status, viewing }) => {
-      if (!active) throw new SocketError('SERVICE_UNAVAILABLE', 'This node is shutting down')
-      await enqueue(entry, () => setPresence(entry.ref, status, viewing)).catch(unavailable)
-      return {}
-    }, err => fastify.log.error({ err }, 'erp-presence: presence:set failed'))
-
-    handle(socket, 'presence:list', null, async () => {
-      // Own company only: the company comes from the authenticated handshake, never the client.
-      const users = await list(companyId).catch(unavailable)
-      return { users }
-    }, err => fastify.log.error({ err }, 'erp-presence: presence:list failed'))
-
-    socket.once('disconnect', () => {
-      local.delete(socket.id)
-      if (!active) return
-      enqueue(entry, () => unregister(entry.ref)).then(succeeded, failed('recording a disconnection'))
-    })
+    socket.on('presence:set', onSet)
+    socket.on('presence:list', onList)
+    socket.on('disconnect', onDisconnect)
   }
   io.on('connection', onConnection)
 

@@ -17,19 +17,19 @@ type AckPayload<E extends keyof ClientToServerEvents> =
   Parameters<ClientToServerEvents[E]> extends [...unknown[], (result: AckResult<infer R>) => void] ? R : never
 
 /**
- * Registers a validated event handler: the payload is parsed with `schema` (events that take
- * only an ack pass `null`), the handler's result is acked as `{ ok: true, ...result }`, and any
- * failure as `{ ok: false, error: { code, message } }`. Bad input never throws out of the
- * listener and never reaches the handler.
+ * A validated event listener, created once and shared by every socket (`socket.on(event,
+ * listener)` on connection): the socket is `this`, so a connection costs no closure per event.
+ * The payload is parsed with `schema` (events that take only an ack pass `null`), the handler's
+ * result is acked as `{ ok: true, ...result }`, and any failure as `{ ok: false, error: { code,
+ * message } }`. Bad input never throws out of the listener and never reaches the handler.
  */
-export function handle<E extends keyof ClientToServerEvents, P> (
-  socket: ErpSocket,
+export function listener<E extends keyof ClientToServerEvents, P> (
   event: E,
   schema: ZodType<P> | null,
-  handler: (payload: P) => Promise<AckPayload<E>> | AckPayload<E>,
+  handler: (socket: ErpSocket, payload: P) => Promise<AckPayload<E>> | AckPayload<E>,
   onUnexpected: (err: unknown) => void = () => {}
-): void {
-  const listener = async (...args: unknown[]) => {
+): ClientToServerEvents[E] {
+  async function validated (this: ErpSocket, ...args: unknown[]): Promise<void> {
     const last = args[args.length - 1]
     const ack = typeof last === 'function' ? (last as (result: unknown) => void) : undefined
     const reply = (result: unknown) => { if (ack) ack(result) }
@@ -43,7 +43,7 @@ export function handle<E extends keyof ClientToServerEvents, P> (
         }
         payload = parsed.data
       }
-      const result = await handler(payload)
+      const result = await handler(this, payload)
       reply({ ok: true, ...(result as object) })
     } catch (err) {
       if (err instanceof SocketError) {
@@ -54,5 +54,5 @@ export function handle<E extends keyof ClientToServerEvents, P> (
       }
     }
   }
-  socket.on(event, listener as never)
+  return validated as unknown as ClientToServerEvents[E]
 }

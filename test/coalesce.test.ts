@@ -1,0 +1,153 @@
+// Write coalescing on a plain Socket.IO server with real socket.io-client connections: frames
+// of one turn go out in one socket write, in order; a slow client keeps engine.io's
+// back-pressure; nothing is lost or reordered across turns, acks and disconnects.
+import { createServer } from 'node:http'
+import type { AddressInfo, Socket as NetSocket } from 'node:net'
+import t from 'tap'
+import { Server } from 'socket.io'
+import { coalesceWrites, type WriteCoalescer } from '../plugins/socket/coalesce.ts'
+import { connect, record, sleep, waitFor, type TestLike } from './helpers.ts'
+
+interface EngineSocket {
+  transport: { writable: boolean, socket: { _socket: NetSocket } }
+}
+/** engine.io's connections (`io.engine.clients` is a plain object keyed by id). */
+const engineSockets = (io: Server): EngineSocket[] => Object.values((io.engine as unknown as { clients: Record<string, EngineSocket> }).clients)
+
+interface RawWrites {
+  /** Chunks handed to the kernel per write system call, for the server side of one connection. */
+  calls: number[]
+}
+
+async function setup (t: TestLike, options: { coalesce?: boolean } = {}) {
+  const http = createServer()
+  const io = new Server(http)
+  const coalescer: WriteCoalescer | undefined = options.coalesce === false ? undefined : coalesceWrites(io)
+  io.on('connection', (socket) => {
+    socket.join('room')
+    socket.on('echo', (payload: unknown, ack: (answer: unknown) => void) => ack(payload))
+  })
+  await new Promise<void>(resolve => http.listen(0, '127.0.0.1', resolve))
+  t.teardown(async () => {
+    coalescer?.close()
+    await io.close()
+  })
+  const url = `http://127.0.0.1:${(http.address() as AddressInfo).port}`
+  /** Counts the writes of the server end of the only connection. */
+  const spyOnWrites = (): RawWrites => {
+    const engineSocket = engineSockets(io)[0]!
+    const raw = engineSocket.transport.socket._socket as NetSocket & { _writev: (chunks: unknown[], cb: () => void) => void, _write: (chunk: unknown, enc: string, cb: () => void) => void }
+    const writes: RawWrites = { calls: [] }
+    const writev = raw._writev.bind(raw)
+    const write = raw._write.bind(raw)
+    raw._writev = (chunks, cb) => { writes.calls.push(chunks.length); writev(chunks, cb) }
+    raw._write = (chunk, enc, cb) => { writes.calls.push(1); write(chunk, enc, cb) }
+    return writes
+  }
+  return { io, url, coalescer, spyOnWrites }
+}
+
+t.test('events broadcast in one turn reach a client in one socket write, in order', async (t) => {
+  const { io, url, coalescer, spyOnWrites } = await setup(t)
+  const client = await connect(t, url, undefined)
+  const seen = record(client)
+  const writes = spyOnWrites()
+  for (let i = 1; i <= 5; i++) io.to('room').emit('tick', i)
+  await waitFor(() => seen.length === 5, 5000, 'five ticks')
+  t.same(seen.map(e => e.payload), [1, 2, 3, 4, 5], 'received in emit order')
+  // Each engine.io frame is a header and a payload chunk: ten chunks, one system call.
+  t.same(writes.calls, [10], 'one write of all five frames')
+  t.ok(coalescer!.stats.frames >= 5, 'the frames went through the coalescer')
+})
+
+t.test('without coalescing the same burst costs one write per event (the baseline)', async (t) => {
+  const { io, url, spyOnWrites } = await setup(t, { coalesce: false })
+  const client = await connect(t, url, undefined)
+  const seen = record(client)
+  const writes = spyOnWrites()
+  for (let i = 1; i <= 5; i++) io.to('room').emit('tick', i)
+  await waitFor(() => seen.length === 5, 5000, 'five ticks')
+  t.same(seen.map(e => e.payload), [1, 2, 3, 4, 5])
+  t.ok(writes.calls.length >= 2, `engine.io writes separately (${writes.calls.length} writes)`)
+})
+
+t.test('events of separate turns are not delayed to a later turn', async (t) => {
+  const { io, url, spyOnWrites } = await setup(t)
+  const client = await connect(t, url, undefined)
+  const seen = record(client)
+  const writes = spyOnWrites()
+  for (let i = 1; i <= 3; i++) {
+    io.to('room').emit('tick', i)
+    await waitFor(() => seen.length === i, 5000, `tick ${i}`)
+  }
+  t.same(seen.map(e => e.payload), [1, 2, 3])
+  t.same(writes.calls, [2, 2, 2], 'one write per turn, each as soon as the turn ends')
+})
+
+t.test('acks and server-to-client events interleave correctly', async (t) => {
+  const { io, url } = await setup(t)
+  const client = await connect(t, url, undefined)
+  const seen = record(client)
+  const answers = await Promise.all(Array.from({ length: 20 }, (_, i) => {
+    io.to('room').emit('tick', i)
+    return client.timeout(5000).emitWithAck('echo', { i })
+  }))
+  t.same(answers, Array.from({ length: 20 }, (_, i) => ({ i })), 'every ack answered with its own payload')
+  await waitFor(() => seen.length === 20, 5000, 'twenty ticks')
+  t.same(seen.map(e => e.payload), Array.from({ length: 20 }, (_, i) => i))
+})
+
+t.test('a client that stops reading gets engine.io back-pressure, then everything in order', async (t) => {
+  const { io, url } = await setup(t)
+  const client = await connect(t, url, undefined)
+  const seen = record(client)
+  const clientRaw = (client.io.engine.transport as unknown as { ws: { _socket: NetSocket } }).ws._socket
+  clientRaw.pause()
+  const engineSocket = engineSockets(io)[0]!
+  const big = 'x'.repeat(1 << 20)
+  // 16 MB in one turn is more than the kernel buffers of a loopback connection hold.
+  for (let i = 0; i < 16; i++) io.to('room').emit('big', i, big)
+  await sleep(50)
+  t.ok(engineSocket.transport.socket._socket.writableLength > 0, 'data waits in user space')
+  t.equal(engineSocket.transport.writable, false, 'engine.io holds further packets until the writes complete')
+  io.to('room').emit('after', 'late')
+  clientRaw.resume()
+  await waitFor(() => seen.length === 17, 20000, 'all 17 events')
+  t.same(seen.map(e => e.event === 'big' ? e.payload : e.event), [...Array.from({ length: 16 }, (_, i) => i), 'after'], 'in order, none lost')
+  await waitFor(() => engineSocket.transport.writable, 5000, 'writable again')
+})
+
+t.test('after close() writes go out directly and connections keep working', async (t) => {
+  const { io, url, coalescer, spyOnWrites } = await setup(t)
+  const client = await connect(t, url, undefined)
+  const seen = record(client)
+  const writes = spyOnWrites()
+  io.to('room').emit('tick', 1)
+  coalescer!.close()
+  await waitFor(() => seen.length === 1, 5000, 'the pending tick, flushed by close()')
+  io.to('room').emit('tick', 2)
+  await waitFor(() => seen.length === 2, 5000, 'a tick after close')
+  t.same(seen.map(e => e.payload), [1, 2])
+  t.same(writes.calls, [2, 2])
+  const late = await connect(t, url, undefined)
+  const lateSeen = record(late)
+  io.to('room').emit('tick', 3)
+  await waitFor(() => lateSeen.length === 1, 5000, 'a connection made after close')
+  t.same(lateSeen[0]?.payload, 3)
+})
+
+t.test('a connection that closes with frames pending is dropped from the batch', async (t) => {
+  const { io, url, coalescer } = await setup(t)
+  const a = await connect(t, url, undefined)
+  const b = await connect(t, url, undefined)
+  const seenB = record(b)
+  const engineA = engineSockets(io)[0]!
+  io.to('room').emit('tick', 1)
+  engineA.transport.socket._socket.destroy()
+  io.to('room').emit('tick', 2)
+  await waitFor(() => seenB.length === 2, 5000, 'both ticks on the other connection')
+  await waitFor(() => !a.connected, 5000, 'the destroyed connection to be noticed')
+  t.same(seenB.map(e => e.payload), [1, 2])
+  coalescer!.flush()
+  t.pass('flushing again after the close does not throw')
+})
