@@ -40,6 +40,9 @@ const handlers: Handlers = {
   tokens ({ companyId, users }: { companyId: string, users: Array<{ id: string, role: Role }> }) {
     return users.map(u => app.erpAuth.sign({ sub: u.id, companyId, role: u.role }))
   },
+  tokensMany (companies: Array<{ companyId: string, users: Array<{ id: string, role: Role }> }>) {
+    return companies.map(({ companyId, users }) => users.map(u => app.erpAuth.sign({ sub: u.id, companyId, role: u.role })))
+  },
   memory,
   stats () {
     return { sockets: app.io.of('/').sockets.size, engine: app.io.engine.clientsCount }

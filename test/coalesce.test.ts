@@ -19,10 +19,10 @@ interface RawWrites {
   calls: number[]
 }
 
-async function setup (t: TestLike, options: { coalesce?: boolean } = {}) {
+async function setup (t: TestLike, options: { coalesce?: boolean, sliceSize?: number } = {}) {
   const http = createServer()
   const io = new Server(http)
-  const coalescer: WriteCoalescer | undefined = options.coalesce === false ? undefined : coalesceWrites(io)
+  const coalescer: WriteCoalescer | undefined = options.coalesce === false ? undefined : coalesceWrites(io, { sliceSize: options.sliceSize })
   io.on('connection', (socket) => {
     socket.join('room')
     socket.on('echo', (payload: unknown, ack: (answer: unknown) => void) => ack(payload))
@@ -150,4 +150,18 @@ t.test('a connection that closes with frames pending is dropped from the batch',
   t.same(seenB.map(e => e.payload), [1, 2])
   coalescer!.flush()
   t.pass('flushing again after the close does not throw')
+})
+
+t.test('a broadcast to more connections than a slice is written over several turns, I/O in between', async (t) => {
+  const { io, url, coalescer } = await setup(t, { sliceSize: 2 })
+  const clients = await Promise.all(Array.from({ length: 5 }, () => connect(t, url, undefined)))
+  const seen = clients.map(client => record(client))
+  const before = coalescer!.stats.connections
+  io.to('room').emit('tick', 1)
+  // Queued after the first slice's callback: runs between the first and the second slice.
+  const afterFirstSlice = await new Promise<number>(resolve => setImmediate(() => resolve(coalescer!.stats.connections - before)))
+  t.equal(afterFirstSlice, 2, 'the first slice wrote two connections, the rest waited for the next turn')
+  await waitFor(() => seen.every(s => s.length === 1), 5000, 'every client')
+  t.equal(coalescer!.stats.connections - before, 5, 'each connection written once')
+  t.same(seen.map(s => s[0]?.payload), [1, 1, 1, 1, 1])
 })

@@ -1,6 +1,6 @@
 import { Child } from './child.ts'
 import { now, until } from './clock.ts'
-import { createBenchDatabase, seedCompany, type BenchDatabase, type SeededCompany } from './db.ts'
+import { createBenchDatabase, seedCompanies, seedCompany, type BenchDatabase, type SeededCompany } from './db.ts'
 import type { Memory } from './memory.ts'
 import { Histogram, type HistogramJSON } from './stats.ts'
 import type { ServerArgs } from '../server.ts'
@@ -157,6 +157,11 @@ export class Context {
 
   seed (db: BenchDatabase, users: number): Promise<SeededCompany> {
     return seedCompany(db, users)
+  }
+
+  /** `count` companies of `usersPerCompany` users each, seeded together. */
+  seedMany (db: BenchDatabase, count: number, usersPerCompany: number): Promise<SeededCompany[]> {
+    return seedCompanies(db, count, usersPerCompany)
   }
 
   /** Our server (the real app) as a child process on `db`. */

@@ -29,24 +29,24 @@ export const connect: Scenario = {
     const concurrency = ctx.number('concurrency', 400)
     // Bounded: a rep stops connecting after this; the rate is then over the sockets it got.
     const deadlineMs = ctx.number('deadline', 90) * 1000
-    // Users spread over companies of 100 (a multi-tenant node). Each first connection of a user
-    // announces presence to its whole company, so one company of N users costs N²/2 deliveries
-    // while connecting: `--companies 1` measures that worst case.
-    const companyCount = Math.min(total, ctx.number('companies', Math.max(1, Math.round(total / 100))))
-    const parameters = { connections: total, companies: companyCount, concurrency, clientProcesses: 2, reps: ctx.reps, freshServerPerRep: true, warmupConnections: Math.min(200, total), repDeadlineSeconds: deadlineMs / 1000 }
+    // Users per company. Each user's first connection announces presence to its whole company,
+    // so companies of N users cost N²/2 presence deliveries while connecting (parsed by the load
+    // clients on the same cores); the raw baseline has no such traffic. 1: what the issue names
+    // (JWT + membership check, joins, presence bookkeeping); 100: a multi-tenant node with that
+    // fan-out; `--company-sizes 10000` is the worst case (one company).
+    const companySizes = ctx.numbers('company-sizes', [1, 100]).map(size => Math.min(total, size))
+    const parameters = { connections: total, companySizes, concurrency, clientProcesses: 2, reps: ctx.reps, freshServerPerRep: true, warmupConnections: Math.min(200, total), repDeadlineSeconds: deadlineMs / 1000 }
 
     const db = await ctx.database()
-    const companies = []
-    for (let i = 0; i < companyCount; i++) {
-      companies.push(await ctx.seed(db, Math.floor(total * (i + 1) / companyCount) - Math.floor(total * i / companyCount)))
-    }
     // Warm-up users in a company of their own: their presence never reaches the measured sockets.
     const warmCompany = await ctx.seed(db, Math.min(200, total))
     const clients = await ctx.clients(2)
     // One key for every server process of the run, so the tokens are signed once.
     const jwtSecret = randomBytes(32).toString('hex')
-    let tokens: string[] | undefined
     let warmTokens: string[] | undefined
+    const rows: Row[] = []
+    const raws: Record<string, unknown> = {}
+    let failed = 0
 
     const measure = async (server: ServerHandle, group: string, connectTokens?: string[]): Promise<Rep> => {
       // Warm up first (pools, JIT, Prisma's engine memory), so the delta is per-connection cost.
@@ -70,38 +70,43 @@ export const connect: Scenario = {
       }
     }
 
-    const reps: { ours: Rep[], raw: Rep[] } = { ours: [], raw: [] }
-    for (let rep = 0; rep < ctx.reps; rep++) {
-      for (const kind of rep % 2 ? ['raw', 'ours'] as const : ['ours', 'raw'] as const) {
-        let result: Rep
-        if (kind === 'ours') {
-          const server = await ctx.startServer(db, { config: { jwtSecret } })
-          if (!tokens) {
-            tokens = []
-            for (const company of companies) tokens.push(...await server.call<string[]>('tokens', { companyId: company.companyId, users: company.users }))
-            warmTokens = await server.call<string[]>('tokens', { companyId: warmCompany.companyId, users: warmCompany.users })
+    for (const companySize of companySizes) {
+      const companies = await ctx.seedMany(db, Math.ceil(total / companySize), companySize)
+      let tokens: string[] | undefined
+      const reps: { ours: Rep[], raw: Rep[] } = { ours: [], raw: [] }
+      for (let rep = 0; rep < ctx.reps; rep++) {
+        for (const kind of rep % 2 ? ['raw', 'ours'] as const : ['ours', 'raw'] as const) {
+          let result: Rep
+          if (kind === 'ours') {
+            const server = await ctx.startServer(db, { config: { jwtSecret } })
+            if (!tokens) {
+              tokens = []
+              for (const company of companies) tokens.push(...await server.call<string[]>('tokens', { companyId: company.companyId, users: company.users }))
+              warmTokens = await server.call<string[]>('tokens', { companyId: warmCompany.companyId, users: warmCompany.users })
+            }
+            result = await measure(server, `ours-${rep}`, tokens)
+          } else {
+            result = await measure(await ctx.startBaseline(), `raw-${rep}`)
           }
-          result = await measure(server, `ours-${rep}`, tokens)
-        } else {
-          result = await measure(await ctx.startBaseline(), `raw-${rep}`)
+          reps[kind].push(result)
+          ctx.log(`companies of ${companySize}, rep ${rep + 1} ${kind}: ${result.connect.connected}/${total} in ${round((result.connect.endedAt - result.connect.startedAt) / 1000)} s = ${round(result.connect.rate, 0)}/s, RSS +${round(result.rssPerConnection / 1024, 1)} KB/conn${result.connect.failed ? `, failed ${JSON.stringify(result.connect.errors)}` : ''}`)
         }
-        reps[kind].push(result)
-        ctx.log(`rep ${rep + 1} ${kind}: ${result.connect.connected}/${total} in ${round((result.connect.endedAt - result.connect.startedAt) / 1000)} s = ${round(result.connect.rate, 0)}/s, RSS +${round(result.rssPerConnection / 1024, 1)} KB/conn${result.connect.failed ? `, failed ${JSON.stringify(result.connect.errors)}` : ''}`)
       }
-    }
 
-    const label = `connect ${total}${companyCount === 1 ? ' (1 company)' : ''}`
-    const series = (fn: (r: Rep) => number) => ({ ours: reps.ours.map(fn), baseline: reps.raw.map(fn) })
-    const row = (metric: string, unit: string, better: Row['better'], fn: (r: Rep) => number, target?: Row['target'], summary = true): Row => {
-      const s = series(fn)
-      return { label, metric, unit, better, target, summary, ours: median(s.ours), baseline: median(s.baseline), reps: s }
+      const label = `connect ${total} (companies of ${companySize})`
+      const series = (fn: (r: Rep) => number) => ({ ours: reps.ours.map(fn), baseline: reps.raw.map(fn) })
+      const row = (metric: string, unit: string, better: Row['better'], fn: (r: Rep) => number, target?: Row['target'], summary = true): Row => {
+        const s = series(fn)
+        return { label, metric, unit, better, target, summary, ours: median(s.ours), baseline: median(s.baseline), reps: s }
+      }
+      rows.push(
+        row('connections/s', '/s', 'higher', r => r.connect.rate, { minRatio: 0.5 }),
+        row('RSS/connection', 'KB', 'lower', r => r.rssPerConnection / 1024, { maxRatio: 1.5 }),
+        row('heap/connection', 'KB', 'lower', r => r.heapPerConnection / 1024, undefined, false)
+      )
+      failed += [...reps.ours, ...reps.raw].reduce((s, r) => s + r.connect.failed, 0)
+      raws[companySize] = reps
     }
-    const rows = [
-      row('connections/s', '/s', 'higher', r => r.connect.rate, { minRatio: 0.5 }),
-      row('RSS/connection', 'KB', 'lower', r => r.rssPerConnection / 1024, { maxRatio: 1.5 }),
-      row('heap/connection', 'KB', 'lower', r => r.heapPerConnection / 1024, undefined, false)
-    ]
-    const failed = [...reps.ours, ...reps.raw].reduce((s, r) => s + r.connect.failed, 0)
-    return { parameters, rows, raw: reps, notes: failed ? [`${failed} connections failed`] : [] }
+    return { parameters, rows, raw: raws, notes: failed ? [`${failed} connections failed`] : [] }
   }
 }

@@ -14,12 +14,21 @@ interface EngineSocket {
   on (event: 'upgrade', listener: () => void): unknown
 }
 
+export interface CoalesceOptions {
+  /**
+   * Connections written per slice of a flush; the event loop handles I/O (database answers,
+   * HTTP requests, acks) between slices, so a broadcast to a large room does not stall the node
+   * for its whole duration. Default 128.
+   */
+  sliceSize?: number
+}
+
 export interface WriteCoalescer {
-  /** Frames written since the last flush, per connection, as one write each. Flushes now. */
+  /** Writes every pending connection's frames now (all slices at once). */
   flush (): void
   /** Stops coalescing new connections' writes and flushes what is pending. */
   close (): void
-  /** Connections whose writes were merged, and frames written, since the start (for tests and metrics). */
+  /** Slices written, connections written and frames sent through the coalescer since the start (for tests and metrics). */
   readonly stats: { flushes: number, connections: number, frames: number }
 }
 
@@ -29,7 +38,9 @@ export interface WriteCoalescer {
  * CPU; when several events reach the same sockets in one turn (a burst of commits, a reconnect
  * storm announcing presence), each socket now gets one write for all of them instead of one per
  * event. Nothing waits for a timer: the writes go out when the turn's I/O callbacks are done
- * (`setImmediate`), so a lone event is not delayed.
+ * (`setImmediate`), so a lone event is not delayed. A large room is written `sliceSize`
+ * connections per turn, so database answers and requests are handled between slices instead of
+ * waiting for the whole broadcast (connections still waiting keep collecting frames, in order).
  *
  * How: the connection's TCP socket is corked at its first frame of the turn and uncorked at the
  * end of it. engine.io lets one frame at a time into its transport (it waits for the write
@@ -37,25 +48,37 @@ export interface WriteCoalescer {
  * the kernel does not take everything at the uncork (slow client), engine.io waits for the write
  * callbacks again as usual, so a slow client still gets engine.io's back-pressure.
  */
-export function coalesceWrites (io: Server): WriteCoalescer {
+export function coalesceWrites (io: Server, options: CoalesceOptions = {}): WriteCoalescer {
+  const sliceSize = options.sliceSize ?? 128
+  // Insertion order is flush order: a connection corked earlier is written earlier, and one
+  // still waiting for its slice keeps collecting frames (its order is kept).
   const corked = new Map<WebSocketTransport, NetSocket>()
   let scheduled: NodeJS.Immediate | undefined
   let closed = false
   const stats = { flushes: 0, connections: 0, frames: 0 }
 
-  const flush = () => {
-    if (scheduled) clearImmediate(scheduled)
+  const writeSlice = (limit: number) => {
     scheduled = undefined
-    if (corked.size === 0) return
-    stats.flushes++
-    stats.connections += corked.size
+    let written = 0
     for (const [transport, raw] of corked) {
+      if (written === limit) break
+      written++
+      corked.delete(transport)
       raw.uncork()
       // What the kernel did not take waits in userland: engine.io must hold further packets
       // until the write callbacks say it went out (its own back-pressure).
       if (raw.writableLength > 0) transport.writable = false
     }
-    corked.clear()
+    stats.flushes++
+    stats.connections += written
+    // The rest goes after the I/O callbacks of the next turn.
+    if (corked.size > 0) scheduled = setImmediate(writeSlice, sliceSize)
+  }
+
+  const flush = () => {
+    if (scheduled) clearImmediate(scheduled)
+    if (corked.size > 0) writeSlice(Infinity)
+    scheduled = undefined
   }
 
   // One function for every transport (the transport is `this`): no closure per connection.
@@ -69,7 +92,7 @@ export function coalesceWrites (io: Server): WriteCoalescer {
     if (!corked.has(this)) {
       raw.cork()
       corked.set(this, raw)
-      scheduled ??= setImmediate(flush)
+      scheduled ??= setImmediate(writeSlice, sliceSize)
     }
     stats.frames += packets.length
     send.call(this, packets)
