@@ -11,6 +11,7 @@ import type { Role } from '../plugins/events.ts'
 import { childArgs, serveParent, type Handlers } from './lib/child.ts'
 import { scenarios } from './scenarios/index.ts'
 import { memory } from './lib/memory.ts'
+import { now } from './lib/clock.ts'
 
 export interface ServerArgs {
   databaseUrl: string
@@ -30,6 +31,15 @@ const args = childArgs<ServerArgs>()
 const db = await openDatabase({ url: args.databaseUrl, poolSize: args.poolSize })
 const config: AppConfig = { ...loadConfig({ JWT_SECRET: randomBytes(32).toString('hex') }), port: 0, host: '127.0.0.1', databaseUrl: args.databaseUrl, ...args.config }
 const app = await buildApp({ config, db, logger: false, realtime: args.realtime })
+// Bench-only: stamp the broadcast time on project:created (the baseline sends tEmit too), so
+// fanout can show the delivery part (broadcast → receipt) apart from the route's database work.
+const adapter = app.io.of('/').adapter
+const broadcast = adapter.broadcast.bind(adapter)
+adapter.broadcast = (packet, opts) => {
+  const [event, envelope] = (packet as { data?: unknown[] }).data ?? []
+  if (event === 'project:created' && typeof envelope === 'object' && envelope !== null) (envelope as { tEmit?: number }).tEmit = now()
+  broadcast(packet, opts)
+}
 await app.listen({ port: 0, host: '127.0.0.1' })
 const address = app.server.address()
 const port = typeof address === 'object' && address ? address.port : 0
