@@ -1,8 +1,11 @@
 import { createHmac } from 'node:crypto'
 import t from 'tap'
+import Fastify, { type FastifyInstance } from 'fastify'
 import {
-  authHeader, build, connect, connectError, createCompany, nextEvent, request, sleep, TEST_JWT_SECRET, waitFor
+  authHeader, build, connect, connectError, createCompany, nextEvent, record, request, sleep, TEST_JWT_SECRET, testDatabase, waitFor
 } from './helpers.ts'
+import { erpAuth, erpOfflineQueue, erpSocket } from '../plugins/index.ts'
+import { companyStream, userStream } from '../plugins/events.ts'
 
 const b64url = (value: unknown) => Buffer.from(typeof value === 'string' ? value : JSON.stringify(value)).toString('base64url')
 
@@ -223,7 +226,7 @@ t.test('concurrent handshakes and membership lookups are batched, each with its 
   let queries = 0
   const queryRaw = prisma.$queryRaw.bind(prisma)
   const spy = (strings: TemplateStringsArray, ...values: unknown[]) => {
-    if (strings.join('?').includes('FROM memberships')) queries++
+    if (strings.join('?').includes('memberships m')) queries++
     return queryRaw(strings, ...values)
   }
   Object.defineProperty(prisma, '$queryRaw', { value: spy, configurable: true, writable: true })
@@ -255,6 +258,42 @@ t.test('concurrent handshakes and membership lookups are batched, each with its 
   const roles = await Promise.all(lookups.map(([userId, companyId]) => app.erpAuth.membership(userId, companyId)))
   t.same(roles, ['admin', null, null, null, 'member', null])
   t.equal(queries, 1, 'one query for six lookups')
+})
+
+t.test('the handshake check reads the stream heads before the join; erp-offline-queue reads them itself if they were taken', async t => {
+  const db = await testDatabase(t)
+  const app = Fastify()
+  t.teardown(() => app.close())
+  app.decorate('prisma', db.prisma)
+  await app.register(erpSocket)
+  await app.register(erpAuth, { secret: TEST_JWT_SECRET, prisma: db.prisma })
+  // A middleware between erp-auth and erp-offline-queue that takes the heads first.
+  const taken: Array<ReadonlyMap<string, number> | undefined> = []
+  app.after(() => {
+    app.io.use((socket, next) => {
+      taken.push(app.erpAuth.takeHandshakeHeads(socket))
+      taken.push(app.erpAuth.takeHandshakeHeads(socket))
+      next()
+    })
+  })
+  await app.register(erpOfflineQueue, { prisma: db.prisma, headIntervalMs: 0, pruneIntervalMs: 0 })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const url = `http://127.0.0.1:${(app.server.address() as { port: number }).port}`
+  // Another node on the same database publishes first: this node has never seen the stream.
+  const other = await build(t, { db })
+  const company = await createCompany(other.app, ['admin'])
+  const admin = company.as('admin')
+  const publish = (node: FastifyInstance, projectId: string) => node.eventLog.publish({ stream: companyStream(company.id), type: 'project:deleted', companyId: company.id, actorId: admin.id, data: { projectId } })
+  for (const id of ['p1', 'p2', 'p3']) await publish(other.app, id)
+
+  const socket = await connect(t, url, admin.token)
+  t.same(taken[0], new Map([[companyStream(company.id), 3], [userStream(admin.id), 0]]), 'heads of both streams, read with the membership')
+  t.equal(taken[1], undefined, 'taken once')
+  const seen = record(socket)
+  await publish(app, 'p4')
+  await waitFor(() => seen.length === 1, 5000, 'the live event')
+  await sleep(100)
+  t.same(seen.map(e => e.payload.seq), [4], 'followed from head 3 read by erp-offline-queue itself: no history re-sent live')
 })
 
 t.test('POST /auth/login', async t => {

@@ -44,6 +44,11 @@ export interface ErpAuthDecorator {
   membership (userId: string, companyId: string, db?: Pick<PrismaClient, '$queryRaw'>): Promise<Role | null>
   /** Verify + membership: the full check used for HTTP and for the socket handshake. */
   authenticate (token: string): Promise<AuthUser>
+  /**
+   * Heads of `company:<id>` and `user:<id>` as read by an accepted socket's handshake check (in
+   * the membership query, before the socket joined its rooms); once per socket, then undefined.
+   */
+  takeHandshakeHeads (socket: object): ReadonlyMap<string, number> | undefined
 }
 
 declare module '@fastify/jwt' {
@@ -113,38 +118,60 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     return claims.data
   }
 
-  // Runs on every request and handshake: concurrent checks share one indexed query.
-  const memberships = batchPerTurn<{ userId: string, companyId: string }, Role | null>(async (keys) => {
-    const rows = await prisma.$queryRaw<Array<{ userId: string, companyId: string, role: Role }>>`
-      SELECT m."userId", m."companyId", m.role::text AS role FROM memberships m JOIN users u ON u.id = m."userId"
-      WHERE (m."userId", m."companyId") IN (SELECT * FROM unnest(${keys.map(k => k.userId)}::text[], ${keys.map(k => k.companyId)}::text[]))
-        AND u.active`
-    const roles = new Map(rows.map(row => [`${row.userId} ${row.companyId}`, row.role]))
-    return keys.map(key => roles.get(`${key.userId} ${key.companyId}`) ?? null)
+  // Runs on every request and handshake: concurrent checks share one indexed query. It also
+  // reads the heads of the caller's two streams, which erp-offline-queue needs before a socket
+  // joins them (one query per storm turn instead of two).
+  interface Lookup { role: Role, heads: ReadonlyMap<string, number> }
+  const lookups = batchPerTurn<{ userId: string, companyId: string }, Lookup | null>(async (keys) => {
+    const companyStreams = keys.map(k => companyStream(k.companyId))
+    const userStreams = keys.map(k => userStream(k.userId))
+    const rows = await prisma.$queryRaw<Array<{ i: bigint | number, role: Role, companyHead: number | null, userHead: number | null }>>`
+      SELECT k.i, m.role::text AS role, ch.seq AS "companyHead", uh.seq AS "userHead"
+      FROM unnest(${keys.map(k => k.userId)}::text[], ${keys.map(k => k.companyId)}::text[], ${companyStreams}::text[], ${userStreams}::text[])
+        WITH ORDINALITY AS k("userId", "companyId", "companyStream", "userStream", i)
+      JOIN memberships m ON m."userId" = k."userId" AND m."companyId" = k."companyId"
+      JOIN users u ON u.id = m."userId" AND u.active
+      LEFT JOIN stream_heads ch ON ch.stream = k."companyStream"
+      LEFT JOIN stream_heads uh ON uh.stream = k."userStream"`
+    const found = new Map(rows.map(row => [Number(row.i) - 1, row]))
+    return keys.map((_, i) => {
+      const row = found.get(i)
+      if (!row) return null
+      return { role: row.role, heads: new Map([[companyStreams[i]!, Number(row.companyHead ?? 0)], [userStreams[i]!, Number(row.userHead ?? 0)]]) }
+    })
   })
 
   // `db` lets a caller inside a transaction check on its own connection: taking a second pooled
   // connection while holding one can starve the pool under load.
   const membership = async (userId: string, companyId: string, db?: Pick<PrismaClient, '$queryRaw'>): Promise<Role | null> => {
-    if (!db) return await memberships({ userId, companyId })
+    if (!db) return (await lookups({ userId, companyId }))?.role ?? null
     const rows = await db.$queryRaw<Array<{ role: Role }>>`
       SELECT m.role::text AS role FROM memberships m JOIN users u ON u.id = m."userId"
       WHERE m."userId" = ${userId} AND m."companyId" = ${companyId} AND u.active`
     return rows[0]?.role ?? null
   }
 
-  const authenticate = async (token: string): Promise<AuthUser> => {
+  const check = async (token: string): Promise<{ user: AuthUser, heads: ReadonlyMap<string, number> }> => {
     const claims = verify(token)
-    const role = await membership(claims.sub, claims.companyId)
-    if (!role) throw codedError('AUTH_NOT_A_MEMBER')
-    return { userId: claims.sub, companyId: claims.companyId, role, exp: claims.exp }
+    const found = await lookups({ userId: claims.sub, companyId: claims.companyId })
+    if (!found) throw codedError('AUTH_NOT_A_MEMBER')
+    return { user: { userId: claims.sub, companyId: claims.companyId, role: found.role, exp: claims.exp }, heads: found.heads }
   }
+  const authenticate = async (token: string): Promise<AuthUser> => (await check(token)).user
+
+  /** Stream heads read with each accepted handshake's membership check, until taken. */
+  const handshakeHeads = new WeakMap<object, ReadonlyMap<string, number>>()
 
   const decorator: ErpAuthDecorator = {
     sign: (claims) => fastify.jwt.sign({ sub: claims.sub, companyId: claims.companyId, role: claims.role }),
     verify,
     membership,
-    authenticate
+    authenticate,
+    takeHandshakeHeads (socket) {
+      const heads = handshakeHeads.get(socket)
+      handshakeHeads.delete(socket)
+      return heads
+    }
   }
   fastify.decorate('erpAuth', decorator)
   fastify.decorate('authenticate', async function (request: FastifyRequest) {
@@ -171,7 +198,8 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     }
     const token = typeof auth?.token === 'string' && auth.token !== '' ? auth.token : bearer(headers.authorization)
     if (!token) return refuse('AUTH_MISSING_TOKEN')
-    authenticate(token).then(user => {
+    check(token).then(({ user, heads }) => {
+      handshakeHeads.set(socket, heads)
       socket.data.userId = user.userId
       socket.data.companyId = user.companyId
       socket.data.role = user.role

@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto'
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { z } from 'zod'
-import { batchPerTurn, deleteInBatches, every, parseOptions } from '../support.ts'
+import { deleteInBatches, every, parseOptions } from '../support.ts'
 import type { Prisma, PrismaClient } from '../../src/generated/prisma/client.ts'
 import {
   companyStream, syncResumeSchema, userStream,
@@ -168,12 +168,6 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     return result
   }
 
-  // Handshakes in a storm read their streams' heads together.
-  const head = batchPerTurn<string, number>(async (streams) => {
-    const current = await heads([...new Set(streams)])
-    return streams.map(stream => current.get(stream) ?? 0)
-  })
-
   // ---- delivery: live events, held sockets ----
 
   const holds = new Map<string, Map<string, Hold>>()
@@ -322,7 +316,10 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     const streams = [companyStream(socket.data.companyId), userStream(socket.data.userId)]
     if (socket.handshake.auth?.resume === true) for (const stream of streams) hold(socket, stream)
     // Follow the socket's streams from their current head before it joins them (see track()).
-    Promise.all(streams.map(stream => dispatcher.track(stream, () => head(stream))))
+    // erp-auth read the heads with the membership check (before any join); read them here only
+    // if it did not.
+    const known = fastify.erpAuth.takeHandshakeHeads(socket)
+    Promise.all(streams.map(stream => dispatcher.track(stream, async () => known?.get(stream) ?? (await heads([stream])).get(stream) ?? 0)))
       .then(() => next(), () => next())
   })
 
