@@ -22,7 +22,7 @@ interface Rep {
 
 export const connect: Scenario = {
   name: 'connect',
-  description: '10,000 authenticated connections to one node: connections/s and server RSS per connection',
+  description: '10,000 authenticated connections to one node (companies of 1 and of 100): connections/s and server RSS per connection',
   default: true,
   async run (ctx) {
     const total = ctx.number('connections', ctx.quick ? 1000 : 10_000)
