@@ -19,9 +19,9 @@ interface RawWrites {
   calls: number[]
 }
 
-async function setup (t: TestLike, options: { coalesce?: boolean, sliceSize?: number } = {}) {
+async function setup (t: TestLike, options: { coalesce?: boolean, sliceSize?: number, perMessageDeflate?: boolean } = {}) {
   const http = createServer()
-  const io = new Server(http)
+  const io = new Server(http, options.perMessageDeflate ? { perMessageDeflate: { threshold: 0 } } : {})
   const coalescer: WriteCoalescer | undefined = options.coalesce === false ? undefined : coalesceWrites(io, { sliceSize: options.sliceSize })
   io.on('connection', (socket) => {
     socket.join('room')
@@ -164,4 +164,16 @@ t.test('a broadcast to more connections than a slice is written over several tur
   await waitFor(() => seen.every(s => s.length === 1), 5000, 'every client')
   t.equal(coalescer!.stats.connections - before, 5, 'each connection written once')
   t.same(seen.map(s => s[0]?.payload), [1, 1, 1, 1, 1])
+})
+
+t.test('connections with permessage-deflate are left to engine.io', async (t) => {
+  const { io, url, coalescer } = await setup(t, { perMessageDeflate: true })
+  const client = await connect(t, url, undefined, { perMessageDeflate: { threshold: 0 } } as never)
+  const seen = record(client)
+  const transport = engineSockets(io)[0]!.transport as unknown as { socket: { extensions: string } }
+  t.match(transport.socket.extensions, /permessage-deflate/, 'compression was negotiated')
+  for (let i = 1; i <= 3; i++) io.to('room').emit('tick', i)
+  await waitFor(() => seen.length === 3, 5000, 'three ticks')
+  t.same(seen.map(e => e.payload), [1, 2, 3])
+  t.equal(coalescer!.stats.frames, 0, 'nothing went through the coalescer')
 })

@@ -6,7 +6,7 @@ interface WebSocketTransport {
   name: string
   writable: boolean
   send (packets: unknown[]): void
-  socket?: { _socket?: NetSocket }
+  socket?: { _socket?: NetSocket, extensions?: string }
 }
 
 interface EngineSocket {
@@ -103,6 +103,9 @@ export function coalesceWrites (io: Server, options: CoalesceOptions = {}): Writ
   const patch = (transport: WebSocketTransport) => {
     const raw = transport.socket?._socket
     if (transport.name !== 'websocket' || typeof raw?.cork !== 'function' || Object.hasOwn(transport, 'send')) return
+    // With permessage-deflate, ws compresses asynchronously and engine.io's write callbacks are
+    // the only back-pressure: such connections are left as they are.
+    if (transport.socket?.extensions) return
     transport.send = coalescedSend
   }
 
