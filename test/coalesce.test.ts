@@ -177,3 +177,18 @@ t.test('connections with permessage-deflate are left to engine.io', async (t) =>
   t.same(seen.map(e => e.payload), [1, 2, 3])
   t.equal(coalescer!.stats.frames, 0, 'nothing went through the coalescer')
 })
+
+t.test('a connection that starts on polling is coalesced once it upgrades to WebSocket', async (t) => {
+  const { io, url, coalescer, spyOnWrites } = await setup(t)
+  const client = await connect(t, url, undefined, { transports: ['polling', 'websocket'] })
+  await waitFor(() => client.io.engine.transport.name === 'websocket', 5000, 'the upgrade')
+  await waitFor(() => (engineSockets(io)[0]!.transport as unknown as { name: string }).name === 'websocket', 5000, 'the server side of the upgrade')
+  const seen = record(client)
+  const writes = spyOnWrites()
+  const before = coalescer!.stats.frames
+  for (let i = 1; i <= 3; i++) io.to('room').emit('tick', i)
+  await waitFor(() => seen.length === 3, 5000, 'three ticks')
+  t.same(seen.map(e => e.payload), [1, 2, 3])
+  t.same(writes.calls, [6], 'one write for the three frames')
+  t.equal(coalescer!.stats.frames - before, 3)
+})

@@ -11,7 +11,7 @@ interface WebSocketTransport {
 
 interface EngineSocket {
   transport: WebSocketTransport
-  on (event: 'upgrade', listener: () => void): unknown
+  on (event: 'upgrade', listener: (this: EngineSocket) => void): unknown
 }
 
 export interface CoalesceOptions {
@@ -109,9 +109,12 @@ export function coalesceWrites (io: Server, options: CoalesceOptions = {}): Writ
     transport.send = coalescedSend
   }
 
+  function onUpgrade (this: EngineSocket) {
+    patch(this.transport)
+  }
   const onConnection = (socket: EngineSocket) => {
     patch(socket.transport)
-    socket.on('upgrade', () => patch(socket.transport))
+    socket.on('upgrade', onUpgrade)
   }
   io.engine.on('connection', onConnection)
 
