@@ -121,8 +121,11 @@ t.test('socket handshake rejections reach a real client as connect_error codes',
   })
 
   t.test('a token in the Authorization header is accepted', async t => {
-    const socket = await connect(t, url, undefined, { extraHeaders: { authorization: `Bearer ${admin.token}` } })
+    const socket = await connect(t, url, undefined, { extraHeaders: { authorization: `Bearer ${admin.token}`, 'x-other': 'kept' } })
     t.ok(socket.connected)
+    const handshake = app.io.of('/').sockets.get(socket.id!)!.handshake
+    t.equal(handshake.headers.authorization, undefined, 'the credential is not kept on the socket')
+    t.equal(handshake.headers['x-other'], 'kept', 'other headers are')
   })
 
   t.test('a valid token joins company:<id> and user:<id> and sets socket.data', async t => {
@@ -132,6 +135,7 @@ t.test('socket handshake rejections reach a real client as connect_error codes',
     t.same(new Set(server!.rooms), new Set([socket.id, `company:${acme.id}`, `user:${admin.id}`]))
     t.match(server!.data, { userId: admin.id, companyId: acme.id, role: 'admin' })
     t.type(server!.data.exp, 'number')
+    t.same(server!.handshake.auth, {}, 'the token is not kept on the socket')
   })
 })
 

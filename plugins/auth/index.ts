@@ -200,6 +200,11 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     if (!token) return refuse('AUTH_MISSING_TOKEN')
     check(token).then(({ user, heads }) => {
       handshakeHeads.set(socket, heads)
+      // The socket keeps who it is (socket.data), not the credential: no bearer token lingers
+      // on a long-lived object (or in whatever logs or inspects handshakes), and ~300 bytes less
+      // per connection.
+      if (typeof auth?.token === 'string') delete auth.token
+      if (headers.authorization !== undefined) delete headers.authorization
       socket.data.userId = user.userId
       socket.data.companyId = user.companyId
       socket.data.role = user.role
