@@ -40,6 +40,15 @@ async function twoNodes (t: TestLike, presence: Partial<ErpPresenceOptions> = {}
   return { a, b, prefix }
 }
 
+/** Two nodes, each watched by one user of a company; `member` is the user whose presence changes. */
+async function watchedNodes (t: TestLike) {
+  const { a, b } = await twoNodes(t)
+  const company = await createCompany(a.app, ['admin', 'manager', 'member'])
+  const onA = await watch(t, a.url, company.as('admin').token)
+  const onB = await watch(t, b.url, company.as('manager').token)
+  return { a, b, company, onA, onB, member: company.as('member') }
+}
+
 t.test('redis store: two devices of one user, then the grace period', async t => {
   const prefix = redisPrefix(t)
   const { app, url } = await build(t, { realtime: { presence: redisPresence(prefix) } })
@@ -54,11 +63,7 @@ t.test('redis store: bad presence:set payloads are refused and change nothing', 
 })
 
 t.test('two nodes sharing Redis: the same presence:list on both, changes reach the other node', async t => {
-  const { a, b } = await twoNodes(t)
-  const company = await createCompany(a.app, ['admin', 'manager', 'member'])
-  const onA = await watch(t, a.url, company.as('admin').token)
-  const onB = await watch(t, b.url, company.as('manager').token)
-  const member = company.as('member')
+  const { a, b, company, onA, onB, member } = await watchedNodes(t)
   const latest = (watcher: Watcher) => watcher.about(member.id).at(-1)
   const bothAt = (expected: object) => async () =>
     isDeepStrictEqual(latest(onA), expected) && isDeepStrictEqual(latest(onB), expected)
@@ -100,11 +105,7 @@ t.test('two nodes sharing Redis: the same presence:list on both, changes reach t
 })
 
 t.test('regression: a devices: 1 relayed from node A after node B announced devices: 2 is dropped, not applied (presence out of order across nodes)', async t => {
-  const { a, b } = await twoNodes(t)
-  const company = await createCompany(a.app, ['admin', 'manager', 'member'])
-  const onA = await watch(t, a.url, company.as('admin').token)
-  const onB = await watch(t, b.url, company.as('manager').token)
-  const member = company.as('member')
+  const { a, b, onA, onB, member } = await watchedNodes(t)
 
   // Hold node A's relays to the other nodes: B announces its newer state before A's older one arrives.
   const held: Array<() => void> = []

@@ -1,4 +1,4 @@
-import { randomBytes, randomUUID } from 'node:crypto'
+import { randomBytes } from 'node:crypto'
 import pg from 'pg'
 import { migrate } from '../../src/db/migrate.ts'
 import { hashPassword } from '../../src/passwords.ts'
@@ -61,40 +61,15 @@ export async function createBenchDatabase (): Promise<BenchDatabase> {
 let hash: Promise<string> | undefined
 export const BENCH_PASSWORD = 'bench-password'
 
-/**
- * One company with `users` users (one admin, the rest members), inserted with set-based SQL;
- * the password is hashed once and shared (the KDF is deliberately slow).
- */
+/** One company with `users` users (one admin, the rest members). */
 export async function seedCompany (db: BenchDatabase, users: number): Promise<SeededCompany> {
-  hash ??= hashPassword(BENCH_PASSWORD)
-  const passwordHash = await hash
-  const companyId = randomUUID()
-  // 8 bytes: runs seed thousands of companies (`connect --companies 10000`) without colliding emails.
-  const tag = randomBytes(8).toString('hex')
-  return await withClient(db.url, async (c) => {
-    await c.query('BEGIN')
-    await c.query('INSERT INTO companies (id, name) VALUES ($1, $2)', [companyId, `Bench Co ${tag}`])
-    const { rows } = await c.query<{ id: string, n: number }>(
-      `INSERT INTO users (id, email, name, "passwordHash")
-       SELECT gen_random_uuid()::text, 'bench' || g || '.' || $2 || '@bench.test', 'Bench user ' || g, $1
-       FROM generate_series(1, $3::int) AS g
-       RETURNING id, (regexp_match(email, '^bench(\\d+)\\.'))[1]::int AS n`,
-      [passwordHash, tag, users])
-    rows.sort((a, b) => a.n - b.n)
-    const seeded = rows.map((row, i) => ({ id: row.id, role: (i === 0 ? 'admin' : 'member') as Role }))
-    await c.query(
-      `INSERT INTO memberships ("userId", "companyId", role)
-       SELECT u, $2, (CASE WHEN i = 1 THEN 'admin' ELSE 'member' END)::"Role"
-       FROM unnest($1::text[]) WITH ORDINALITY AS t(u, i)`,
-      [seeded.map(u => u.id), companyId])
-    await c.query('COMMIT')
-    return { companyId, users: seeded }
-  })
+  return (await seedCompanies(db, 1, users))[0]!
 }
 
 /**
  * `count` companies of `usersPerCompany` users each (the first of each is the admin), in three
- * set-based statements: seeding 10,000 one-user companies one by one would take minutes.
+ * set-based statements: seeding 10,000 one-user companies one by one would take minutes. The
+ * password is hashed once and shared (the KDF is deliberately slow).
  */
 export async function seedCompanies (db: BenchDatabase, count: number, usersPerCompany: number): Promise<SeededCompany[]> {
   hash ??= hashPassword(BENCH_PASSWORD)
