@@ -3,9 +3,11 @@
 // back-pressure; nothing is lost or reordered across turns, acks and disconnects.
 import { createServer } from 'node:http'
 import type { AddressInfo, Socket as NetSocket } from 'node:net'
+import Fastify from 'fastify'
 import t from 'tap'
 import { Server } from 'socket.io'
 import { coalesceWrites, type WriteCoalescer } from '../plugins/socket/coalesce.ts'
+import erpSocket from '../plugins/socket/index.ts'
 import { connect, record, sleep, waitFor, type TestLike } from './helpers.ts'
 
 interface EngineSocket {
@@ -191,4 +193,28 @@ t.test('a connection that starts on polling is coalesced once it upgrades to Web
   t.same(seen.map(e => e.payload), [1, 2, 3])
   t.same(writes.calls, [6], 'one write for the three frames')
   t.equal(coalescer!.stats.frames - before, 3)
+})
+
+t.test('erp-socket option coalesceWrites: { sliceSize } sets the slice, false leaves engine.io as it is', async (t) => {
+  for (const coalesce of [{ sliceSize: 2 }, false] as const) {
+    const app = Fastify()
+    await app.register(erpSocket, { coalesceWrites: coalesce })
+    t.teardown(() => app.close())
+    await app.listen({ port: 0, host: '127.0.0.1' })
+    const url = `http://127.0.0.1:${(app.server.address() as AddressInfo).port}`
+    const clients = await Promise.all(Array.from({ length: 5 }, () => connect(t, url, undefined)))
+    const seen = clients.map(client => record(client))
+    const raws = engineSockets(app.io).map(s => s.transport.socket._socket)
+    app.io.emit('server:shutdown', { message: 'tick' })
+    const corkedAfterEmit = raws.filter(raw => raw.writableCorked > 0).length
+    const corkedAfterOneTurn = await new Promise<number>(resolve => setImmediate(() => resolve(raws.filter(raw => raw.writableCorked > 0).length)))
+    if (coalesce) {
+      t.equal(corkedAfterEmit, 5, 'every connection holds its frame for the turn')
+      t.equal(corkedAfterOneTurn, 3, 'the first slice wrote two connections')
+    } else {
+      t.equal(corkedAfterEmit, 0, 'not coalesced: written at once')
+    }
+    await waitFor(() => seen.every(s => s.length === 1), 5000, 'every client')
+    await app.close()
+  }
 })

@@ -3,7 +3,8 @@ import fp from 'fastify-plugin'
 import t from 'tap'
 import erpPresence, { MemoryPresenceStore, type ErpPresenceOptions, type PresenceStore } from '../plugins/presence/index.ts'
 import erpSocket from '../plugins/socket/index.ts'
-import { build, connect, createCompany, request, sleep, testDatabase, waitFor } from './helpers.ts'
+import type { Socket as NetSocket } from 'node:net'
+import { build, connect, createCompany, record, request, sleep, testDatabase, waitFor } from './helpers.ts'
 import {
   badPayloadsChangeNothing, companiesStayApart, entryOf, FAST, increasing, list, reconnectInsideGrace, storeRevisionsOnlyGrow,
   twoDevicesThenGrace, watch
@@ -73,6 +74,48 @@ t.test('presence:set announces status and viewing changes only, and keeps since 
   t.equal(observer.about(subject.id)[4]?.status, 'away')
   t.ok(increasing(observer.revs(subject.id)), `revs only go up: ${observer.revs(subject.id).join(', ')}`)
   t.same(await app.presence.list(company.id), await list(observer.socket), 'fastify.presence.list matches presence:list')
+})
+
+/** Counts the system-call writes of the server end of one client's connection. */
+function spyOnServerWrites (app: { io: { of (nsp: string): { sockets: Map<string, unknown> } } }, socketId: string): number[] {
+  const conn = (app.io.of('/').sockets.get(socketId) as { conn: { transport: { socket: { _socket: NetSocket } } } }).conn
+  const raw = conn.transport.socket._socket as NetSocket & { _writev: (chunks: unknown[], cb: () => void) => void, _write: (chunk: unknown, enc: string, cb: () => void) => void }
+  const calls: number[] = []
+  const writev = raw._writev.bind(raw)
+  const write = raw._write.bind(raw)
+  raw._writev = (chunks, cb) => { calls.push(chunks.length); writev(chunks, cb) }
+  raw._write = (chunk, enc, cb) => { calls.push(1); write(chunk, enc, cb) }
+  return calls
+}
+
+t.test('a login storm reaches each client in one write per batch window, every change in order', async t => {
+  // A window far longer than the logins take, so the five arrivals surely share it.
+  const { app, url } = await build(t, { realtime: { presence: { ...FAST, batchMs: 1000 } } })
+  const company = await createCompany(app, ['admin', 'member', 'member', 'member', 'member', 'member'])
+  const observer = await watch(t, url, company.users[0]!.token)
+  await sleep(1100) // the observer's own online has gone out
+  const writes = spyOnServerWrites(app, observer.socket.id!)
+  const arrivals = company.users.slice(1)
+  await Promise.all(arrivals.map(user => connect(t, url, user.token)))
+  await waitFor(() => arrivals.every(user => observer.about(user.id).length === 1), 5000, 'five arrivals')
+  t.same(writes, [10], 'five presence:changed frames (header and payload each) in one write')
+  t.ok(increasing(observer.changes.filter(c => arrivals.some(u => u.id === c.userId)).map(c => c.rev)), 'in rev order')
+})
+
+t.test('batchMs 0 sends each change at once: a presence:set’s change reaches the setter before its ack', async t => {
+  for (const batchMs of [0, 300]) {
+    const { app, url } = await build(t, { realtime: { presence: { ...FAST, batchMs } } })
+    const company = await createCompany(app, ['admin'])
+    const socket = await connect(t, url, company.users[0]!.token)
+    await waitFor(async () => (await entryOf(socket, company.users[0]!.id)) !== undefined, 5000, 'own entry')
+    await sleep(batchMs + 50) // its own online has been delivered, with or without a window
+    const seen = record(socket)
+    t.same(await request(socket, 'presence:set', { status: 'busy' }), { ok: true })
+    const busyAtAck = seen.filter(e => e.event === 'presence:changed' && e.payload.status === 'busy').length
+    t.equal(busyAtAck, batchMs === 0 ? 1 : 0, `batchMs ${batchMs}: ${batchMs === 0 ? 'sent before the ack' : 'held until the window ends'}`)
+    await waitFor(() => seen.length === 1, 5000, 'busy')
+    t.equal(seen[0]!.payload.status, 'busy')
+  }
 })
 
 t.test('entries of a node that stops without cleanup expire within the TTL on the node that survives', async t => {
@@ -208,7 +251,8 @@ t.test('invalid options are refused at registration with the option named', asyn
     [{ store: 'redis' as 'memory' }, /invalid option store/],
     [{ store: { redis: 'http://127.0.0.1:6379' } }, /invalid option store/],
     [{ store: { redis: 'redis://127.0.0.1:6379', unknown: 1 } as never }, /invalid option store/],
-    [{ sweepBatchSize: 0 }, /invalid option sweepBatchSize/]
+    [{ sweepBatchSize: 0 }, /invalid option sweepBatchSize/],
+    [{ batchMs: -1 }, /invalid option batchMs/]
   ]
   for (const [options, message] of cases) {
     const app = Fastify()

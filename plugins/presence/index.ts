@@ -50,6 +50,13 @@ export interface ErpPresenceOptions {
    * forgotten first; a user who went offline is forgotten `ttlMs` after it. Default 100000.
    */
   revCacheSize?: number
+  /**
+   * Changes are delivered to a company's sockets together, at most this many ms after they are
+   * announced: in a login or reconnect storm each client gets one write per window instead of
+   * one per arrival. Every change is still sent, in order. 0 delivers each change at once.
+   * Default 50.
+   */
+  batchMs?: number
 }
 
 export interface ErpPresenceDecorator {
@@ -96,7 +103,8 @@ const optionsSchema = z.object({
   ttlMs: z.number().int().min(20).default(30000),
   sweepIntervalMs: z.number().int().min(10).default(1000),
   sweepBatchSize: z.number().int().min(1).max(10000).default(500),
-  revCacheSize: z.number().int().min(1).max(10_000_000).default(100_000)
+  revCacheSize: z.number().int().min(1).max(10_000_000).default(100_000),
+  batchMs: z.number().int().min(0).max(10_000).default(50)
 }).refine(o => o.ttlMs >= 2 * o.heartbeatMs, { message: 'must be at least twice heartbeatMs', path: ['ttlMs'] })
 
 /** Sweep batches per run, so a backlog after an outage drains without one run monopolising the node. */
@@ -104,7 +112,7 @@ const MAX_SWEEP_BATCHES = 20
 
 async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOptions) {
   const parsed = { data: parseOptions('erp-presence', optionsSchema, rawOptions) }
-  const { graceMs, heartbeatMs, ttlMs, sweepIntervalMs, sweepBatchSize, revCacheSize } = parsed.data
+  const { graceMs, heartbeatMs, ttlMs, sweepIntervalMs, sweepBatchSize, revCacheSize, batchMs } = parsed.data
   const storeOption = parsed.data.store
   const ownsStore = storeOption === 'memory' || !isStore(storeOption)
   const store: PresenceStore = storeOption === 'memory'
@@ -193,7 +201,30 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
       delivered.delete(oldest)
       offlineAt.delete(oldest)
     }
-    io.local.to(companyStream(companyId)).emit('presence:changed', change)
+    // Once stopped (closing, abandoned) no timer is started: what still arrives goes out at once.
+    if (batchMs === 0 || !active) {
+      io.local.to(companyStream(companyId)).emit('presence:changed', change)
+      return
+    }
+    const changes = batched.get(companyId)
+    if (changes) changes.push(change)
+    else batched.set(companyId, [change])
+    if (!batchTimer) {
+      batchTimer = setTimeout(deliverBatched, batchMs)
+      batchTimer.unref()
+    }
+  }
+
+  /** Changes waiting for the end of the window, per company, in the order they were made (already rev-checked). */
+  const batched = new Map<string, PresenceChanged[]>()
+  let batchTimer: NodeJS.Timeout | undefined
+  const deliverBatched = () => {
+    batchTimer = undefined
+    for (const [companyId, changes] of batched) {
+      const room = io.local.to(companyStream(companyId))
+      for (const change of changes) room.emit('presence:changed', change)
+    }
+    batched.clear()
   }
 
   const announce = (companyId: string, userId: string, presence: UserPresence | null, rev: number) => {
@@ -360,6 +391,11 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
     clearInterval(sweepTimer)
     for (const timer of graceTimers.values()) clearTimeout(timer)
     graceTimers.clear()
+    // Presence is live state: an undelivered change is not worth delaying shutdown for (clients
+    // list again when they reconnect).
+    clearTimeout(batchTimer)
+    batchTimer = undefined
+    batched.clear()
   }
 
   fastify.decorate('presence', {

@@ -7,7 +7,7 @@ import { createAdapter } from '@socket.io/redis-adapter'
 import { Redis, type RedisOptions } from 'ioredis'
 import { z } from 'zod'
 import { parseOptions } from '../support.ts'
-import { coalesceWrites } from './coalesce.ts'
+import { coalesceWrites, type CoalesceOptions } from './coalesce.ts'
 import type { ClientToServerEvents, InterServerEvents, ServerToClientEvents, SocketData } from '../events.ts'
 
 export type ErpServer = Server<ClientToServerEvents, ServerToClientEvents, InterServerEvents, SocketData>
@@ -50,9 +50,10 @@ export interface ErpSocketOptions {
   /**
    * Merge the WebSocket frames a connection is sent in one turn of the event loop into one
    * socket write (see `coalesceWrites`): fewer system calls when events or presence changes
-   * come in bursts, no added delay for a lone event. Default `true`.
+   * come in bursts, no added delay for a lone event. `{ sliceSize }` sets how many connections
+   * are written per turn (default 16). Default `true`.
    */
-  coalesceWrites?: boolean
+  coalesceWrites?: boolean | CoalesceOptions
 }
 
 export type AdapterStatus = 'up' | 'down'
@@ -95,7 +96,7 @@ const optionsSchema = z.object({
   corsOrigins: z.array(z.string().regex(/^https?:\/\/[^/\s]+$/, 'must be an exact origin like https://app.example.com')).default([]),
   serverOptions: z.record(z.string(), z.unknown()).default({}),
   nodeId: z.string().min(1).max(200).optional(),
-  coalesceWrites: z.boolean().default(true)
+  coalesceWrites: z.union([z.boolean(), z.object({ sliceSize: z.number().int().min(1).max(1_000_000).optional() }).strict()]).default(true)
 })
 
 function originAllowedFor (allowed: readonly string[]) {
@@ -214,7 +215,7 @@ async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions
   fastify.decorate('io', io)
   fastify.decorate('erpSocket', decorator)
 
-  const coalescer = options.coalesceWrites ? coalesceWrites(io) : undefined
+  const coalescer = options.coalesceWrites === false ? undefined : coalesceWrites(io, options.coalesceWrites === true ? {} : options.coalesceWrites)
 
   // Close the connections (not a Socket.IO "server disconnect") so clients reconnect, to
   // another node when there is one, and resume from their last seq.
