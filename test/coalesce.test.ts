@@ -8,7 +8,7 @@ import t from 'tap'
 import { Server } from 'socket.io'
 import { coalesceWrites, type WriteCoalescer } from '../plugins/socket/coalesce.ts'
 import erpSocket from '../plugins/socket/index.ts'
-import { connect, record, sleep, waitFor, type TestLike } from './helpers.ts'
+import { connect, record, sleep, spyOnWrites, waitFor, type TestLike } from './helpers.ts'
 
 interface EngineSocket {
   transport: { writable: boolean, socket: { _socket: NetSocket } }
@@ -36,17 +36,8 @@ async function setup (t: TestLike, options: { coalesce?: boolean, sliceSize?: nu
   })
   const url = `http://127.0.0.1:${(http.address() as AddressInfo).port}`
   /** Counts the writes of the server end of the only connection. */
-  const spyOnWrites = (): RawWrites => {
-    const engineSocket = engineSockets(io)[0]!
-    const raw = engineSocket.transport.socket._socket as NetSocket & { _writev: (chunks: unknown[], cb: () => void) => void, _write: (chunk: unknown, enc: string, cb: () => void) => void }
-    const writes: RawWrites = { calls: [] }
-    const writev = raw._writev.bind(raw)
-    const write = raw._write.bind(raw)
-    raw._writev = (chunks, cb) => { writes.calls.push(chunks.length); writev(chunks, cb) }
-    raw._write = (chunk, enc, cb) => { writes.calls.push(1); write(chunk, enc, cb) }
-    return writes
-  }
-  return { io, url, coalescer, spyOnWrites }
+  const spyOnConnection = (): RawWrites => ({ calls: spyOnWrites(engineSockets(io)[0]!.transport.socket._socket) })
+  return { io, url, coalescer, spyOnWrites: spyOnConnection }
 }
 
 t.test('events broadcast in one turn reach a client in one socket write, in order', async (t) => {

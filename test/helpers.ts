@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto'
+import type { Socket as NetSocket } from 'node:net'
 import type { FastifyInstance } from 'fastify'
 import pg from 'pg'
 import { Redis } from 'ioredis'
@@ -184,6 +185,17 @@ export function record (socket: ClientSocket): Array<{ event: string, payload: a
   const seen: Array<{ event: string, payload: any }> = []
   socket.onAny((event: string, payload: unknown) => { seen.push({ event, payload }) })
   return seen
+}
+
+/** Records the write system calls of a TCP socket (the server end of a connection): chunks handed to the kernel per call. */
+export function spyOnWrites (socket: NetSocket): number[] {
+  const raw = socket as NetSocket & { _writev: (chunks: unknown[], cb: () => void) => void, _write: (chunk: unknown, enc: string, cb: () => void) => void }
+  const calls: number[] = []
+  const writev = raw._writev.bind(raw)
+  const write = raw._write.bind(raw)
+  raw._writev = (chunks, cb) => { calls.push(chunks.length); writev(chunks, cb) }
+  raw._write = (chunk, enc, cb) => { calls.push(1); write(chunk, enc, cb) }
+  return calls
 }
 
 export const sleep = (ms: number) => new Promise(resolve => setTimeout(resolve, ms))

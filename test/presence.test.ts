@@ -1,10 +1,10 @@
+import type { Socket as NetSocket } from 'node:net'
 import Fastify from 'fastify'
 import fp from 'fastify-plugin'
 import t from 'tap'
 import erpPresence, { MemoryPresenceStore, type ErpPresenceOptions, type PresenceStore } from '../plugins/presence/index.ts'
 import erpSocket from '../plugins/socket/index.ts'
-import type { Socket as NetSocket } from 'node:net'
-import { build, connect, createCompany, record, request, sleep, testDatabase, waitFor } from './helpers.ts'
+import { build, connect, createCompany, record, request, sleep, spyOnWrites, testDatabase, waitFor } from './helpers.ts'
 import {
   badPayloadsChangeNothing, companiesStayApart, entryOf, FAST, increasing, list, reconnectInsideGrace, storeRevisionsOnlyGrow,
   twoDevicesThenGrace, watch
@@ -76,25 +76,15 @@ t.test('presence:set announces status and viewing changes only, and keeps since 
   t.same(await app.presence.list(company.id), await list(observer.socket), 'fastify.presence.list matches presence:list')
 })
 
-/** Counts the system-call writes of the server end of one client's connection. */
-function spyOnServerWrites (app: { io: { of (nsp: string): { sockets: Map<string, unknown> } } }, socketId: string): number[] {
-  const conn = (app.io.of('/').sockets.get(socketId) as { conn: { transport: { socket: { _socket: NetSocket } } } }).conn
-  const raw = conn.transport.socket._socket as NetSocket & { _writev: (chunks: unknown[], cb: () => void) => void, _write: (chunk: unknown, enc: string, cb: () => void) => void }
-  const calls: number[] = []
-  const writev = raw._writev.bind(raw)
-  const write = raw._write.bind(raw)
-  raw._writev = (chunks, cb) => { calls.push(chunks.length); writev(chunks, cb) }
-  raw._write = (chunk, enc, cb) => { calls.push(1); write(chunk, enc, cb) }
-  return calls
-}
-
 t.test('a login storm reaches each client in one write per batch window, every change in order', async t => {
   // A window far longer than the logins take, so the five arrivals surely share it.
   const { app, url } = await build(t, { realtime: { presence: { ...FAST, batchMs: 1000 } } })
   const company = await createCompany(app, ['admin', 'member', 'member', 'member', 'member', 'member'])
   const observer = await watch(t, url, company.users[0]!.token)
   await sleep(1100) // the observer's own online has gone out
-  const writes = spyOnServerWrites(app, observer.socket.id!)
+  // The server end of the observer's connection (engine.io's WebSocket transport keeps it as `socket._socket`).
+  const conn = app.io.of('/').sockets.get(observer.socket.id!)!.conn as unknown as { transport: { socket: { _socket: NetSocket } } }
+  const writes = spyOnWrites(conn.transport.socket._socket)
   const arrivals = company.users.slice(1)
   await Promise.all(arrivals.map(user => connect(t, url, user.token)))
   await waitFor(() => arrivals.every(user => observer.about(user.id).length === 1), 5000, 'five arrivals')
