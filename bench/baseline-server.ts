@@ -7,7 +7,7 @@ import { Server } from 'socket.io'
 import { childArgs, serveParent, type Handlers } from './lib/child.ts'
 import { now } from './lib/clock.ts'
 import { scenarios } from './scenarios/index.ts'
-import { memory } from './lib/memory.ts'
+import { cpu, memory } from './lib/memory.ts'
 
 export interface BaselineState {
   io: Server
@@ -50,6 +50,7 @@ const port = typeof address === 'object' && address ? address.port : 0
 
 const handlers: Handlers = {
   memory,
+  cpu,
   stats () {
     return { sockets: io.of('/').sockets.size, engine: io.engine.clientsCount }
   },

@@ -10,7 +10,7 @@ import { openDatabase, type Database } from '../src/db/index.ts'
 import type { Role } from '../plugins/events.ts'
 import { childArgs, serveParent, type Handlers } from './lib/child.ts'
 import { scenarios } from './scenarios/index.ts'
-import { memory } from './lib/memory.ts'
+import { cpu, memory } from './lib/memory.ts'
 import { now } from './lib/clock.ts'
 
 export interface ServerArgs {
@@ -54,6 +54,7 @@ const handlers: Handlers = {
     return companies.map(({ companyId, users }) => users.map(u => app.erpAuth.sign({ sub: u.id, companyId, role: u.role })))
   },
   memory,
+  cpu,
   stats () {
     return { sockets: app.io.of('/').sockets.size, engine: app.io.engine.clientsCount }
   },

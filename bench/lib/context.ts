@@ -181,17 +181,17 @@ export class Context {
   /** `count` load-client processes (default 2). */
   async clients (count = 2): Promise<ClientPool> {
     const procs = await Promise.all(Array.from({ length: count }, (_, i) =>
-      Child.start(CLIENT, { name: `bench client ${i + 1}` }).then(r => r.child)))
+      Child.start(CLIENT, { name: `bench client ${i + 1}`, execArgv: this.profileFlags('clients') }).then(r => r.child)))
     this.cleanups.push(async () => { await Promise.all(procs.map(p => p.stop(3000))) })
     return new ClientPool(procs)
   }
 
   /**
-   * --cpu-prof for a server process: one folder per scenario and side; Node names each file
+   * --cpu-prof for a server or the load clients: one folder per scenario and side; Node names each file
    * CPU.<date>.<pid>.<thread>.<n>.cpuprofile (tsx's loader thread writes a small one too:
    * the largest file is the main thread).
    */
-  private profileFlags (kind: 'ours' | 'raw'): string[] {
+  private profileFlags (kind: 'ours' | 'raw' | 'clients'): string[] {
     return this.cpuProf ? ['--cpu-prof', '--cpu-prof-dir', `${this.cpuProf}/${this.scenario}-${kind}`] : []
   }
 

@@ -9,3 +9,9 @@ export function memory () {
 }
 
 export type Memory = ReturnType<typeof memory>
+
+/** CPU time this process has used so far (user + system), ms. */
+export function cpu () {
+  const { user, system } = process.cpuUsage()
+  return (user + system) / 1000
+}

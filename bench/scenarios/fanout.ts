@@ -23,6 +23,8 @@ interface Burst {
   http: Percentiles
   deliveriesPerSecond: number
   durationMs: number
+  /** Server CPU time (user + system) per change over the burst, ms: what a change costs the node, fan-out included. */
+  cpuPerChangeMs: number
 }
 
 async function post (server: ServerHandle, token: string, t0: number): Promise<void> {
@@ -34,14 +36,16 @@ async function post (server: ServerHandle, token: string, t0: number): Promise<v
 
 /** `count` changes at `rate`/s (open loop: sent on schedule, not after the previous answer). */
 async function burst (server: ServerHandle, clients: ClientPool, group: string, token: string, size: number, count: number, rate: number): Promise<Burst> {
+  const cpuBefore = await server.call<number>('cpu')
   const { start, interval, http, httpErrors } = await openLoop(count, rate, t0 => post(server, token, t0))
   const expected = (count - httpErrors) * size
   // Bounded: everything should arrive within a few seconds of the last send.
   await clients.waitForCount(group, expected, now() + 10_000 + count * interval)
+  const cpuPerChangeMs = (await server.call<number>('cpu') - cpuBefore) / count
   const got = await clients.collect(group)
   const latency = Object.fromEntries(Object.entries(got.series).map(([name, h]) => [name, h.percentiles()]))
   const durationMs = got.lastRecv - start
-  return { sent: count, httpErrors, expected, received: got.received, latency, http: http.percentiles(), deliveriesPerSecond: got.received / (durationMs / 1000), durationMs }
+  return { sent: count, httpErrors, expected, received: got.received, latency, http: http.percentiles(), deliveriesPerSecond: got.received / (durationMs / 1000), durationMs, cpuPerChangeMs }
 }
 
 export const fanout: Scenario = {
@@ -91,7 +95,7 @@ export const fanout: Scenario = {
           await burst(server, clients, group, admin, sockets, warmup, rate)
           const result = await burst(server, clients, group, admin, sockets, emits, rate)
           reps[server.kind].push(result)
-          ctx.log(`${size} rep ${rep + 1} ${server.kind}: p50 ${round(result.latency.request!.p50)} p99 ${round(result.latency.request!.p99)} ms (HTTP p50 ${round(result.http.p50)} ms) (emit p99 ${round(result.latency.emit?.p99 ?? NaN)}), ${result.received}/${result.expected} received, ${result.httpErrors} HTTP errors`)
+          ctx.log(`${size} rep ${rep + 1} ${server.kind}: p50 ${round(result.latency.request!.p50)} p99 ${round(result.latency.request!.p99)} ms (HTTP p50 ${round(result.http.p50)} ms) (emit p99 ${round(result.latency.emit?.p99 ?? NaN)}) (CPU ${round(result.cpuPerChangeMs)} ms/change), ${result.received}/${result.expected} received, ${result.httpErrors} HTTP errors`)
         }
       }
       await clients.disconnect(`ours-${size}`)
@@ -118,6 +122,11 @@ export const fanout: Scenario = {
         ours: median(pick(reps.ours, 'request', 'p99')),
         baseline: median(pick(reps.raw, 'request', 'p99')),
         reps: { ours: pick(reps.ours, 'request', 'p99'), baseline: pick(reps.raw, 'request', 'p99') }
+      }, {
+        label, metric: 'server CPU per change', unit: 'ms', better: 'lower', summary: true,
+        ours: median(reps.ours.map(b => b.cpuPerChangeMs)),
+        baseline: median(reps.raw.map(b => b.cpuPerChangeMs)),
+        reps: { ours: reps.ours.map(b => b.cpuPerChangeMs), baseline: reps.raw.map(b => b.cpuPerChangeMs) }
       }, {
         label, metric: 'deliveries/s', unit: '/s', better: 'higher', summary: false,
         ours: median(reps.ours.map(b => b.deliveriesPerSecond)),

@@ -1,4 +1,6 @@
+import { randomUUID } from 'node:crypto'
 import { companyStream } from '../../plugins/events.ts'
+import { Prisma } from '../../src/generated/prisma/client.ts'
 import { now } from '../lib/clock.ts'
 import type { Row, Scenario } from '../lib/scenario.ts'
 import { median, round, samplePercentiles } from '../lib/stats.ts'
@@ -8,8 +10,12 @@ import { median, round, samplePercentiles } from '../lib/stats.ts'
  * and sends sync:resume: time from the request to its ack, with every event received in order.
  * Baseline: the same number of envelopes emitted from memory to one socket, then an ack.
  * publish overhead: a domain mutation (project.create in a transaction) with its event recorded
- * through fastify.eventLog, against the same mutation without it, alternating, in one process.
+ * through fastify.eventLog, against the same mutation without it, alternating, in one process;
+ * and the one-statement path (eventLog.commit) against the same INSERT alone.
  */
+
+/** Median ms per operation of one repetition. */
+interface Overhead { withEvent: number, without: number, statementWithEvent: number, statementWithout: number }
 
 const sampleProject = (i: number) => ({
   id: `00000000-0000-4000-8000-${String(i).padStart(12, '0')}`,
@@ -52,10 +58,13 @@ export const replay: Scenario = {
     async head ({ stream }: { stream: string }, { app }) {
       return (await app.eventLog.heads([stream])).get(stream) ?? 0
     },
-    /** Per-operation ms of project.create with and without its event, alternating. */
+    /** Per-operation ms of project.create with and without its event, alternating; the same for one-statement inserts. */
     async overhead ({ companyId, actorId, count }: { companyId: string, actorId: string, count: number }, { app }) {
       const withEvent: number[] = []
       const without: number[] = []
+      const statementWithEvent: number[] = []
+      const statementWithout: number[] = []
+      const insert = (name: string) => Prisma.sql`INSERT INTO projects (id, "companyId", name, "updatedAt") VALUES (${randomUUID()}, ${companyId}, ${name}, now())`
       const stream = companyStream(companyId)
       for (let i = 0; i < count; i++) {
         let t = now()
@@ -69,8 +78,14 @@ export const replay: Scenario = {
           await tx.project.create({ data: { companyId, name: `overhead ${i} without` } })
         })
         without.push(now() - t)
+        t = now()
+        await app.eventLog.commit({ writes: [insert(`statement ${i} with`)], event: { stream, type: 'project:deleted', companyId, actorId, data: { projectId: String(i) } } })
+        statementWithEvent.push(now() - t)
+        t = now()
+        await app.prisma.$executeRaw(insert(`statement ${i} without`))
+        statementWithout.push(now() - t)
       }
-      return { withEvent, without }
+      return { withEvent, without, statementWithEvent, statementWithout }
     }
   },
 
@@ -130,7 +145,7 @@ export const replay: Scenario = {
     const stream = companyStream(company.companyId)
     await raw.call('replay:fill', { count: events })
 
-    const reps = { ours: [] as Array<ResumeResult & { publishMs: number }>, raw: [] as ResumeResult[], overhead: [] as Array<{ withEvent: number, without: number }> }
+    const reps = { ours: [] as Array<ResumeResult & { publishMs: number }>, raw: [] as ResumeResult[], overhead: [] as Overhead[] }
     for (let rep = 0; rep < ctx.reps; rep++) {
       for (const kind of rep % 2 ? ['raw', 'ours'] as const : ['ours', 'raw'] as const) {
         if (kind === 'ours') {
@@ -147,10 +162,10 @@ export const replay: Scenario = {
           ctx.log(`rep ${rep + 1} raw: replay ${round(result.ms, 1)} ms`)
         }
       }
-      const o = await ours.call<{ withEvent: number[], without: number[] }>('replay:overhead', { companyId: company.companyId, actorId, count: overheadOps }, 300_000)
-      const op = { withEvent: samplePercentiles(o.withEvent).p50, without: samplePercentiles(o.without).p50 }
+      const o = await ours.call<Record<keyof Overhead, number[]>>('replay:overhead', { companyId: company.companyId, actorId, count: overheadOps }, 300_000)
+      const op = Object.fromEntries(Object.entries(o).map(([key, samples]) => [key, samplePercentiles(samples).p50])) as unknown as Overhead
       reps.overhead.push(op)
-      ctx.log(`rep ${rep + 1} publish overhead: ${round(op.withEvent)} ms with event vs ${round(op.without)} ms without`)
+      ctx.log(`rep ${rep + 1} publish overhead: ${round(op.withEvent)} ms with event vs ${round(op.without)} ms without; one statement ${round(op.statementWithEvent)} vs ${round(op.statementWithout)} ms`)
     }
 
     const rows: Row[] = [{
@@ -163,6 +178,10 @@ export const replay: Scenario = {
       target: { maxRatio: 1.5 },
       ours: median(reps.overhead.map(o => o.withEvent)), baseline: median(reps.overhead.map(o => o.without)),
       reps: { ours: reps.overhead.map(o => o.withEvent), baseline: reps.overhead.map(o => o.without) }
+    }, {
+      label: 'publish overhead', metric: 'median one-statement insert (eventLog.commit)', unit: 'ms', better: 'lower', summary: true, baselineName: 'the INSERT alone',
+      ours: median(reps.overhead.map(o => o.statementWithEvent)), baseline: median(reps.overhead.map(o => o.statementWithout)),
+      reps: { ours: reps.overhead.map(o => o.statementWithEvent), baseline: reps.overhead.map(o => o.statementWithout) }
     }]
     return {
       parameters,

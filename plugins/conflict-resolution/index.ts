@@ -2,12 +2,13 @@ import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { z } from 'zod'
 import { deleteInBatches, every, parseOptions } from '../support.ts'
-import type { PrismaClient } from '../../src/generated/prisma/client.ts'
+import { Prisma, type PrismaClient } from '../../src/generated/prisma/client.ts'
 import { Errors, type ErrorWithBody } from '../errors.ts'
 import { userStream } from '../events.ts'
 import type { Publish, Tx } from '../offline-queue/index.ts'
 
 type Fields = Record<string, unknown>
+type Snapshotted = { id: string, companyId: string, version: number }
 
 /** What a custom resolver sees when incoming fields overlap fields changed since the base. */
 export interface ConflictContext {
@@ -77,7 +78,9 @@ export interface Conflicts {
    */
   update<Row extends { version: number }, Result> (update: VersionedUpdate<Row, Result>): Promise<Result>
   /** Keeps a row's snapshot at its version, as the base of later merges. Call it in the transaction that wrote that version. */
-  snapshot (tx: Tx, entity: string, row: { id: string, companyId: string, version: number }): Promise<void>
+  snapshot (tx: Tx, entity: string, row: Snapshotted): Promise<void>
+  /** The snapshot as one SQL statement, for `eventLog.commit({ writes })` (the row written by the same statement). */
+  snapshotStatement (entity: string, row: Snapshotted): Prisma.Sql
   /** Runs the revision pruning job once; returns how many revisions it deleted. */
   prune (): Promise<number>
 }
@@ -121,13 +124,12 @@ const MAX_ATTEMPTS = 10
 async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsOptions) {
   const { prisma, strategies, revisionTtlSeconds, pruneIntervalMs, pruneBatchSize } = parseOptions('erp-conflicts', optionsSchema, rawOptions)
 
-  const snapshot = async (tx: Tx, entity: string, row: { id: string, companyId: string, version: number }) => {
-    // One round trip on the hot path of every create and update.
-    await tx.$executeRaw`
-      INSERT INTO revisions (entity, "entityId", version, "companyId", data, "createdAt")
-      VALUES (${entity}, ${row.id}, ${row.version}, ${row.companyId}, ${JSON.stringify(plain(row))}::jsonb, (now() AT TIME ZONE 'UTC'))
-      ON CONFLICT DO NOTHING`
-  }
+  const snapshotStatement = (entity: string, row: Snapshotted) => Prisma.sql`
+    INSERT INTO revisions (entity, "entityId", version, "companyId", data, "createdAt")
+    VALUES (${entity}, ${row.id}, ${row.version}, ${row.companyId}, ${JSON.stringify(plain(row))}::jsonb, (now() AT TIME ZONE 'UTC'))
+    ON CONFLICT DO NOTHING`
+  // One round trip on the hot path of every create and update.
+  const snapshot = async (tx: Tx, entity: string, row: Snapshotted) => { await tx.$executeRaw(snapshotStatement(entity, row)) }
 
   // Updates of one row queue in memory on this node before they take a pooled connection, so
   // a burst on one row waits here instead of filling the pool with transactions blocked on its
@@ -241,7 +243,7 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
   }
   every(fastify, pruneIntervalMs, 'erp-conflicts: revision pruning', prune)
 
-  fastify.decorate('conflicts', { update, snapshot, prune } satisfies Conflicts)
+  fastify.decorate('conflicts', { update, snapshot, snapshotStatement, prune } satisfies Conflicts)
 }
 
 export default fp(erpConflicts, { fastify: '5.x', name: 'erp-conflicts', dependencies: ['erp-offline-queue'] })

@@ -3,7 +3,7 @@ import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { z } from 'zod'
 import { deleteInBatches, every, parseOptions } from '../support.ts'
-import type { Prisma, PrismaClient } from '../../src/generated/prisma/client.ts'
+import { Prisma, type PrismaClient } from '../../src/generated/prisma/client.ts'
 import {
   companyStream, syncResumeSchema, userStream,
   type DomainEventMap, type DomainEventType, type Envelope, type ResumeStreamResult, type Stream
@@ -49,6 +49,12 @@ export interface PublishInput<K extends DomainEventType = DomainEventType> {
   data: DomainEventMap[K]
 }
 
+export interface StatementChange<K extends DomainEventType = DomainEventType> {
+  /** Each one INSERT, UPDATE or DELETE without RETURNING (`Prisma.sql`), run in the same statement. */
+  writes: [Prisma.Sql, ...Prisma.Sql[]]
+  event: PublishInput<K>
+}
+
 export type Publish = <K extends DomainEventType>(event: PublishInput<K>) => Promise<Envelope<DomainEventMap[K], K>>
 export type Tx = Prisma.TransactionClient
 
@@ -61,6 +67,12 @@ export interface EventLog {
   transaction<T> (fn: (tx: Tx, publish: Publish) => Promise<T>): Promise<T>
   /** Records and emits one event in a transaction of its own. */
   publish: Publish
+  /**
+   * Runs `writes` and records `event` in one SQL statement (one round trip, atomic without an
+   * interactive transaction), then emits the event. The event is recorded only if the first
+   * write touched a row; otherwise nothing is recorded or emitted and the result is null.
+   */
+  commit<K extends DomainEventType> (change: StatementChange<K>): Promise<Envelope<DomainEventMap[K], K> | null>
   /** Events of a stream after `afterSeq`, in order. */
   read (stream: string, afterSeq: number, limit: number): Promise<Envelope[]>
   /** Current head seq of each stream (0 for a stream with no events). */
@@ -103,6 +115,8 @@ interface EventRow {
   createdAt: Date
 }
 
+type RecordedRow = { seq: number, createdAt: Date }
+
 const toEnvelope = (row: EventRow): Envelope => ({
   id: row.id,
   stream: row.stream as Stream,
@@ -130,23 +144,24 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
 
   // ---- the log ----
 
+  // Bumps the stream head (its row lock serialises publishers of the stream until commit, so
+  // seq order is commit order) and inserts the event with that seq; `gate` may skip both.
+  const recordEvent = (id: string, event: PublishInput, gate: Prisma.Sql = Prisma.empty) => Prisma.sql`
+    head AS (
+      INSERT INTO stream_heads (stream, "companyId", seq) SELECT ${event.stream}, ${event.companyId}, 1 ${gate}
+      ON CONFLICT (stream) DO UPDATE SET seq = stream_heads.seq + 1
+      RETURNING seq
+    )
+    INSERT INTO events (id, stream, seq, type, "companyId", "actorId", data, "createdAt")
+    SELECT ${id}, ${event.stream}, head.seq, ${event.type}, ${event.companyId}, ${event.actorId},
+           ${JSON.stringify(event.data)}::jsonb, (now() AT TIME ZONE 'UTC')
+    FROM head
+    RETURNING seq, "createdAt"`
+
   async function record (tx: Tx, event: PublishInput): Promise<Envelope> {
     const id = randomUUID()
-    // One statement: bump the stream head (its row lock serialises publishers of the stream
-    // until commit, so seq order is commit order) and insert the event with that seq.
-    const rows = await tx.$queryRaw<Array<{ seq: number, createdAt: Date }>>`
-      WITH head AS (
-        INSERT INTO stream_heads (stream, "companyId", seq) VALUES (${event.stream}, ${event.companyId}, 1)
-        ON CONFLICT (stream) DO UPDATE SET seq = stream_heads.seq + 1
-        RETURNING seq
-      )
-      INSERT INTO events (id, stream, seq, type, "companyId", "actorId", data, "createdAt")
-      SELECT ${id}, ${event.stream}, head.seq, ${event.type}, ${event.companyId}, ${event.actorId},
-             ${JSON.stringify(event.data)}::jsonb, (now() AT TIME ZONE 'UTC')
-      FROM head
-      RETURNING seq, "createdAt"`
-    const row = rows[0]!
-    return toEnvelope({ ...event, id, seq: row.seq, createdAt: row.createdAt })
+    const [row] = await tx.$queryRaw<RecordedRow[]>`WITH ${recordEvent(id, event)}`
+    return toEnvelope({ ...event, id, seq: row!.seq, createdAt: row!.createdAt })
   }
 
   const read = async (stream: string, afterSeq: number, limit: number): Promise<Envelope[]> => {
@@ -214,6 +229,20 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     }, { maxWait: options.transactionMaxWaitMs, timeout: options.transactionTimeoutMs })
     distribute(recorded)
     return result
+  }
+
+  async function commit (change: StatementChange): Promise<Envelope | null> {
+    const { event } = change
+    if (!Array.isArray(change.writes) || change.writes.length === 0) throw new TypeError('erp-offline-queue: commit() needs at least one write')
+    const id = randomUUID()
+    // Data-modifying WITH clauses run exactly once, together, in the statement's own transaction.
+    const writes = change.writes.map((write, i) => Prisma.sql`${Prisma.raw(`w${i}`)} AS (${write} RETURNING 1)`)
+    const [row] = await prisma.$queryRaw<RecordedRow[]>`
+      WITH ${Prisma.join(writes, ', ')}, ${recordEvent(id, event, Prisma.sql`WHERE EXISTS (SELECT 1 FROM w0)`)}`
+    if (!row) return null
+    const envelope = toEnvelope({ ...event, id, seq: row.seq, createdAt: row.createdAt })
+    distribute([envelope])
+    return envelope
   }
 
   const hold = (socket: ErpSocket, stream: string): Hold => {
@@ -406,6 +435,7 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
   fastify.decorate('eventLog', {
     transaction,
     publish: ((event: PublishInput) => transaction((_tx, publish) => publish(event))) as Publish,
+    commit: commit as EventLog['commit'],
     read,
     heads,
     prune,

@@ -1,4 +1,6 @@
+import { randomUUID } from 'node:crypto'
 import type { FastifyInstance } from 'fastify'
+import { Prisma, type Project } from '../generated/prisma/client.ts'
 import { z } from 'zod'
 import { Errors } from '../../plugins/errors.ts'
 import { companyStream } from '../../plugins/events.ts'
@@ -35,11 +37,19 @@ export async function projectRoutes (fastify: FastifyInstance) {
   fastify.post('/projects', async (request, reply) => {
     const body = parse(createBody, request.body)
     const { companyId, userId } = request.user
-    const project = await fastify.eventLog.transaction(async (tx, publish) => {
-      const project = await tx.project.create({ data: { ...body, companyId } })
-      await fastify.conflicts.snapshot(tx, 'project', project)
-      await publish({ stream: companyStream(companyId), type: 'project:created', companyId, actorId: userId, data: { project } })
-      return project
+    // A create reads nothing, so the row, its revision and its event go in one statement (one
+    // round trip instead of an interactive transaction's five). Field order as Prisma reads the
+    // row, so responses and events look alike everywhere.
+    const now = new Date()
+    const project: Project = { id: randomUUID(), companyId, ...body, version: 1, createdAt: now, updatedAt: now }
+    await fastify.eventLog.commit({
+      writes: [
+        Prisma.sql`
+          INSERT INTO projects (id, "companyId", name, description, status, "budgetMinor", version, "createdAt", "updatedAt")
+          VALUES (${project.id}, ${companyId}, ${project.name}, ${project.description}, ${project.status}, ${project.budgetMinor}, 1, ${now}, ${now})`,
+        fastify.conflicts.snapshotStatement('project', project)
+      ],
+      event: { stream: companyStream(companyId), type: 'project:created', companyId, actorId: userId, data: { project } }
     })
     reply.code(201)
     return { project }
