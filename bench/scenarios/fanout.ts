@@ -6,7 +6,7 @@ import { median, round, type Percentiles } from '../lib/stats.ts'
 
 /**
  * fanout: an HTTP change through a real domain route (POST /projects: validation, auth with
- * membership check, project + revision + event rows in one transaction, emit after commit)
+ * membership check, project + revision + event rows in one SQL statement, emit after commit)
  * delivered to N authenticated clients of one company. Latency = client receipt - request start.
  * Baseline: POST /emit → plain io.to(room).emit; its emit-to-receipt is the issue's reference
  * (its request-start-to-receipt is reported too).
