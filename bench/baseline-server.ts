@@ -27,18 +27,26 @@ io.on('connection', (socket) => {
   for (const scenario of Object.values(scenarios)) scenario.baselineConnection?.(socket, state)
 })
 
-// A payload about the size of our project:created envelope, so both send similar frames.
-const padding = {
-  id: '00000000-0000-4000-8000-000000000000',
-  stream: room,
-  type: 'project:created',
-  actor: { userId: '00000000-0000-4000-8000-000000000001' },
-  data: { project: { id: '00000000-0000-4000-8000-000000000002', name: 'bench', description: '', status: 'active', budgetMinor: 0, version: 1, createdAt: new Date().toISOString(), updatedAt: new Date().toISOString() } }
-}
+// The same frame as our project:created envelope, field for field (ids of the same length, the
+// request time in the project name as our route's clients send it), so both sides send and the
+// clients parse the same bytes: 614 characters, where an earlier, smaller payload was 433.
+const uuid = (n: number) => `00000000-0000-4000-8000-${String(n).padStart(12, '0')}`
+let seq = 0
 
 app.post('/emit', async (request) => {
   const { t0 } = request.body as { t0: number }
-  io.to(room).emit('bench', { ...padding, t0, tEmit: now() })
+  const at = new Date().toISOString()
+  io.to(room).emit('bench', {
+    id: uuid(1),
+    stream: `company:${uuid(2)}`,
+    seq: ++seq,
+    type: 'project:created',
+    companyId: uuid(2),
+    at,
+    actor: { userId: uuid(3) },
+    data: { project: { id: uuid(4), companyId: uuid(2), name: `bench ${t0}`, description: '', status: 'active', budgetMinor: 0, version: 1, createdAt: at, updatedAt: at } },
+    tEmit: now()
+  })
   return { ok: true }
 })
 

@@ -23,16 +23,20 @@ export interface ClientState {
 }
 
 /** How a received payload names the time(s) its latency is measured from, per series. */
+/** The request time our route's clients put in the project name ("bench <t0>"). */
+const requestTime = (p: any) => Number(String(p?.data?.project?.name ?? '').split(' ')[1])
+
+/** How a received payload names the time(s) its latency is measured from, per series. */
 const extractors: Record<string, (payload: any) => Array<[string, number]>> = {
   // Our domain route: POST /projects with name "bench <t0>" → project:created envelope; the
   // bench server stamps `tEmit` when it broadcasts (after the commit), like the baseline does.
   'project-name': (p) => {
-    const series: Array<[string, number]> = [['request', Number(String(p?.data?.project?.name ?? '').split(' ')[1])]]
+    const series: Array<[string, number]> = [['request', requestTime(p)]]
     if (typeof p?.tEmit === 'number') series.push(['emit', p.tEmit])
     return series
   },
-  // Baseline: POST /emit {t0} → { t0, tEmit } (request start and the server's emit).
-  raw: (p) => [['request', Number(p?.t0)], ['emit', Number(p?.tEmit)]]
+  // Baseline: POST /emit {t0} → the same envelope shape, with `tEmit` (the server's emit).
+  raw: (p) => [['request', requestTime(p)], ['emit', Number(p?.tEmit)]]
 }
 
 const groups = new Map<string, Group>()
