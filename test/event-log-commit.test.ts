@@ -100,24 +100,26 @@ t.test('concurrent commits and transactions on one stream get contiguous seqs, d
   t.same((await app.eventLog.read(stream, 0, 100)).map(e => e.seq), expected, 'the log is contiguous')
 })
 
-t.test('POST /projects (one statement): the response, the stored row, the event and the revision agree', async t => {
-  const { app, url } = await build(t)
-  const company = await createCompany(app)
-  const socket = await connect(t, url, company.as('member').token)
-  const created = nextEvent(socket, 'project:created')
-  const res = await app.inject({ method: 'POST', url: '/projects', headers: authHeader(company.as('admin')), payload: { name: '  Bridge  ', budgetMinor: 1200 } })
-  t.equal(res.statusCode, 201)
-  const { project } = res.json()
-  t.match(project, { companyId: company.id, name: 'Bridge', description: '', status: 'active', budgetMinor: 1200, version: 1 })
-  const stored = (await app.inject({ method: 'GET', url: `/projects/${project.id}`, headers: authHeader(company.as('member')) })).json().project
-  t.same(stored, project, 'GET answers exactly what POST answered (same keys, order-insensitive values, timestamps)')
-  t.same(Object.keys(project), Object.keys(stored), 'same field order as Prisma reads')
-  const event = await created
-  t.same(event.data.project, project)
-  t.equal(event.actor.userId, company.as('admin').id)
-  const revision = await app.prisma.revision.findUnique({ where: { entity_entityId_version: { entity: 'project', entityId: project.id, version: 1 } } })
-  t.same(revision?.data, project, 'the snapshot is the row as created')
-})
+for (const embedded of [false, true]) {
+  t.test(`${embedded ? 'PGlite' : 'PostgreSQL'}: POST /projects (one statement): the response, the stored row, the event and the revision agree`, async t => {
+    const { app, url } = await build(t, { embedded })
+    const company = await createCompany(app)
+    const socket = await connect(t, url, company.as('member').token)
+    const created = nextEvent(socket, 'project:created')
+    const res = await app.inject({ method: 'POST', url: '/projects', headers: authHeader(company.as('admin')), payload: { name: '  Bridge  ', budgetMinor: 1200 } })
+    t.equal(res.statusCode, 201)
+    const { project } = res.json()
+    t.match(project, { companyId: company.id, name: 'Bridge', description: '', status: 'active', budgetMinor: 1200, version: 1 })
+    const stored = (await app.inject({ method: 'GET', url: `/projects/${project.id}`, headers: authHeader(company.as('member')) })).json().project
+    t.same(stored, project, 'GET answers exactly what POST answered (same keys, order-insensitive values, timestamps)')
+    t.same(Object.keys(project), Object.keys(stored), 'same field order as Prisma reads')
+    const event = await created
+    t.same(event.data.project, project)
+    t.equal(event.actor.userId, company.as('admin').id)
+    const revision = await app.prisma.revision.findUnique({ where: { entity_entityId_version: { entity: 'project', entityId: project.id, version: 1 } } })
+    t.same(revision?.data, project, 'the snapshot is the row as created')
+  })
+}
 
 t.test('a one-statement create stores UTC timestamps whatever the database session time zone', async t => {
   // A server or role configured with a non-UTC TimeZone must not shift the stored times.
