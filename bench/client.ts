@@ -22,7 +22,6 @@ export interface ClientState {
   open (url: string, auth: Record<string, unknown> | undefined, timeoutMs: number): Promise<Socket>
 }
 
-/** How a received payload names the time(s) its latency is measured from, per series. */
 /** The request time our route's clients put in the project name ("bench <t0>"). */
 const requestTime = (p: any) => Number(String(p?.data?.project?.name ?? '').split(' ')[1])
 
