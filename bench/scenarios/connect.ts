@@ -80,8 +80,7 @@ export const connect: Scenario = {
           if (kind === 'ours') {
             const server = await ctx.startServer(db, { config: { jwtSecret } })
             if (!tokens) {
-              tokens = []
-              for (const company of companies) tokens.push(...await server.call<string[]>('tokens', { companyId: company.companyId, users: company.users }))
+              tokens = (await server.call<string[][]>('tokensMany', companies)).flat()
               warmTokens = await server.call<string[]>('tokens', { companyId: warmCompany.companyId, users: warmCompany.users })
             }
             result = await measure(server, `ours-${rep}`, tokens)
