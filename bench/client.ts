@@ -19,7 +19,7 @@ export interface Group {
 export interface ClientState {
   groups: Map<string, Group>
   group (name: string): Group
-  open (url: string, auth: Record<string, unknown> | undefined, timeoutMs: number): Promise<Socket>
+  open (url: string, auth: Record<string, unknown> | undefined, timeoutMs: number, prepare?: (socket: Socket) => void): Promise<Socket>
 }
 
 /** The request time our route's clients put in the project name ("bench <t0>"). */
@@ -48,8 +48,10 @@ const group = (name: string): Group => {
   return g
 }
 
-const open = (url: string, auth: Record<string, unknown> | undefined, timeoutMs: number): Promise<Socket> => {
+/** `prepare` runs before the handshake (listeners that must not miss what follows the connect). */
+const open = (url: string, auth: Record<string, unknown> | undefined, timeoutMs: number, prepare?: (socket: Socket) => void): Promise<Socket> => {
   const socket = io(url, { transports: ['websocket'], reconnection: false, forceNew: true, timeout: timeoutMs, auth: auth ?? {} })
+  prepare?.(socket)
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => { socket.disconnect(); reject(new Error('CONNECT_TIMEOUT')) }, timeoutMs)
     socket.once('connect', () => { clearTimeout(timer); resolve(socket) })
@@ -64,12 +66,19 @@ const open = (url: string, auth: Record<string, unknown> | undefined, timeoutMs:
 const state: ClientState = { groups, group, open }
 
 const handlers: Handlers = {
-  /** Opens `tokens.length` (or `count` anonymous) connections, `concurrency` at a time. */
-  async connect ({ group: name, url, tokens, count, concurrency = 200, timeoutMs = 20_000, deadlineMs = 120_000 }: {
-    group: string, url: string, tokens?: string[], count?: number, concurrency?: number, timeoutMs?: number, deadlineMs?: number
+  /**
+   * Opens `tokens.length` connections (handshake `auth: { token }`), `auths.length` (each its
+   * own handshake auth, for the baseline) or `count` anonymous ones, `concurrency` at a time.
+   * With `countEvent`, the group counts every such event its sockets receive (`count`).
+   */
+  async connect ({ group: name, url, tokens, auths, count, countEvent, concurrency = 200, timeoutMs = 20_000, deadlineMs = 120_000 }: {
+    group: string, url: string, tokens?: string[], auths?: Array<Record<string, unknown>>, count?: number, countEvent?: string, concurrency?: number, timeoutMs?: number, deadlineMs?: number
   }) {
     const g = group(name)
-    const total = tokens?.length ?? count ?? 0
+    const counted = () => { g.received++ }
+    const prepare = countEvent ? (socket: Socket) => { socket.on(countEvent, counted) } : undefined
+    const total = tokens?.length ?? auths?.length ?? count ?? 0
+    const authFor = (i: number) => tokens ? { token: tokens[i] } : auths?.[i]
     const errors: Record<string, number> = {}
     let next = 0
     let connected = 0
@@ -79,7 +88,7 @@ const handlers: Handlers = {
       while (next < total && now() < deadline) {
         const i = next++
         try {
-          g.sockets.push(await open(url, tokens ? { token: tokens[i] } : undefined, timeoutMs))
+          g.sockets.push(await open(url, authFor(i), timeoutMs, prepare))
           connected++
         } catch (err) {
           const code = (err as Error).message

@@ -92,6 +92,28 @@ t.test('a login storm reaches each client in one write per batch window, every c
   t.ok(increasing(observer.changes.filter(c => arrivals.some(u => u.id === c.userId)).map(c => c.rev)), 'in rev order')
 })
 
+t.test('a batch window sends a newcomer the changes after it joined, not the ones before', async t => {
+  const { app, url } = await build(t, { realtime: { presence: { ...FAST, batchMs: 1000 } } })
+  const company = await createCompany(app, ['admin', 'member', 'member'])
+  const [first, second, third] = company.users
+  const observer = await watch(t, url, first!.token)
+  await sleep(1100) // the observer's own online has gone out; the next arrival opens a window
+  const early = await connect(t, url, second!.token)
+  const earlySeen = record(early)
+  // The early arrival's change is waiting in the window before the late one connects.
+  await waitFor(async () => (await app.presence.list(company.id)).some(u => u.userId === second!.id), 5000, 'the early arrival recorded')
+  await sleep(20)
+  const late = await connect(t, url, third!.token)
+  const lateSeen = record(late)
+  await waitFor(() => observer.about(third!.id).length === 1, 5000, 'the late arrival')
+
+  const arrivals = (seen: typeof earlySeen) => seen.filter(e => e.event === 'presence:changed').map(e => e.payload.userId)
+  t.same(observer.changes.filter(c => c.userId !== first!.id).map(c => c.userId), [second!.id, third!.id], 'a member from before the window gets both')
+  t.same(arrivals(earlySeen), [second!.id, third!.id], 'the early arrival gets its own and the later one')
+  t.same(arrivals(lateSeen), [third!.id], 'the late arrival gets only what happened after it joined')
+  t.same((await list(late)).map(u => u.userId).sort(), [first!.id, second!.id, third!.id].sort(), 'presence:list tells it the rest')
+})
+
 t.test('batchMs 0 sends each change at once: a presence:set’s change reaches the setter before its ack', async t => {
   for (const batchMs of [0, 300]) {
     const { app, url } = await build(t, { realtime: { presence: { ...FAST, batchMs } } })

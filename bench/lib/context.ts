@@ -43,10 +43,13 @@ export interface Collected {
 export class ClientPool {
   constructor (readonly procs: Child[]) {}
 
-  /** Connects `tokens.length` authenticated (or `count` anonymous) sockets to `url`, all processes at once. */
-  async connect (group: string, url: string, options: { tokens?: string[], count?: number, concurrency?: number, deadlineMs?: number, timeoutMs?: number }): Promise<ConnectResult> {
+  /**
+   * Connects `tokens.length` authenticated sockets, `auths.length` sockets with those handshake
+   * auths (the baseline's), or `count` anonymous ones to `url`, all processes at once.
+   */
+  async connect (group: string, url: string, options: { tokens?: string[], auths?: Array<Record<string, unknown>>, count?: number, countEvent?: string, concurrency?: number, deadlineMs?: number, timeoutMs?: number }): Promise<ConnectResult> {
     const n = this.procs.length
-    const total = options.tokens?.length ?? options.count ?? 0
+    const total = options.tokens?.length ?? options.auths?.length ?? options.count ?? 0
     const parts = this.procs.map((proc, i) => {
       const from = Math.floor(total * i / n)
       const to = Math.floor(total * (i + 1) / n)
@@ -54,7 +57,9 @@ export class ClientPool {
         group,
         url,
         tokens: options.tokens?.slice(from, to),
-        count: options.tokens ? undefined : to - from,
+        auths: options.auths?.slice(from, to),
+        count: options.tokens || options.auths ? undefined : to - from,
+        countEvent: options.countEvent,
         concurrency: Math.max(1, Math.floor((options.concurrency ?? 400) / n)),
         deadlineMs: options.deadlineMs ?? 120_000,
         timeoutMs: options.timeoutMs ?? 20_000

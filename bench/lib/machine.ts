@@ -50,3 +50,19 @@ export async function machine () {
     versions: { ...Object.fromEntries(PACKAGES.map(p => [p, version(p)])), postgres }
   }
 }
+
+/** The machine's CPU time so far, all cores (ms): busy (user, nice, sys, irq) and total. */
+export function cpuTimes (): { busy: number, total: number } {
+  let busy = 0
+  let total = 0
+  for (const { times } of os.cpus()) {
+    const all = times.user + times.nice + times.sys + times.irq + times.idle
+    total += all
+    busy += all - times.idle
+  }
+  return { busy, total }
+}
+
+/** The share of the machine's CPU (0..1, all cores) that was busy between two `cpuTimes()`. */
+export const busyBetween = (before: { busy: number, total: number }, after: { busy: number, total: number }): number =>
+  after.total > before.total ? (after.busy - before.busy) / (after.total - before.total) : NaN

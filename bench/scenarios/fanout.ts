@@ -1,5 +1,6 @@
 import { now } from '../lib/clock.ts'
 import { openLoop, postProject } from '../lib/load.ts'
+import { busyBetween, cpuTimes } from '../lib/machine.ts'
 import type { ClientPool, ServerHandle } from '../lib/context.ts'
 import type { Row, Scenario } from '../lib/scenario.ts'
 import { median, round, type Percentiles } from '../lib/stats.ts'
@@ -25,6 +26,11 @@ interface Burst {
   durationMs: number
   /** Server CPU time (user + system) per change over the burst, ms: what a change costs the node, fan-out included. */
   cpuPerChangeMs: number
+  /**
+   * Share of the whole machine's CPU (every core; server, load clients, sender, PostgreSQL)
+   * busy during the burst: near 1, every process queues for a core and p99 is mostly that wait.
+   */
+  machineBusy: number
 }
 
 async function post (server: ServerHandle, token: string, t0: number): Promise<void> {
@@ -37,15 +43,17 @@ async function post (server: ServerHandle, token: string, t0: number): Promise<v
 /** `count` changes at `rate`/s (open loop: sent on schedule, not after the previous answer). */
 async function burst (server: ServerHandle, clients: ClientPool, group: string, token: string, size: number, count: number, rate: number): Promise<Burst> {
   const cpuBefore = await server.call<number>('cpu')
+  const machineBefore = cpuTimes()
   const { start, interval, http, httpErrors } = await openLoop(count, rate, t0 => post(server, token, t0))
   const expected = (count - httpErrors) * size
   // Bounded: everything should arrive within a few seconds of the last send.
   await clients.waitForCount(group, expected, now() + 10_000 + count * interval)
+  const machineBusy = busyBetween(machineBefore, cpuTimes())
   const cpuPerChangeMs = (await server.call<number>('cpu') - cpuBefore) / count
   const got = await clients.collect(group)
   const latency = Object.fromEntries(Object.entries(got.series).map(([name, h]) => [name, h.percentiles()]))
   const durationMs = got.lastRecv - start
-  return { sent: count, httpErrors, expected, received: got.received, latency, http: http.percentiles(), deliveriesPerSecond: got.received / (durationMs / 1000), durationMs, cpuPerChangeMs }
+  return { sent: count, httpErrors, expected, received: got.received, latency, http: http.percentiles(), deliveriesPerSecond: got.received / (durationMs / 1000), durationMs, cpuPerChangeMs, machineBusy }
 }
 
 export const fanout: Scenario = {
@@ -95,7 +103,7 @@ export const fanout: Scenario = {
           await burst(server, clients, group, admin, sockets, warmup, rate)
           const result = await burst(server, clients, group, admin, sockets, emits, rate)
           reps[server.kind].push(result)
-          ctx.log(`${size} rep ${rep + 1} ${server.kind}: p50 ${round(result.latency.request!.p50)} p99 ${round(result.latency.request!.p99)} ms (HTTP p50 ${round(result.http.p50)} ms) (emit p99 ${round(result.latency.emit?.p99 ?? NaN)}) (CPU ${round(result.cpuPerChangeMs)} ms/change), ${result.received}/${result.expected} received, ${result.httpErrors} HTTP errors`)
+          ctx.log(`${size} rep ${rep + 1} ${server.kind}: p50 ${round(result.latency.request!.p50)} p99 ${round(result.latency.request!.p99)} ms (HTTP p50 ${round(result.http.p50)} ms) (emit p99 ${round(result.latency.emit?.p99 ?? NaN)}) (CPU ${round(result.cpuPerChangeMs)} ms/change, machine ${round(result.machineBusy * 100, 0)} % busy), ${result.received}/${result.expected} received, ${result.httpErrors} HTTP errors`)
         }
       }
       await clients.disconnect(`ours-${size}`)
@@ -127,6 +135,11 @@ export const fanout: Scenario = {
         ours: median(reps.ours.map(b => b.cpuPerChangeMs)),
         baseline: median(reps.raw.map(b => b.cpuPerChangeMs)),
         reps: { ours: reps.ours.map(b => b.cpuPerChangeMs), baseline: reps.raw.map(b => b.cpuPerChangeMs) }
+      }, {
+        label, metric: 'machine CPU busy during the burst', unit: '%', better: 'lower', summary: false,
+        ours: median(reps.ours.map(b => b.machineBusy * 100)),
+        baseline: median(reps.raw.map(b => b.machineBusy * 100)),
+        reps: { ours: reps.ours.map(b => b.machineBusy * 100), baseline: reps.raw.map(b => b.machineBusy * 100) }
       }, {
         label, metric: 'deliveries/s', unit: '/s', better: 'higher', summary: false,
         ours: median(reps.ours.map(b => b.deliveriesPerSecond)),

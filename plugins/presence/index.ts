@@ -206,25 +206,42 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
       io.local.to(companyStream(companyId)).emit('presence:changed', change)
       return
     }
+    const pending = { change, tick: ++changeTick }
     const changes = batched.get(companyId)
-    if (changes) changes.push(change)
-    else batched.set(companyId, [change])
+    if (changes) changes.push(pending)
+    else batched.set(companyId, [pending])
     if (!batchTimer) {
       batchTimer = setTimeout(deliverBatched, batchMs)
       batchTimer.unref()
     }
   }
 
-  /** Changes waiting for the end of the window, per company, in the order they were made (already rev-checked). */
-  const batched = new Map<string, PresenceChanged[]>()
+  /**
+   * Changes waiting for the end of the window, per company, in the order they were made (already
+   * rev-checked), each with its place in the order of changes and joins (`tick`).
+   */
+  const batched = new Map<string, Array<{ change: PresenceChanged, tick: number }>>()
+  /**
+   * Sockets that joined a company while changes of it were waiting, with the last tick before
+   * they joined: a change made before a socket joined is not sent to it at the end of the window
+   * (what it was, `presence:list` tells; without this, a company's login storm would send each
+   * newcomer the arrivals before its own too, about 40 % more frames for companies of 100).
+   */
+  const joinedDuringWindow = new Map<string, Array<{ socketId: string, tick: number }>>()
+  let changeTick = 0
   let batchTimer: NodeJS.Timeout | undefined
   const deliverBatched = () => {
     batchTimer = undefined
     for (const [companyId, changes] of batched) {
       const room = io.local.to(companyStream(companyId))
-      for (const change of changes) room.emit('presence:changed', change)
+      const joined = joinedDuringWindow.get(companyId)
+      for (const { change, tick } of changes) {
+        const notYetThere = joined?.filter(j => j.tick >= tick).map(j => j.socketId)
+        ;(notYetThere?.length ? room.except(notYetThere) : room).emit('presence:changed', change)
+      }
     }
     batched.clear()
+    joinedDuringWindow.clear()
   }
 
   const announce = (companyId: string, userId: string, presence: UserPresence | null, rev: number) => {
@@ -333,6 +350,11 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
     if (!active || !companyId || !userId) return
     const entry: LocalSocket = { ref: { companyId, userId, socketId: socket.id }, chain: Promise.resolve() }
     local.set(socket.id, entry)
+    if (batched.has(companyId)) {
+      const joined = joinedDuringWindow.get(companyId)
+      if (joined) joined.push({ socketId: socket.id, tick: changeTick })
+      else joinedDuringWindow.set(companyId, [{ socketId: socket.id, tick: changeTick }])
+    }
     enqueue(entry, () => register(entry.ref)).then(succeeded, failed('recording a connection'))
     socket.on('presence:set', onSet)
     socket.on('presence:list', onList)
@@ -396,6 +418,7 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
     clearTimeout(batchTimer)
     batchTimer = undefined
     batched.clear()
+    joinedDuringWindow.clear()
   }
 
   fastify.decorate('presence', {
