@@ -3,6 +3,7 @@ import type { ClientState } from '../client.ts'
 import type { BaselineState } from '../baseline-server.ts'
 import type { ServerState } from '../server.ts'
 import type { Context } from './context.ts'
+import { median } from './stats.ts'
 
 /**
  * One row of the results table: our figure against the baseline's, both medians over the
@@ -25,6 +26,11 @@ export interface Row {
   target?: { maxRatio?: number, minRatio?: number, maxOurs?: number }
   /** Per-repetition figures the medians come from. */
   reps: { ours: number[], baseline: number[] }
+}
+
+/** A row's figures from per-repetition values: both medians, and the values they come from. */
+export function medians (ours: number[], baseline: number[]): Pick<Row, 'ours' | 'baseline' | 'reps'> {
+  return { ours: median(ours), baseline: median(baseline), reps: { ours, baseline } }
 }
 
 export interface ScenarioResult {

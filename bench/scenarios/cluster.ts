@@ -3,8 +3,8 @@ import { now, sleep } from '../lib/clock.ts'
 import { openLoop, postProject } from '../lib/load.ts'
 import { dropRedisPrefix } from '../lib/redis.ts'
 import type { ClientPool, ServerHandle } from '../lib/context.ts'
-import type { Row, Scenario } from '../lib/scenario.ts'
-import { Histogram, median, round, type Percentiles } from '../lib/stats.ts'
+import { medians, type Row, type Scenario } from '../lib/scenario.ts'
+import { Histogram, round, type Percentiles } from '../lib/stats.ts'
 
 /**
  * cluster: an HTTP change (POST /projects) on node A delivered to N clients of one company
@@ -110,9 +110,7 @@ export const cluster: Scenario = {
     const pick = (bursts: Burst[], key: keyof Percentiles) => bursts.map(b => b.latency[key])
     const row = (metric: 'p50' | 'p99' | 'max', summary: boolean, target?: Row['target']): Row => ({
       label: `cluster ${size}`, metric, unit: 'ms', better: 'lower', summary, target, baselineName: 'single node',
-      ours: median(pick(reps.cluster, metric)),
-      baseline: median(pick(reps.single, metric)),
-      reps: { ours: pick(reps.cluster, metric), baseline: pick(reps.single, metric) }
+      ...medians(pick(reps.cluster, metric), pick(reps.single, metric))
     })
     const rows = [row('p50', false), row('p99', true, { maxRatio: 2 }), row('max', false)]
     const lost = [...reps.cluster, ...reps.single].reduce((s, b) => s + b.expected - b.received + b.httpErrors, 0)

@@ -1,6 +1,6 @@
 import { companyStream } from '../../plugins/events.ts'
 import { now } from '../lib/clock.ts'
-import type { Row, Scenario } from '../lib/scenario.ts'
+import { medians, type Row, type Scenario } from '../lib/scenario.ts'
 import { median, round } from '../lib/stats.ts'
 
 /**
@@ -162,12 +162,10 @@ export const conflicts: Scenario = {
     const rows: Row[] = [{
       label, metric: 'lost updates', unit: 'updates', better: 'lower', summary: true, baselineName: 'unversioned LWW',
       target: { maxOurs: 1 },
-      ours: median(reps.ours.map(r => r.lost)), baseline: median(reps.naive.map(r => r.lost)),
-      reps: { ours: reps.ours.map(r => r.lost), baseline: reps.naive.map(r => r.lost) }
+      ...medians(reps.ours.map(r => r.lost), reps.naive.map(r => r.lost))
     }, {
       label, metric: 'versioned updates/s', unit: '/s', better: 'higher', summary: true, baselineName: 'unversioned LWW',
-      ours: median(reps.ours.map(r => r.updatesPerSecond)), baseline: median(reps.naive.map(r => r.updatesPerSecond)),
-      reps: { ours: reps.ours.map(r => r.updatesPerSecond), baseline: reps.naive.map(r => r.updatesPerSecond) }
+      ...medians(reps.ours.map(r => r.updatesPerSecond), reps.naive.map(r => r.updatesPerSecond))
     }]
     return {
       parameters,

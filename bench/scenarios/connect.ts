@@ -3,8 +3,8 @@ import { sleep } from '../lib/clock.ts'
 import type { ConnectResult, ServerHandle } from '../lib/context.ts'
 import type { Memory } from '../lib/memory.ts'
 import type { SeededCompany } from '../lib/db.ts'
-import type { Row, Scenario } from '../lib/scenario.ts'
-import { median, round } from '../lib/stats.ts'
+import { medians, type Row, type Scenario } from '../lib/scenario.ts'
+import { round } from '../lib/stats.ts'
 
 /**
  * connect: N connections to one node, from two client processes at once. Ours: JWT verify +
@@ -118,11 +118,8 @@ export const connect: Scenario = {
       }
 
       const label = `connect ${total} (companies of ${companySize})`
-      const series = (fn: (r: Rep) => number) => ({ ours: reps.ours.map(fn), baseline: reps.raw.map(fn) })
-      const row = (metric: string, unit: string, better: Row['better'], fn: (r: Rep) => number, target?: Row['target'], summary = true): Row => {
-        const s = series(fn)
-        return { label, metric, unit, better, target, summary, ours: median(s.ours), baseline: median(s.baseline), reps: s }
-      }
+      const row = (metric: string, unit: string, better: Row['better'], fn: (r: Rep) => number, target?: Row['target'], summary = true): Row =>
+        ({ label, metric, unit, better, target, summary, ...medians(reps.ours.map(fn), reps.raw.map(fn)) })
       rows.push(
         row('connections/s', '/s', 'higher', r => r.connect.rate, { minRatio: 0.5 }),
         row('RSS/connection', 'KB', 'lower', r => r.rssPerConnection / 1024, { maxRatio: 1.5 }),

@@ -2,8 +2,8 @@ import { now } from '../lib/clock.ts'
 import { openLoop, postProject } from '../lib/load.ts'
 import { busyBetween, cpuTimes } from '../lib/machine.ts'
 import type { ClientPool, ServerHandle } from '../lib/context.ts'
-import type { Row, Scenario } from '../lib/scenario.ts'
-import { median, round, type Percentiles } from '../lib/stats.ts'
+import { medians, type Row, type Scenario } from '../lib/scenario.ts'
+import { round, type Percentiles } from '../lib/stats.ts'
 
 /**
  * fanout: an HTTP change through a real domain route (POST /projects: validation, auth with
@@ -115,36 +115,22 @@ export const fanout: Scenario = {
       const target = size === 1000 ? { maxRatio: 1.25 } : undefined
       const lat = (metric: 'p50' | 'p99' | 'max', summary: boolean, t?: Row['target']): Row => ({
         label, metric, unit: 'ms', better: 'lower', summary, target: t, baselineName: 'raw emit',
-        ours: median(pick(reps.ours, 'request', metric)),
-        baseline: median(pick(reps.raw, 'emit', metric)),
-        reps: { ours: pick(reps.ours, 'request', metric), baseline: pick(reps.raw, 'emit', metric) }
+        ...medians(pick(reps.ours, 'request', metric), pick(reps.raw, 'emit', metric))
       })
+      const perBurst = (fn: (b: Burst) => number) => medians(reps.ours.map(fn), reps.raw.map(fn))
       rows.push(lat('p50', false), lat('p99', true, target), {
         // The realtime layer alone: our broadcast (after the commit) → receipt vs raw emit → receipt.
         label, metric: 'p99 broadcast → receipt', unit: 'ms', better: 'lower', summary: true, baselineName: 'raw emit',
-        ours: median(pick(reps.ours, 'emit', 'p99')),
-        baseline: median(pick(reps.raw, 'emit', 'p99')),
-        reps: { ours: pick(reps.ours, 'emit', 'p99'), baseline: pick(reps.raw, 'emit', 'p99') }
+        ...medians(pick(reps.ours, 'emit', 'p99'), pick(reps.raw, 'emit', 'p99'))
       }, {
         label, metric: 'p99 vs raw request start', unit: 'ms', better: 'lower', summary: false, baselineName: 'raw request',
-        ours: median(pick(reps.ours, 'request', 'p99')),
-        baseline: median(pick(reps.raw, 'request', 'p99')),
-        reps: { ours: pick(reps.ours, 'request', 'p99'), baseline: pick(reps.raw, 'request', 'p99') }
+        ...medians(pick(reps.ours, 'request', 'p99'), pick(reps.raw, 'request', 'p99'))
       }, {
-        label, metric: 'server CPU per change', unit: 'ms', better: 'lower', summary: true,
-        ours: median(reps.ours.map(b => b.cpuPerChangeMs)),
-        baseline: median(reps.raw.map(b => b.cpuPerChangeMs)),
-        reps: { ours: reps.ours.map(b => b.cpuPerChangeMs), baseline: reps.raw.map(b => b.cpuPerChangeMs) }
+        label, metric: 'server CPU per change', unit: 'ms', better: 'lower', summary: true, ...perBurst(b => b.cpuPerChangeMs)
       }, {
-        label, metric: 'machine CPU busy during the burst', unit: '%', better: 'lower', summary: false,
-        ours: median(reps.ours.map(b => b.machineBusy * 100)),
-        baseline: median(reps.raw.map(b => b.machineBusy * 100)),
-        reps: { ours: reps.ours.map(b => b.machineBusy * 100), baseline: reps.raw.map(b => b.machineBusy * 100) }
+        label, metric: 'machine CPU busy during the burst', unit: '%', better: 'lower', summary: false, ...perBurst(b => b.machineBusy * 100)
       }, {
-        label, metric: 'deliveries/s', unit: '/s', better: 'higher', summary: false,
-        ours: median(reps.ours.map(b => b.deliveriesPerSecond)),
-        baseline: median(reps.raw.map(b => b.deliveriesPerSecond)),
-        reps: { ours: reps.ours.map(b => b.deliveriesPerSecond), baseline: reps.raw.map(b => b.deliveriesPerSecond) }
+        label, metric: 'deliveries/s', unit: '/s', better: 'higher', summary: false, ...perBurst(b => b.deliveriesPerSecond)
       })
       const lost = [...reps.ours, ...reps.raw].reduce((s, b) => s + b.expected - b.received + b.httpErrors, 0)
       if (lost > 0) ctx.log(`${size}: ${lost} deliveries or requests missing`)

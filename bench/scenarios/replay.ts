@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto'
 import { companyStream } from '../../plugins/events.ts'
 import { Prisma } from '../../src/generated/prisma/client.ts'
 import { now } from '../lib/clock.ts'
-import type { Row, Scenario } from '../lib/scenario.ts'
+import { medians, type Row, type Scenario } from '../lib/scenario.ts'
 import { median, round, samplePercentiles } from '../lib/stats.ts'
 
 /**
@@ -171,17 +171,14 @@ export const replay: Scenario = {
     const rows: Row[] = [{
       label: `replay ${events}`, metric: 'resume→ack', unit: 'ms', better: 'lower', summary: true,
       target: events === 10_000 ? { maxOurs: 1000 } : undefined,
-      ours: median(reps.ours.map(r => r.ms)), baseline: median(reps.raw.map(r => r.ms)),
-      reps: { ours: reps.ours.map(r => r.ms), baseline: reps.raw.map(r => r.ms) }
+      ...medians(reps.ours.map(r => r.ms), reps.raw.map(r => r.ms))
     }, {
       label: 'publish overhead', metric: 'median mutation', unit: 'ms', better: 'lower', summary: true, baselineName: 'no event',
       target: { maxRatio: 1.5 },
-      ours: median(reps.overhead.map(o => o.withEvent)), baseline: median(reps.overhead.map(o => o.without)),
-      reps: { ours: reps.overhead.map(o => o.withEvent), baseline: reps.overhead.map(o => o.without) }
+      ...medians(reps.overhead.map(o => o.withEvent), reps.overhead.map(o => o.without))
     }, {
       label: 'publish overhead', metric: 'median one-statement insert (eventLog.commit)', unit: 'ms', better: 'lower', summary: true, baselineName: 'the INSERT alone',
-      ours: median(reps.overhead.map(o => o.statementWithEvent)), baseline: median(reps.overhead.map(o => o.statementWithout)),
-      reps: { ours: reps.overhead.map(o => o.statementWithEvent), baseline: reps.overhead.map(o => o.statementWithout) }
+      ...medians(reps.overhead.map(o => o.statementWithEvent), reps.overhead.map(o => o.statementWithout))
     }]
     return {
       parameters,

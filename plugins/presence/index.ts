@@ -110,6 +110,12 @@ const optionsSchema = z.object({
 /** Sweep batches per run, so a backlog after an outage drains without one run monopolising the node. */
 const MAX_SWEEP_BATCHES = 20
 
+const append = <T>(lists: Map<string, T[]>, key: string, item: T): void => {
+  const list = lists.get(key)
+  if (list) list.push(item)
+  else lists.set(key, [item])
+}
+
 async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOptions) {
   const parsed = { data: parseOptions('erp-presence', optionsSchema, rawOptions) }
   const { graceMs, heartbeatMs, ttlMs, sweepIntervalMs, sweepBatchSize, revCacheSize, batchMs } = parsed.data
@@ -206,10 +212,7 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
       io.local.to(companyStream(companyId)).emit('presence:changed', change)
       return
     }
-    const pending = { change, tick: ++changeTick }
-    const changes = batched.get(companyId)
-    if (changes) changes.push(pending)
-    else batched.set(companyId, [pending])
+    append(batched, companyId, { change, tick: ++changeTick })
     if (!batchTimer) {
       batchTimer = setTimeout(deliverBatched, batchMs)
       batchTimer.unref()
@@ -350,11 +353,7 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
     if (!active || !companyId || !userId) return
     const entry: LocalSocket = { ref: { companyId, userId, socketId: socket.id }, chain: Promise.resolve() }
     local.set(socket.id, entry)
-    if (batched.has(companyId)) {
-      const joined = joinedDuringWindow.get(companyId)
-      if (joined) joined.push({ socketId: socket.id, tick: changeTick })
-      else joinedDuringWindow.set(companyId, [{ socketId: socket.id, tick: changeTick }])
-    }
+    if (batched.has(companyId)) append(joinedDuringWindow, companyId, { socketId: socket.id, tick: changeTick })
     enqueue(entry, () => register(entry.ref)).then(succeeded, failed('recording a connection'))
     socket.on('presence:set', onSet)
     socket.on('presence:list', onList)
