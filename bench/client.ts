@@ -25,17 +25,22 @@ export interface ClientState {
 /** The request time our route's clients put in the project name ("bench <t0>"). */
 const requestTime = (p: any) => Number(String(p?.data?.project?.name ?? '').split(' ')[1])
 
-/** How a received payload names the time(s) its latency is measured from, per series. */
-const extractors: Record<string, (payload: any) => Array<[string, number]>> = {
+/**
+ * The latencies a received payload gives, per series, from its receipt time `t`: "request"
+ * (request start → receipt), "emit" (the server's broadcast → receipt) and "route" (request
+ * start → broadcast: the sender, HTTP, and for ours the route's auth and database work).
+ */
+const extractors: Record<string, (payload: any, t: number) => Array<[string, number]>> = {
   // Our domain route: POST /projects with name "bench <t0>" → project:created envelope; the
   // bench server stamps `tEmit` when it broadcasts (after the commit), like the baseline does.
-  'project-name': (p) => {
-    const series: Array<[string, number]> = [['request', requestTime(p)]]
-    if (typeof p?.tEmit === 'number') series.push(['emit', p.tEmit])
+  'project-name': (p, t) => {
+    const t0 = requestTime(p)
+    const series: Array<[string, number]> = [['request', t - t0]]
+    if (typeof p?.tEmit === 'number') series.push(['emit', t - p.tEmit], ['route', p.tEmit - t0])
     return series
   },
   // Baseline: POST /emit {t0} → the same envelope shape, with `tEmit` (the server's emit).
-  raw: (p) => [['request', requestTime(p)], ['emit', Number(p?.tEmit)]]
+  raw: (p, t) => [['request', t - requestTime(p)], ['emit', t - Number(p?.tEmit)], ['route', Number(p?.tEmit) - requestTime(p)]]
 }
 
 const groups = new Map<string, Group>()
@@ -108,10 +113,10 @@ const handlers: Handlers = {
     for (const socket of g.sockets) {
       socket.on(event, (payload: unknown) => {
         const t = now()
-        for (const [series, from] of extract(payload)) {
+        for (const [series, ms] of extract(payload, t)) {
           let h = g.series.get(series)
           if (!h) g.series.set(series, h = new Histogram())
-          h.record(t - from)
+          h.record(ms)
         }
         if (g.received === 0) g.firstRecv = t
         g.received++

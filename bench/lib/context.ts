@@ -183,10 +183,16 @@ export class Context {
     return this.handle('raw', child, info.port)
   }
 
-  /** `count` load-client processes (default 2). */
+  /**
+   * `count` load-client processes (default 2). They run with 64 MB semi-spaces: with Node's
+   * default (16 MB), each one ran 275–289 scavenges in a `fanout --sizes 1000` run, 100–134 of
+   * them pausing over 5 ms (up to 38 ms), and those pauses decided the p99 of whichever side
+   * they fell on (the baseline's emit → receipt p99 25–29 ms per repetition, and 24–50 ms over
+   * earlier runs; 17–21 ms with 64 MB, 91–98 scavenges). The servers keep Node's defaults.
+   */
   async clients (count = 2): Promise<ClientPool> {
     const procs = await Promise.all(Array.from({ length: count }, (_, i) =>
-      Child.start(CLIENT, { name: `bench client ${i + 1}`, execArgv: this.profileFlags('clients') }).then(r => r.child)))
+      Child.start(CLIENT, { name: `bench client ${i + 1}`, execArgv: ['--max-semi-space-size=64', ...this.profileFlags('clients')] }).then(r => r.child)))
     this.cleanups.push(async () => { await Promise.all(procs.map(p => p.stop(3000))) })
     return new ClientPool(procs)
   }
