@@ -75,13 +75,13 @@ async function main () {
   if (flags.list || flags.help) {
     console.log('scenarios (default run marked *):')
     for (const s of Object.values(scenarios)) console.log(`  ${s.default ? '*' : ' '} ${s.name.padEnd(10)} ${s.description}`)
-    console.log('flags: --quick (small sizes)  --reps N (default 3)  --cpu-prof (profiles in bench/results/prof/)\n       fanout: --sizes 100,1000 --emits N --warmup N --rate N; connect: --connections N --concurrency N --company-sizes 1,100 --bare-baseline; replay: --events N --ops N')
+    console.log('flags: --quick (small sizes)  --reps N (default 5)  --cpu-prof (profiles in bench/results/prof/)\n       fanout: --sizes 100,1000 --emits N --warmup N --rate N; connect: --connections N --concurrency N --company-sizes 1,100 --bare-baseline; replay: --events N --ops N')
     return
   }
   const unknown = names.filter(n => !scenarios[n])
   if (unknown.length) throw new Error(`unknown scenario ${unknown.join(', ')}; known: ${Object.keys(scenarios).join(', ')}`)
   const selected = names.length ? names : Object.values(scenarios).filter(s => s.default).map(s => s.name)
-  const reps = Math.max(1, Number(flags.reps ?? 3) || 3)
+  const reps = Math.max(1, Number(flags.reps ?? 5) || 5)
   const quick = Boolean(flags.quick)
   const cpuProf = flags['cpu-prof'] ? `${RESULTS}prof` : undefined
   mkdirSync(cpuProf ?? RESULTS, { recursive: true })
