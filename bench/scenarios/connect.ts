@@ -120,9 +120,12 @@ export const connect: Scenario = {
       const label = `connect ${total} (companies of ${companySize})`
       const row = (metric: string, unit: string, better: Row['better'], fn: (r: Rep) => number, target?: Row['target'], summary = true): Row =>
         ({ label, metric, unit, better, target, summary, ...medians(reps.ours.map(fn), reps.raw.map(fn)) })
+      // The issue's targets are for 10,000 connections; a smaller run (--quick) reports without
+      // them (over 1,000 connections a run's fixed costs weigh ten times more per connection).
+      const atIssueSize = total === 10_000
       rows.push(
-        row('connections/s', '/s', 'higher', r => r.connect.rate, { minRatio: 0.5 }),
-        row('RSS/connection', 'KB', 'lower', r => r.rssPerConnection / 1024, { maxRatio: 1.5 }),
+        row('connections/s', '/s', 'higher', r => r.connect.rate, atIssueSize ? { minRatio: 0.5 } : undefined),
+        row('RSS/connection', 'KB', 'lower', r => r.rssPerConnection / 1024, atIssueSize ? { maxRatio: 1.5 } : undefined),
         row('heap/connection', 'KB', 'lower', r => r.heapPerConnection / 1024, undefined, false),
         row('presence:changed received', '', 'lower', r => r.announcementsReceived, undefined, false)
       )
