@@ -29,18 +29,20 @@ const requestTime = (p: any) => Number(String(p?.data?.project?.name ?? '').spli
  * The latencies a received payload gives, per series, from its receipt time `t`: "request"
  * (request start → receipt), "emit" (the server's broadcast → receipt) and "route" (request
  * start → broadcast: the sender, HTTP, and for ours the route's auth and database work).
+ * Both sides send the same envelope: the request time in the project name ("bench <t0>") and
+ * `tEmit`, stamped when the server broadcasts (ours: bench/server.ts, after the commit).
  */
+const envelopeLatencies = (p: any, t: number): Array<[string, number]> => {
+  const t0 = requestTime(p)
+  const series: Array<[string, number]> = [['request', t - t0]]
+  if (typeof p?.tEmit === 'number') series.push(['emit', t - p.tEmit], ['route', p.tEmit - t0])
+  return series
+}
+
+/** By name, as `listen` gets it: our POST /projects → project:created, the baseline's POST /emit. */
 const extractors: Record<string, (payload: any, t: number) => Array<[string, number]>> = {
-  // Our domain route: POST /projects with name "bench <t0>" → project:created envelope; the
-  // bench server stamps `tEmit` when it broadcasts (after the commit), like the baseline does.
-  'project-name': (p, t) => {
-    const t0 = requestTime(p)
-    const series: Array<[string, number]> = [['request', t - t0]]
-    if (typeof p?.tEmit === 'number') series.push(['emit', t - p.tEmit], ['route', p.tEmit - t0])
-    return series
-  },
-  // Baseline: POST /emit {t0} → the same envelope shape, with `tEmit` (the server's emit).
-  raw: (p, t) => [['request', t - requestTime(p)], ['emit', t - Number(p?.tEmit)], ['route', Number(p?.tEmit) - requestTime(p)]]
+  'project-name': envelopeLatencies,
+  raw: envelopeLatencies
 }
 
 const groups = new Map<string, Group>()
