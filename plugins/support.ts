@@ -75,3 +75,8 @@ export function batchPerTurn<K, V> (loadMany: (keys: readonly K[]) => Promise<V[
   })
   return key => loader.load(key)
 }
+
+/** A route option's hooks as an array (Fastify accepts one function or a list), to append to. */
+export function hookList<T> (hooks: T | T[] | undefined): T[] {
+  return hooks === undefined ? [] : Array.isArray(hooks) ? hooks : [hooks]
+}

@@ -79,6 +79,8 @@ export interface BuildTestOptions {
   embedded?: boolean
   config?: Partial<AppConfig>
   realtime?: BuildOptions['realtime']
+  /** Extra routes (a plugin) registered after the app's own, before it listens. */
+  routes?: (app: FastifyInstance) => Promise<void>
 }
 
 /** Builds the app on a fresh database and listens on port 0; closed at teardown. */
@@ -90,6 +92,7 @@ export async function build (t: TestLike, options: BuildTestOptions = {}): Promi
     realtime: { ...options.realtime, eventLog: { headIntervalMs: 0, pruneIntervalMs: 0, ...options.realtime?.eventLog } }
   })
   t.teardown(() => app.close())
+  if (options.routes) await app.register(options.routes)
   await app.listen({ port: 0, host: '127.0.0.1' })
   const address = app.server.address()
   const port = typeof address === 'object' && address ? address.port : 0

@@ -1,13 +1,14 @@
 import fp from 'fastify-plugin'
 import fastifyJwt from '@fastify/jwt'
-import type { FastifyInstance, FastifyRequest } from 'fastify'
+import type { FastifyInstance, FastifyReply, FastifyRequest, RouteOptions } from 'fastify'
 import type { ExtendedError } from 'socket.io'
 import { z } from 'zod'
-import { batchPerTurn, parseOptions } from '../support.ts'
-import type { PrismaClient } from '../../src/generated/prisma/client.ts'
+import { batchPerTurn, hookList, parseOptions } from '../support.ts'
+import { Prisma, type PrismaClient } from '../../src/generated/prisma/client.ts'
 import { Errors, type ErrorCode } from '../errors.ts'
 import { authRefreshSchema, companyStream, ROLES, userStream, type Role } from '../events.ts'
 import { listener, SocketError, type ErpSocket } from '../socket/handle.ts'
+import type { WriteGuard } from '../offline-queue/index.ts'
 
 export interface ErpAuthOptions {
   /** HS256 signing key, at least 32 characters. Required. */
@@ -49,7 +50,23 @@ export interface ErpAuthDecorator {
    * the membership query, before the socket joined its rooms); once per socket, then undefined.
    */
   takeHandshakeHeads (socket: object): ReadonlyMap<string, number> | undefined
+  /**
+   * The membership check of a route configured with `erpAuth: { membership: 'in-write' }`, for
+   * `eventLog.commit({ guard })`: checked in the write's own statement, which writes nothing if
+   * the caller is not an active member (403 AUTH_NOT_A_MEMBER) or, with `roles`, if the stored
+   * role is not one of them (403 FORBIDDEN). Once it passed, `request.user.role` is the stored role.
+   */
+  writeGuard (request: FastifyRequest, roles?: readonly Role[]): WriteGuard
+  /**
+   * Checks the membership now (one query) if the request's route deferred it to its write
+   * ('in-write') and it has not passed yet; otherwise does nothing. For a request that answers
+   * without writing, e.g. erp-idempotency's replay of a stored response.
+   */
+  checkMembership (request: FastifyRequest): Promise<void>
 }
+
+/** When a route's membership check runs (route option `config.erpAuth.membership`). */
+export type MembershipCheck = 'before' | 'in-write'
 
 declare module '@fastify/jwt' {
   interface FastifyJWT {
@@ -59,6 +76,19 @@ declare module '@fastify/jwt' {
 }
 
 declare module 'fastify' {
+  interface FastifyContextConfig {
+    erpAuth?: {
+      /**
+       * 'before' (default): `authenticate` verifies the token and queries the membership before
+       * the handler. 'in-write': `authenticate` verifies the token only, and the handler's one
+       * write checks the membership in the same statement (`eventLog.commit({ guard:
+       * fastify.erpAuth.writeGuard(request) })`), one database round trip less. Until then
+       * `request.user.role` is the token's claim; a response below 400 without a passed guard
+       * is turned into a 500 AUTH_MEMBERSHIP_UNCHECKED.
+       */
+      membership?: MembershipCheck
+    }
+  }
   interface FastifyInstance {
     erpAuth: ErpAuthDecorator
     /** preHandler: authenticates `Authorization: Bearer <token>` and sets `request.user`. */
@@ -85,7 +115,8 @@ const MAX_TIMER_MS = 2 ** 31 - 1
 
 function codedError (code: ErrorCode, message?: string): Error & { code: string } {
   const Ctor = Errors[code]
-  return new Ctor(message ?? '') as Error & { code: string }
+  // No argument for messages without %s: @fastify/error appends extra arguments.
+  return (message === undefined ? new Ctor() : new Ctor(message)) as Error & { code: string }
 }
 
 function bearer (header: unknown): string | undefined {
@@ -162,6 +193,37 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
   /** Stream heads read with each accepted handshake's membership check, until taken. */
   const handshakeHeads = new WeakMap<object, ReadonlyMap<string, number>>()
 
+  // Requests of 'in-write' routes whose membership has not been checked yet.
+  const unchecked = new WeakSet<FastifyRequest>()
+  const GUARD_ERRORS: Record<string, (message: string) => Error> = {
+    ERPNM: () => codedError('AUTH_NOT_A_MEMBER'),
+    ERPFB: (role) => codedError('FORBIDDEN', role)
+  }
+  const guardError = (err: unknown): Error | undefined => {
+    const cause = (err as { meta?: { driverAdapterError?: { cause?: { originalCode?: string, originalMessage?: string } } } })?.meta?.driverAdapterError?.cause
+    const mapped = cause?.originalCode === undefined ? undefined : GUARD_ERRORS[cause.originalCode]
+    return mapped?.(cause?.originalMessage ?? '')
+  }
+  const writeGuard = (request: FastifyRequest, roles?: readonly Role[]): WriteGuard => {
+    const user = request.user
+    if (!user) throw new Error('erp-auth: writeGuard() needs a request that went through fastify.authenticate')
+    return {
+      sql: Prisma.sql`erp_require_member(${user.userId}, ${user.companyId}, ${roles ? [...roles] : null}::text[])`,
+      passed: (role) => {
+        user.role = role as Role
+        unchecked.delete(request)
+      },
+      error: guardError
+    }
+  }
+  const checkMembership = async (request: FastifyRequest): Promise<void> => {
+    if (!unchecked.has(request)) return
+    const role = await membership(request.user.userId, request.user.companyId)
+    if (!role) throw codedError('AUTH_NOT_A_MEMBER')
+    request.user.role = role
+    unchecked.delete(request)
+  }
+
   const decorator: ErpAuthDecorator = {
     sign: (claims) => fastify.jwt.sign({ sub: claims.sub, companyId: claims.companyId, role: claims.role }),
     verify,
@@ -171,13 +233,37 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
       const heads = handshakeHeads.get(socket)
       handshakeHeads.delete(socket)
       return heads
-    }
+    },
+    writeGuard,
+    checkMembership
   }
   fastify.decorate('erpAuth', decorator)
   fastify.decorate('authenticate', async function (request: FastifyRequest) {
     const token = bearer(request.headers.authorization)
     if (!token) throw new Errors.AUTH_MISSING_TOKEN()
-    request.user = await authenticate(token)
+    if (request.routeOptions.config.erpAuth?.membership !== 'in-write') {
+      request.user = await authenticate(token)
+      return
+    }
+    const claims = verify(token)
+    request.user = { userId: claims.sub, companyId: claims.companyId, role: claims.role, exp: claims.exp }
+    unchecked.add(request)
+  })
+
+  // 'in-write' routes: the value is checked at registration, and a success answered without a
+  // passed guard (a handler that forgot it) becomes a 500 instead of going out unchecked.
+  async function refuseUnchecked (request: FastifyRequest, reply: FastifyReply) {
+    if (unchecked.has(request) && reply.statusCode < 400) {
+      unchecked.delete(request)
+      fastify.log.error({ url: request.url }, 'erp-auth: in-write route answered without eventLog.commit({ guard: fastify.erpAuth.writeGuard(request) })')
+      throw new Errors.AUTH_MEMBERSHIP_UNCHECKED()
+    }
+  }
+  fastify.addHook('onRoute', (route: RouteOptions) => {
+    const membership = route.config?.erpAuth?.membership
+    if (membership === undefined || membership === 'before') return
+    if (membership !== 'in-write') throw new Error(`erp-auth: ${route.method} ${route.url}: config.erpAuth.membership must be 'before' or 'in-write', got ${JSON.stringify(membership)}`)
+    route.onSend = [...hookList(route.onSend), refuseUnchecked]
   })
 
   // ---- Socket.IO handshake ----

@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto'
 import fp from 'fastify-plugin'
 import type { FastifyInstance, FastifyReply, FastifyRequest, HTTPMethods, onSendHookHandler, preHandlerHookHandler } from 'fastify'
 import { z } from 'zod'
-import { deleteInBatches, every, parseOptions } from '../support.ts'
+import { deleteInBatches, every, hookList, parseOptions } from '../support.ts'
 import type { PrismaClient } from '../../src/generated/prisma/client.ts'
 import { Errors } from '../errors.ts'
 
@@ -129,6 +129,9 @@ async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempote
     if (typeof header !== 'string' || !KEY.test(header)) {
       throw new Errors.IDEMPOTENCY_KEY_INVALID()
     }
+    // A route that checks membership in its write ('in-write') may answer from a stored response
+    // without writing: the check runs here instead, before anything is claimed or replayed.
+    await fastify.erpAuth.checkMembership(request)
     const c: Claim = { companyId: request.user.companyId, userId: request.user.userId, key: header }
     const hash = createHash('sha256').update(`${request.method}\n${request.url}\n${canonical(request.body ?? null)}`).digest('hex')
     const deadline = Date.now() + waitMs
@@ -189,9 +192,8 @@ async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempote
   fastify.addHook('onRoute', (route) => {
     const methods = Array.isArray(route.method) ? route.method : [route.method]
     if (!methods.some(m => METHODS.has(m as HTTPMethods)) || route.config?.idempotency === false) return
-    const list = <T>(hooks: T | T[] | undefined): T[] => (hooks === undefined ? [] : Array.isArray(hooks) ? hooks : [hooks])
-    route.preHandler = [...list(route.preHandler), preHandler]
-    route.onSend = [...list(route.onSend), onSend]
+    route.preHandler = [...hookList(route.preHandler), preHandler]
+    route.onSend = [...hookList(route.onSend), onSend]
   })
 
   const prune = () => deleteInBatches(pruneBatchSize, () => prisma.$executeRaw`

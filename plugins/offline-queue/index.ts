@@ -53,6 +53,22 @@ export interface StatementChange<K extends DomainEventType = DomainEventType> {
   /** Each one INSERT, UPDATE or DELETE without RETURNING (`Prisma.sql`), run in the same statement. */
   writes: [Prisma.Sql, ...Prisma.Sql[]]
   event: PublishInput<K>
+  /**
+   * A check evaluated once inside the same statement, whatever the writes touch: it aborts the
+   * whole statement by raising (nothing written, recorded or emitted). E.g.
+   * `fastify.erpAuth.writeGuard(request)`, the membership check of an `in-write` route.
+   */
+  guard?: WriteGuard
+}
+
+/** A check run inside `eventLog.commit`'s statement (see `StatementChange.guard`). */
+export interface WriteGuard {
+  /** A scalar SQL expression (`Prisma.sql`) that raises to refuse; its value goes to `passed`. */
+  sql: Prisma.Sql
+  /** Called with the expression's value once the statement has committed. */
+  passed?: (value: unknown) => void
+  /** Maps the error the statement failed with to the one to throw (undefined: rethrow as is). */
+  error?: (err: unknown) => Error | undefined
 }
 
 export type Publish = <K extends DomainEventType>(event: PublishInput<K>) => Promise<Envelope<DomainEventMap[K], K>>
@@ -144,23 +160,26 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
 
   // ---- the log ----
 
-  // Bumps the stream head (its row lock serialises publishers of the stream until commit, so
-  // seq order is commit order) and inserts the event with that seq; `gate` may skip both.
+  // Two WITH clauses: `head` bumps the stream head (its row lock serialises publishers of the
+  // stream until commit, so seq order is commit order), `recorded` inserts the event with that
+  // seq; `gate` may skip both.
   const recordEvent = (id: string, event: PublishInput, gate: Prisma.Sql = Prisma.empty) => Prisma.sql`
     head AS (
       INSERT INTO stream_heads (stream, "companyId", seq) SELECT ${event.stream}, ${event.companyId}, 1 ${gate}
       ON CONFLICT (stream) DO UPDATE SET seq = stream_heads.seq + 1
       RETURNING seq
-    )
-    INSERT INTO events (id, stream, seq, type, "companyId", "actorId", data, "createdAt")
-    SELECT ${id}, ${event.stream}, head.seq, ${event.type}, ${event.companyId}, ${event.actorId},
-           ${JSON.stringify(event.data)}::jsonb, (now() AT TIME ZONE 'UTC')
-    FROM head
-    RETURNING seq, "createdAt"`
+    ),
+    recorded AS (
+      INSERT INTO events (id, stream, seq, type, "companyId", "actorId", data, "createdAt")
+      SELECT ${id}, ${event.stream}, head.seq, ${event.type}, ${event.companyId}, ${event.actorId},
+             ${JSON.stringify(event.data)}::jsonb, (now() AT TIME ZONE 'UTC')
+      FROM head
+      RETURNING seq, "createdAt"
+    )`
 
   async function record (tx: Tx, event: PublishInput): Promise<Envelope> {
     const id = randomUUID()
-    const [row] = await tx.$queryRaw<RecordedRow[]>`WITH ${recordEvent(id, event)}`
+    const [row] = await tx.$queryRaw<RecordedRow[]>`WITH ${recordEvent(id, event)} SELECT seq, "createdAt" FROM recorded`
     return toEnvelope({ ...event, id, seq: row!.seq, createdAt: row!.createdAt })
   }
 
@@ -232,15 +251,23 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
   }
 
   async function commit (change: StatementChange): Promise<Envelope | null> {
-    const { event } = change
+    const { event, guard } = change
     if (!Array.isArray(change.writes) || change.writes.length === 0) throw new TypeError('erp-offline-queue: commit() needs at least one write')
     const id = randomUUID()
     // Data-modifying WITH clauses run exactly once, together, in the statement's own transaction.
     const writes = change.writes.map((write, i) => Prisma.sql`${Prisma.raw(`w${i}`)} AS (${write} RETURNING 1)`)
-    const [row] = await prisma.$queryRaw<RecordedRow[]>`
-      WITH ${Prisma.join(writes, ', ')}, ${recordEvent(id, event, Prisma.sql`WHERE EXISTS (SELECT 1 FROM w0)`)}`
-    if (!row) return null
-    const envelope = toEnvelope({ ...event, id, seq: row.seq, createdAt: row.createdAt })
+    const clauses = [...writes, recordEvent(id, event, Prisma.sql`WHERE EXISTS (SELECT 1 FROM w0)`)]
+    // The guard is the outer side of the final join, so it is evaluated even when nothing is
+    // recorded; if it raises, the writes roll back with it.
+    const rows = await prisma.$queryRaw<Array<Partial<RecordedRow> & { guard?: unknown }>>(guard
+      ? Prisma.sql`WITH guard AS (SELECT ${guard.sql} AS value), ${Prisma.join(clauses, ', ')}
+          SELECT guard.value AS guard, recorded.seq, recorded."createdAt" FROM guard LEFT JOIN recorded ON true`
+      : Prisma.sql`WITH ${Prisma.join(clauses, ', ')} SELECT seq, "createdAt" FROM recorded`
+    ).catch((err: unknown) => { throw guard?.error?.(err) ?? err })
+    const row = rows[0]
+    if (guard) guard.passed?.(row?.guard)
+    if (row?.seq == null) return null
+    const envelope = toEnvelope({ ...event, id, seq: row.seq, createdAt: row.createdAt! })
     distribute([envelope])
     return envelope
   }

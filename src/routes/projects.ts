@@ -34,12 +34,13 @@ export async function projectRoutes (fastify: FastifyInstance) {
     return { projects: await fastify.prisma.project.findMany({ where: { companyId: request.user.companyId }, orderBy: { createdAt: 'asc' }, take: limit, skip: offset }) }
   })
 
-  fastify.post('/projects', async (request, reply) => {
+  // The membership check runs inside the write's statement (`guard`), not as a query before it.
+  fastify.post('/projects', { config: { erpAuth: { membership: 'in-write' } } }, async (request, reply) => {
     const body = parse(createBody, request.body)
     const { companyId, userId } = request.user
     // A create reads nothing, so the row, its revision and its event go in one statement (one
-    // round trip instead of an interactive transaction's five). Field order as Prisma reads the
-    // row, so responses and events look alike everywhere.
+    // round trip instead of an interactive transaction's five), with the membership check.
+    // Field order as Prisma reads the row, so responses and events look alike everywhere.
     const now = new Date()
     const project: Project = { id: randomUUID(), companyId, ...body, version: 1, createdAt: now, updatedAt: now }
     await fastify.eventLog.commit({
@@ -49,7 +50,8 @@ export async function projectRoutes (fastify: FastifyInstance) {
           VALUES (${project.id}, ${companyId}, ${project.name}, ${project.description}, ${project.status}, ${project.budgetMinor}, 1, ${now}, ${now})`,
         fastify.conflicts.snapshotStatement('project', project)
       ],
-      event: { stream: companyStream(companyId), type: 'project:created', companyId, actorId: userId, data: { project } }
+      event: { stream: companyStream(companyId), type: 'project:created', companyId, actorId: userId, data: { project } },
+      guard: fastify.erpAuth.writeGuard(request)
     })
     reply.code(201)
     return { project }
