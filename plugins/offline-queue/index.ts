@@ -160,26 +160,25 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
 
   // ---- the log ----
 
-  // Two WITH clauses: `head` bumps the stream head (its row lock serialises publishers of the
-  // stream until commit, so seq order is commit order), `recorded` inserts the event with that
-  // seq; `gate` may skip both.
-  const recordEvent = (id: string, event: PublishInput, gate: Prisma.Sql = Prisma.empty) => Prisma.sql`
+  // `head` bumps the stream head (its row lock serialises publishers of the stream until commit,
+  // so seq order is commit order); `gate` may skip it. `insertEvent` then records the event with
+  // that seq.
+  const bumpHead = (event: PublishInput, gate: Prisma.Sql = Prisma.empty) => Prisma.sql`
     head AS (
       INSERT INTO stream_heads (stream, "companyId", seq) SELECT ${event.stream}, ${event.companyId}, 1 ${gate}
       ON CONFLICT (stream) DO UPDATE SET seq = stream_heads.seq + 1
       RETURNING seq
-    ),
-    recorded AS (
-      INSERT INTO events (id, stream, seq, type, "companyId", "actorId", data, "createdAt")
-      SELECT ${id}, ${event.stream}, head.seq, ${event.type}, ${event.companyId}, ${event.actorId},
-             ${JSON.stringify(event.data)}::jsonb, (now() AT TIME ZONE 'UTC')
-      FROM head
-      RETURNING seq, "createdAt"
     )`
+  const insertEvent = (id: string, event: PublishInput) => Prisma.sql`
+    INSERT INTO events (id, stream, seq, type, "companyId", "actorId", data, "createdAt")
+    SELECT ${id}, ${event.stream}, head.seq, ${event.type}, ${event.companyId}, ${event.actorId},
+           ${JSON.stringify(event.data)}::jsonb, (now() AT TIME ZONE 'UTC')
+    FROM head
+    RETURNING seq, "createdAt"`
 
   async function record (tx: Tx, event: PublishInput): Promise<Envelope> {
     const id = randomUUID()
-    const [row] = await tx.$queryRaw<RecordedRow[]>`WITH ${recordEvent(id, event)} SELECT seq, "createdAt" FROM recorded`
+    const [row] = await tx.$queryRaw<RecordedRow[]>`WITH ${bumpHead(event)} ${insertEvent(id, event)}`
     return toEnvelope({ ...event, id, seq: row!.seq, createdAt: row!.createdAt })
   }
 
@@ -256,13 +255,13 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     const id = randomUUID()
     // Data-modifying WITH clauses run exactly once, together, in the statement's own transaction.
     const writes = change.writes.map((write, i) => Prisma.sql`${Prisma.raw(`w${i}`)} AS (${write} RETURNING 1)`)
-    const clauses = [...writes, recordEvent(id, event, Prisma.sql`WHERE EXISTS (SELECT 1 FROM w0)`)]
+    const clauses = Prisma.join([...writes, bumpHead(event, Prisma.sql`WHERE EXISTS (SELECT 1 FROM w0)`)], ', ')
     // The guard is the outer side of the final join, so it is evaluated even when nothing is
     // recorded; if it raises, the writes roll back with it.
     const rows = await prisma.$queryRaw<Array<Partial<RecordedRow> & { guard?: unknown }>>(guard
-      ? Prisma.sql`WITH guard AS (SELECT ${guard.sql} AS value), ${Prisma.join(clauses, ', ')}
+      ? Prisma.sql`WITH guard AS (SELECT ${guard.sql} AS value), ${clauses}, recorded AS (${insertEvent(id, event)})
           SELECT guard.value AS guard, recorded.seq, recorded."createdAt" FROM guard LEFT JOIN recorded ON true`
-      : Prisma.sql`WITH ${Prisma.join(clauses, ', ')} SELECT seq, "createdAt" FROM recorded`
+      : Prisma.sql`WITH ${clauses} ${insertEvent(id, event)}`
     ).catch((err: unknown) => { throw guard?.error?.(err) ?? err })
     const row = rows[0]
     if (guard) guard.passed?.(row?.guard)
