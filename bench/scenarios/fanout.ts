@@ -6,8 +6,8 @@ import { medians, type Row, type Scenario } from '../lib/scenario.ts'
 import { round, type Percentiles } from '../lib/stats.ts'
 
 /**
- * fanout: an HTTP change through a real domain route (POST /projects: validation, auth with
- * membership check, project + revision + event rows in one SQL statement, emit after commit)
+ * fanout: an HTTP change through a real domain route (POST /projects: validation, JWT, the
+ * membership check and the project + revision + event rows in one SQL statement, emit after commit)
  * delivered to N authenticated clients of one company. Latency = client receipt - request start.
  * Baseline: POST /emit → plain io.to(room).emit; its emit-to-receipt is the issue's reference
  * (its request-start-to-receipt is reported too).
@@ -122,8 +122,8 @@ export const fanout: Scenario = {
         label, metric: 'p99 broadcast → receipt', unit: 'ms', better: 'lower', summary: true, baselineName: 'raw emit',
         ...medians(pick(reps.ours, 'emit', 'p99'), pick(reps.raw, 'emit', 'p99'))
       }, {
-        // Before the broadcast: the sender and HTTP, then for ours the route (JWT, membership
-        // query, one statement); each database round trip wakes another process.
+        // Before the broadcast: the sender and HTTP, then for ours the route (JWT, one statement
+        // that also checks the membership); each database round trip wakes another process.
         label, metric: 'p50 request start → broadcast', unit: 'ms', better: 'lower', summary: false, baselineName: 'raw request → emit',
         ...medians(pick(reps.ours, 'route', 'p50'), pick(reps.raw, 'route', 'p50'))
       }, {
