@@ -6,6 +6,7 @@ import Fastify from 'fastify'
 import { Server } from 'socket.io'
 import { childArgs, serveParent, type Handlers } from './lib/child.ts'
 import { now } from './lib/clock.ts'
+import { benchEnvelope } from './lib/envelope.ts'
 import { scenarios } from './scenarios/index.ts'
 import { cpu, memory } from './lib/memory.ts'
 
@@ -27,26 +28,11 @@ io.on('connection', (socket) => {
   for (const scenario of Object.values(scenarios)) scenario.baselineConnection?.(socket, state)
 })
 
-// The same frame as our project:created envelope, field for field (ids of the same length, the
-// request time in the project name as our route's clients send it), so both sides send and the
-// clients parse the same bytes: 614 characters, where an earlier, smaller payload was 433.
-const uuid = (n: number) => `00000000-0000-4000-8000-${String(n).padStart(12, '0')}`
 let seq = 0
 
 app.post('/emit', async (request) => {
   const { t0 } = request.body as { t0: number }
-  const at = new Date().toISOString()
-  io.to(room).emit('bench', {
-    id: uuid(1),
-    stream: `company:${uuid(2)}`,
-    seq: ++seq,
-    type: 'project:created',
-    companyId: uuid(2),
-    at,
-    actor: { userId: uuid(3) },
-    data: { project: { id: uuid(4), companyId: uuid(2), name: `bench ${t0}`, description: '', status: 'active', budgetMinor: 0, version: 1, createdAt: at, updatedAt: at } },
-    tEmit: now()
-  })
+  io.to(room).emit('bench', { ...benchEnvelope(t0, ++seq), tEmit: now() })
   return { ok: true }
 })
 

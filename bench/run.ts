@@ -26,7 +26,7 @@ function parseArgs (argv: string[]) {
     if (!arg.startsWith('--')) { names.push(arg); continue }
     const [key, inline] = arg.slice(2).split('=', 2) as [string, string | undefined]
     if (inline !== undefined) flags[key] = inline
-    else if (argv[i + 1] !== undefined && !argv[i + 1]!.startsWith('--') && !['quick', 'cpu-prof', 'list', 'help', 'bare-baseline'].includes(key)) flags[key] = argv[++i]!
+    else if (argv[i + 1] !== undefined && !argv[i + 1]!.startsWith('--') && !['quick', 'cpu-prof', 'list', 'help', 'bare-baseline', 'plain-emit'].includes(key)) flags[key] = argv[++i]!
     else flags[key] = true
   }
   return { names, flags }
@@ -75,7 +75,7 @@ async function main () {
   if (flags.list || flags.help) {
     console.log('scenarios (default run marked *):')
     for (const s of Object.values(scenarios)) console.log(`  ${s.default ? '*' : ' '} ${s.name.padEnd(10)} ${s.description}`)
-    console.log('flags: --quick (small sizes)  --reps N (default 5)  --cpu-prof (profiles in bench/results/prof/)\n       fanout: --sizes 100,1000 --emits N --warmup N --rate N; connect: --connections N --concurrency N --company-sizes 1,100 --bare-baseline; replay: --events N --ops N')
+    console.log('flags: --quick (small sizes)  --reps N (default 5)  --cpu-prof (profiles in bench/results/prof/)\n       fanout: --sizes 100,1000 --emits N --warmup N --rate N --plain-emit; connect: --connections N --concurrency N --company-sizes 1,100 --bare-baseline; replay: --events N --ops N')
     return
   }
   const unknown = names.filter(n => !scenarios[n])

@@ -1,4 +1,5 @@
 import { now } from '../lib/clock.ts'
+import { benchEnvelope } from '../lib/envelope.ts'
 import { openLoop, postJson, postProject } from '../lib/load.ts'
 import { busyBetween, cpuTimes } from '../lib/machine.ts'
 import type { ClientPool, ServerHandle } from '../lib/context.ts'
@@ -10,7 +11,9 @@ import { round, type Percentiles } from '../lib/stats.ts'
  * membership check and the project + revision + event rows in one SQL statement, emit after commit)
  * delivered to N authenticated clients of one company. Latency = client receipt - request start.
  * Baseline: POST /emit → plain io.to(room).emit; its emit-to-receipt is the issue's reference
- * (its request-start-to-receipt is reported too).
+ * (its request-start-to-receipt is reported too). `--plain-emit` adds a third side: our server
+ * doing the baseline's plain emit (no route, no auth, no database; sent over IPC), which shows
+ * what our server's realtime layer costs on its own.
  */
 
 interface Burst {
@@ -33,17 +36,20 @@ interface Burst {
   machineBusy: number
 }
 
-async function post (server: ServerHandle, token: string, t0: number): Promise<void> {
-  if (server.kind === 'ours') return await postProject(server.url, token, t0)
+type Side = 'ours' | 'plain' | 'raw'
+
+async function post (side: Side, server: ServerHandle, token: string, companyId: string, t0: number): Promise<void> {
+  if (side === 'plain') return await server.call('fanout:emit', { t0, companyId })
+  if (side === 'ours') return await postProject(server.url, token, t0)
   const status = await postJson(`${server.url}/emit`, { t0 })
   if (status !== 200) throw new Error(`HTTP ${status}`)
 }
 
 /** `count` changes at `rate`/s (open loop: sent on schedule, not after the previous answer). */
-async function burst (server: ServerHandle, clients: ClientPool, group: string, token: string, size: number, count: number, rate: number): Promise<Burst> {
+async function burst (side: Side, server: ServerHandle, clients: ClientPool, group: string, token: string, companyId: string, size: number, count: number, rate: number): Promise<Burst> {
   const cpuBefore = await server.call<number>('cpu')
   const machineBefore = cpuTimes()
-  const { start, interval, http, httpErrors } = await openLoop(count, rate, t0 => post(server, token, t0))
+  const { start, interval, http, httpErrors } = await openLoop(count, rate, t0 => post(side, server, token, companyId, t0))
   const expected = (count - httpErrors) * size
   // Bounded: everything should arrive within a few seconds of the last send.
   await clients.waitForCount(group, expected, now() + 10_000 + count * interval)
@@ -54,6 +60,8 @@ async function burst (server: ServerHandle, clients: ClientPool, group: string, 
   const durationMs = got.lastRecv - start
   return { sent: count, httpErrors, expected, received: got.received, latency, http: http.percentiles(), deliveriesPerSecond: got.received / (durationMs / 1000), durationMs, cpuPerChangeMs, machineBusy }
 }
+
+let plainSeq = 0
 
 export const fanout: Scenario = {
   name: 'fanout',
@@ -69,7 +77,8 @@ export const fanout: Scenario = {
     // 50 changes/s as in the issue; 5,000 clients at 50/s (250,000 deliveries/s) saturates
     // the two client processes on 2 cores, so larger sizes run at 10/s unless --rate is given.
     const rateFor = (size: number) => ctx.number('rate', size > 1000 ? 10 : 50)
-    const parameters = { sizes, emitsPerRep: emits, warmupEmits: warmup, rates: Object.fromEntries(sizes.map(s => [s, rateFor(s)])), reps: ctx.reps, route: 'POST /projects', clientProcesses: 2 }
+    const plainEmit = ctx.flags['plain-emit'] === true
+    const parameters = { sizes, emitsPerRep: emits, warmupEmits: warmup, rates: Object.fromEntries(sizes.map(s => [s, rateFor(s)])), reps: ctx.reps, route: 'POST /projects', clientProcesses: 2, plainEmit }
 
     const db = await ctx.database()
     const company = await ctx.seed(db, Math.max(...sizes) + 1)
@@ -93,16 +102,18 @@ export const fanout: Scenario = {
       await clients.listen(`ours-${size}`, 'project:created', 'project-name')
       await clients.listen(`raw-${size}`, 'bench', 'raw')
 
-      const reps: { ours: Burst[], raw: Burst[] } = { ours: [], raw: [] }
+      const reps: Record<Side, Burst[]> = { ours: [], plain: [], raw: [] }
+      const order: Side[] = plainEmit ? ['ours', 'plain', 'raw'] : ['ours', 'raw']
       for (let rep = 0; rep < ctx.reps; rep++) {
         // Alternate who goes first, so drift in machine speed hits both sides alike.
-        for (const server of rep % 2 ? [raw, ours] : [ours, raw]) {
+        for (const side of rep % 2 ? [...order].reverse() : order) {
+          const server = side === 'raw' ? raw : ours
           const group = `${server.kind}-${size}`
           const sockets = server.kind === 'ours' ? a.connected : b.connected
-          await burst(server, clients, group, admin, sockets, warmup, rate)
-          const result = await burst(server, clients, group, admin, sockets, emits, rate)
-          reps[server.kind].push(result)
-          ctx.log(`${size} rep ${rep + 1} ${server.kind}: p50 ${round(result.latency.request!.p50)} p99 ${round(result.latency.request!.p99)} ms (HTTP p50 ${round(result.http.p50)} ms) (emit p99 ${round(result.latency.emit?.p99 ?? NaN)}, request → broadcast p50 ${round(result.latency.route?.p50 ?? NaN)}) (CPU ${round(result.cpuPerChangeMs)} ms/change, machine ${round(result.machineBusy * 100, 0)} % busy), ${result.received}/${result.expected} received, ${result.httpErrors} HTTP errors`)
+          await burst(side, server, clients, group, admin, company.companyId, sockets, warmup, rate)
+          const result = await burst(side, server, clients, group, admin, company.companyId, sockets, emits, rate)
+          reps[side].push(result)
+          ctx.log(`${size} rep ${rep + 1} ${side}: p50 ${round(result.latency.request!.p50)} p99 ${round(result.latency.request!.p99)} ms (HTTP p50 ${round(result.http.p50)} ms) (emit p99 ${round(result.latency.emit?.p99 ?? NaN)}, request → broadcast p50 ${round(result.latency.route?.p50 ?? NaN)}) (CPU ${round(result.cpuPerChangeMs)} ms/change, machine ${round(result.machineBusy * 100, 0)} % busy), ${result.received}/${result.expected} received, ${result.httpErrors} HTTP errors`)
         }
       }
       await clients.disconnect(`ours-${size}`)
@@ -132,17 +143,31 @@ export const fanout: Scenario = {
       }, {
         label, metric: 'p99 vs raw request start', unit: 'ms', better: 'lower', summary: false, baselineName: 'raw request',
         ...medians(pick(reps.ours, 'request', 'p99'), pick(reps.raw, 'request', 'p99'))
-      }, {
+      }, ...(plainEmit
+        ? [{
+            // Our server without the route: the realtime layer (erp-socket's server, write
+            // coalescing, every plugin's per-socket state) against the baseline's.
+            label, metric: 'p99 plain emit on our server (no route) → receipt', unit: 'ms', better: 'lower' as const, summary: true, baselineName: 'raw emit',
+            ...medians(pick(reps.plain, 'emit', 'p99'), pick(reps.raw, 'emit', 'p99'))
+          }]
+        : []), {
         label, metric: 'server CPU per change', unit: 'ms', better: 'lower', summary: true, ...perBurst(b => b.cpuPerChangeMs)
       }, {
         label, metric: 'machine CPU busy during the burst', unit: '%', better: 'lower', summary: false, ...perBurst(b => b.machineBusy * 100)
       }, {
         label, metric: 'deliveries/s', unit: '/s', better: 'higher', summary: false, ...perBurst(b => b.deliveriesPerSecond)
       })
-      const lost = [...reps.ours, ...reps.raw].reduce((s, b) => s + b.expected - b.received + b.httpErrors, 0)
+      const lost = [...reps.ours, ...reps.plain, ...reps.raw].reduce((s, b) => s + b.expected - b.received + b.httpErrors, 0)
       if (lost > 0) ctx.log(`${size}: ${lost} deliveries or requests missing`)
       raws[size] = { rate, connect: { ours: a, raw: b }, reps }
     }
     return { parameters, rows, raw: raws }
+  },
+  serverCommands: {
+    /** The baseline's plain emit of the same envelope, on our server (`--plain-emit`). */
+    emit ({ t0, companyId }: { t0: number, companyId: string }, { app }) {
+      app.io.to(`company:${companyId}`).emit('project:created', benchEnvelope(t0, ++plainSeq, companyId) as never)
+      return true
+    }
   }
 }
