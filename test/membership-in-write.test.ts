@@ -99,6 +99,34 @@ for (const embedded of [false, true]) {
     t.equal(missing.json().error.code, 'AUTH_MISSING_TOKEN')
   })
 
+  t.test(`${on}: DELETE /projects/:id checks the membership in its write: a removed member deletes nothing, a missing id is 404`, async t => {
+    const { app, url, prisma } = await build(t, { embedded })
+    const company = await createCompany(app, ['admin', 'member'])
+    const stream = companyStream(company.id)
+    const created = await app.inject({ method: 'POST', url: '/projects', headers: authHeader(company.as('admin')), payload: { name: 'to delete' } })
+    const id = created.json().project.id
+    const del = (user: { token: string }, projectId = id) => app.inject({ method: 'DELETE', url: `/projects/${projectId}`, headers: authHeader(user) })
+
+    const member = company.as('member')
+    await prisma.membership.delete({ where: { userId_companyId: { userId: member.id, companyId: company.id } } })
+    const refused = await del(member)
+    t.equal(refused.statusCode, 403)
+    t.equal(refused.json().error.code, 'AUTH_NOT_A_MEMBER')
+    t.equal(await prisma.project.count({ where: { id } }), 1, 'the project stays')
+    t.equal((await app.eventLog.heads([stream])).get(stream), 1, 'only the create was recorded')
+    t.equal((await del(member, 'no-such-project')).statusCode, 403, 'a missing id does not tell a non-member anything either')
+
+    const watcher = await connect(t, url, company.as('admin').token)
+    const deletedEvent = nextEvent(watcher, 'project:deleted')
+    t.equal((await del(company.as('admin'))).statusCode, 204)
+    t.same((await deletedEvent).data, { projectId: id })
+    t.equal(await prisma.project.count({ where: { id } }), 0)
+    const again = await del(company.as('admin'))
+    t.equal(again.statusCode, 404)
+    t.equal(again.json().error.code, 'NOT_FOUND')
+    t.same((await app.eventLog.read(stream, 0, 10)).map(e => e.type), ['project:created', 'project:deleted'], 'a 404 records nothing')
+  })
+
   t.test(`${on}: a guard with roles checks the stored role, not the claimed one, and leaves the stored role on request.user`, async t => {
     const { app, prisma } = await build(t, { embedded, routes: testRoutes })
     const company = await createCompany(app, ['admin', 'member'])

@@ -85,14 +85,16 @@ export async function projectRoutes (fastify: FastifyInstance) {
     })
   })
 
-  fastify.delete('/projects/:id', async (request, reply) => {
+  // One statement too: the delete, its event only if a row went, and the membership check.
+  fastify.delete('/projects/:id', { config: { erpAuth: { membership: 'in-write' } } }, async (request, reply) => {
     const { id } = parse(idParams, request.params)
     const { companyId, userId } = request.user
-    await fastify.eventLog.transaction(async (tx, publish) => {
-      const { count } = await tx.project.deleteMany({ where: { id, companyId } })
-      if (count === 0) throw new Errors.NOT_FOUND('Project')
-      await publish({ stream: companyStream(companyId), type: 'project:deleted', companyId, actorId: userId, data: { projectId: id } })
+    const deleted = await fastify.eventLog.commit({
+      writes: [Prisma.sql`DELETE FROM projects WHERE id = ${id} AND "companyId" = ${companyId}`],
+      event: { stream: companyStream(companyId), type: 'project:deleted', companyId, actorId: userId, data: { projectId: id } },
+      guard: fastify.erpAuth.writeGuard(request)
     })
+    if (!deleted) throw new Errors.NOT_FOUND('Project')
     reply.code(204)
   })
 }
