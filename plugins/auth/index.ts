@@ -204,15 +204,17 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     const mapped = cause?.originalCode === undefined ? undefined : GUARD_ERRORS[cause.originalCode]
     return mapped?.(cause?.originalMessage ?? '')
   }
+  /** The membership passed: the stored role replaces the claimed one. */
+  const confirm = (request: FastifyRequest, role: Role): void => {
+    request.user.role = role
+    unchecked.delete(request)
+  }
   const writeGuard = (request: FastifyRequest, roles?: readonly Role[]): WriteGuard => {
     const user = request.user
     if (!user) throw new Error('erp-auth: writeGuard() needs a request that went through fastify.authenticate')
     return {
       sql: Prisma.sql`erp_require_member(${user.userId}, ${user.companyId}, ${roles ? [...roles] : null}::text[])`,
-      passed: (role) => {
-        user.role = role as Role
-        unchecked.delete(request)
-      },
+      passed: (role) => confirm(request, role as Role),
       error: guardError
     }
   }
@@ -220,8 +222,7 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     if (!unchecked.has(request)) return
     const role = await membership(request.user.userId, request.user.companyId)
     if (!role) throw codedError('AUTH_NOT_A_MEMBER')
-    request.user.role = role
-    unchecked.delete(request)
+    confirm(request, role)
   }
 
   const decorator: ErpAuthDecorator = {

@@ -264,7 +264,7 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
       : Prisma.sql`WITH ${clauses} ${insertEvent(id, event)}`
     ).catch((err: unknown) => { throw guard?.error?.(err) ?? err })
     const row = rows[0]
-    if (guard) guard.passed?.(row?.guard)
+    guard?.passed?.(row?.guard)
     if (row?.seq == null) return null
     const envelope = toEnvelope({ ...event, id, seq: row.seq, createdAt: row.createdAt! })
     distribute([envelope])
