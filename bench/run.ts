@@ -120,6 +120,7 @@ async function main () {
   console.log(`\n${table(rows)}\n`)
   console.log('summary:')
   for (const row of rows.filter(r => r.summary)) console.log(`  ${summaryLine(row)}`)
+  for (const note of results.flatMap(r => r.notes ?? [])) console.log(`  note: ${note}`)
 
   const stamp = new Date().toISOString().replace(/[:.]/g, '-')
   const file = `${RESULTS}${stamp}-${selected.join('+')}${quick ? '-quick' : ''}.json`

@@ -48,9 +48,11 @@ t.test('events broadcast in one turn reach a client in one socket write, in orde
   for (let i = 1; i <= 5; i++) io.to('room').emit('tick', i)
   await waitFor(() => seen.length === 5, 5000, 'five ticks')
   t.same(seen.map(e => e.payload), [1, 2, 3, 4, 5], 'received in emit order')
-  // Each engine.io frame is a header and a payload chunk: ten chunks, one system call.
-  t.same(writes.calls, [10], 'one write of all five frames')
+  // A broadcast frame is one chunk (header and payload, built once per broadcast): five
+  // chunks, one system call.
+  t.same(writes.calls, [5], 'one write of all five frames')
   t.ok(coalescer!.stats.frames >= 5, 'the frames went through the coalescer')
+  t.ok(coalescer!.stats.direct >= 5, 'written directly, not through engine.io\'s packet queue')
 })
 
 t.test('without coalescing the same burst costs one write per event (the baseline)', async (t) => {
@@ -74,7 +76,7 @@ t.test('events of separate turns are not delayed to a later turn', async (t) => 
     await waitFor(() => seen.length === i, 5000, `tick ${i}`)
   }
   t.same(seen.map(e => e.payload), [1, 2, 3])
-  t.same(writes.calls, [2, 2, 2], 'one write per turn, each as soon as the turn ends')
+  t.same(writes.calls, [1, 1, 1], 'one write per turn, each as soon as the turn ends')
 })
 
 t.test('acks and server-to-client events interleave correctly', async (t) => {
@@ -91,7 +93,7 @@ t.test('acks and server-to-client events interleave correctly', async (t) => {
 })
 
 t.test('a client that stops reading gets engine.io back-pressure, then everything in order', async (t) => {
-  const { io, url } = await setup(t)
+  const { io, url, coalescer } = await setup(t)
   const client = await connect(t, url, undefined)
   const seen = record(client)
   const clientRaw = (client.io.engine.transport as unknown as { ws: { _socket: NetSocket } }).ws._socket
@@ -102,12 +104,52 @@ t.test('a client that stops reading gets engine.io back-pressure, then everythin
   for (let i = 0; i < 16; i++) io.to('room').emit('big', i, big)
   await sleep(50)
   t.ok(engineSocket.transport.socket._socket.writableLength > 0, 'data waits in user space')
-  t.equal(engineSocket.transport.writable, false, 'engine.io holds further packets until the writes complete')
+  const direct = coalescer!.stats.direct
+  // With data unsent the next broadcast goes through engine.io, whose write callback now waits
+  // for everything before it.
   io.to('room').emit('after', 'late')
+  await sleep(50)
+  t.equal(coalescer!.stats.direct, direct, 'not written directly while the client lags')
+  t.equal(engineSocket.transport.writable, false, 'engine.io holds further packets until the writes complete')
+  io.to('room').emit('after', 'later')
+  t.ok((engineSocket as unknown as { writeBuffer: unknown[] }).writeBuffer.length > 0, 'held in engine.io\'s queue')
   clientRaw.resume()
-  await waitFor(() => seen.length === 17, 20000, 'all 17 events')
-  t.same(seen.map(e => e.event === 'big' ? e.payload : e.event), [...Array.from({ length: 16 }, (_, i) => i), 'after'], 'in order, none lost')
+  await waitFor(() => seen.length === 18, 20000, 'all 18 events')
+  t.same(seen.map(e => e.payload), [...Array.from({ length: 16 }, (_, i) => i), 'late', 'later'], 'in order, none lost')
   await waitFor(() => engineSocket.transport.writable, 5000, 'writable again')
+  io.to('room').emit('after', 'caught up')
+  await waitFor(() => seen.length === 19, 5000, 'an event after the client caught up')
+  t.ok(coalescer!.stats.direct > direct, 'written directly again once nothing is unsent')
+})
+
+t.test('a broadcast and an emit to one socket in the same turn keep their order', async (t) => {
+  const { io, url, coalescer, spyOnWrites } = await setup(t)
+  const client = await connect(t, url, undefined)
+  const seen = record(client)
+  const writes = spyOnWrites()
+  const [socket] = await io.fetchSockets()
+  const direct = coalescer!.stats.direct
+  io.to('room').emit('tick', 1)
+  socket!.emit('tick', 2)
+  io.to('room').emit('tick', 3)
+  await waitFor(() => seen.length === 3, 5000, 'three ticks')
+  t.same(seen.map(e => e.payload), [1, 2, 3], 'the socket\'s own emit between the broadcasts')
+  t.equal(coalescer!.stats.direct - direct, 2, 'the broadcasts written directly')
+  // 1 + 2 (engine.io's header and payload) + 1 chunks in one system call.
+  t.same(writes.calls, [4])
+})
+
+t.test('a broadcast with binary attachments goes through engine.io', async (t) => {
+  const { io, url, coalescer } = await setup(t)
+  const client = await connect(t, url, undefined)
+  const seen = record(client)
+  const direct = coalescer!.stats.direct
+  io.to('room').emit('blob', Buffer.from([1, 2, 3]))
+  io.to('room').emit('tick', 1)
+  await waitFor(() => seen.length === 2, 5000, 'both events')
+  t.same([...new Uint8Array(seen[0]!.payload as ArrayBuffer)], [1, 2, 3], 'the attachment arrives whole')
+  t.equal(seen[1]!.payload, 1)
+  t.equal(coalescer!.stats.direct - direct, 1, 'only the text frame was written directly')
 })
 
 t.test('after close() writes go out directly and connections keep working', async (t) => {
@@ -121,7 +163,9 @@ t.test('after close() writes go out directly and connections keep working', asyn
   io.to('room').emit('tick', 2)
   await waitFor(() => seen.length === 2, 5000, 'a tick after close')
   t.same(seen.map(e => e.payload), [1, 2])
-  t.same(writes.calls, [2, 2])
+  // The first tick was a direct broadcast frame (one chunk); after close engine.io writes
+  // header and payload itself.
+  t.same(writes.calls, [1, 2])
   const late = await connect(t, url, undefined)
   const lateSeen = record(late)
   io.to('room').emit('tick', 3)
@@ -182,7 +226,7 @@ t.test('a connection that starts on polling is coalesced once it upgrades to Web
   for (let i = 1; i <= 3; i++) io.to('room').emit('tick', i)
   await waitFor(() => seen.length === 3, 5000, 'three ticks')
   t.same(seen.map(e => e.payload), [1, 2, 3])
-  t.same(writes.calls, [6], 'one write for the three frames')
+  t.same(writes.calls, [3], 'one write for the three frames')
   t.equal(coalescer!.stats.frames - before, 3)
 })
 
