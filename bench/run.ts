@@ -97,12 +97,15 @@ async function main () {
 
   const results: Array<{ name: string, durationSeconds: number, error?: string } & Partial<ScenarioResult>> = []
   for (const name of selected) {
-    const ctx = new Context(name, { quick, reps, flags, cpuProf, log: (m) => console.log(`  ${m}`) })
+    // Only the default run has a time bound; named scenarios and --reps run every repetition.
+    const budgetMs = names.length === 0 && flags.reps === undefined ? (scenarios[name]!.budgetSeconds ?? Infinity) * 1000 : undefined
+    const ctx = new Context(name, { quick, reps, budgetMs, flags, cpuProf, log: (m) => console.log(`  ${m}`) })
     active = ctx
     const t = now()
     console.log(`\n== ${name}: ${scenarios[name]!.description}`)
     try {
       const result = await scenarios[name]!.run(ctx)
+      result.notes = [...result.notes ?? [], ...ctx.notes]
       results.push({ name, durationSeconds: round((now() - t) / 1000, 1), ...result })
       for (const row of result.rows.filter(r => r.summary)) console.log(summaryLine(row))
       for (const note of result.notes ?? []) console.log(`  note: ${note}`)

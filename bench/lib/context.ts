@@ -119,6 +119,11 @@ export class ClientPool {
 export interface ContextOptions {
   quick: boolean
   reps: number
+  /**
+   * The default run's time for this scenario, ms: repetitions beyond the third stop once the
+   * next one would not fit (a slower machine gets 3 instead of 5). Unset: always `reps`.
+   */
+  budgetMs?: number
   flags: Record<string, string | boolean>
   cpuProf?: string
   log: (message: string) => void
@@ -131,14 +136,41 @@ export class Context {
   readonly flags: Record<string, string | boolean>
   readonly log: (message: string) => void
   private readonly cpuProf?: string
+  private readonly budgetMs?: number
+  private readonly startedAt = now()
   private cleanups: Array<() => Promise<void>> = []
+  /** Said in the output and the JSON with the scenario's own notes (repetitions dropped...). */
+  readonly notes: string[] = []
 
   constructor (readonly scenario: string, options: ContextOptions) {
     this.quick = options.quick
     this.reps = options.reps
+    this.budgetMs = options.budgetMs
     this.flags = options.flags
     this.log = (message) => options.log(`[${scenario}] ${message}`)
     this.cpuProf = options.cpuProf
+  }
+
+  /**
+   * The repetition loop's condition: `for (let rep = 0, more = ctx.repetitions(); more(rep); rep++)`.
+   * Always `reps` repetitions, except in the default run on a machine too slow for its budget:
+   * then at least 3 (the issue's minimum for a median), and more only while the next one, at
+   * the pace of those before, fits in this loop's share of what is left (`loopsLeft` loops,
+   * this one included, share it). Stopping early is logged and the JSON has the count.
+   */
+  repetitions (loopsLeft = 1): (done: number) => boolean {
+    const loopStart = now()
+    const budget = this.budgetMs === undefined ? undefined : (this.budgetMs - (loopStart - this.startedAt)) / loopsLeft
+    return (done) => {
+      if (done >= this.reps) return false
+      if (budget === undefined || done < Math.min(3, this.reps)) return true
+      const elapsed = now() - loopStart
+      if (elapsed + elapsed / done <= budget) return true
+      const note = `${this.scenario}: ${done} repetitions instead of ${this.reps} in one of its parts: another would not fit in the default run's time on this machine (${Math.round(budget / 1000)} s for that part)`
+      this.log(note)
+      this.notes.push(note)
+      return false
+    }
   }
 
   /** A numeric flag (`--sizes 100,1000` → [100, 1000]), or the default. */

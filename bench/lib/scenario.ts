@@ -51,6 +51,11 @@ export interface Scenario {
   description: string
   /** Runs in `npm run bench` without naming it (keep the default run under 8 minutes). */
   default: boolean
+  /**
+   * Its share of the default run, seconds: on a machine slower than the one the defaults were
+   * set on, repetitions past the third are dropped to stay inside it (see Context#repetitions).
+   */
+  budgetSeconds?: number
   run (ctx: Context): Promise<ScenarioResult>
   serverCommands?: Record<string, (args: any, server: ServerState) => unknown>
   baselineCommands?: Record<string, (args: any, baseline: BaselineState) => unknown>

@@ -50,6 +50,7 @@ export const cluster: Scenario = {
   name: 'cluster',
   description: 'HTTP change on node A to 1,000 clients over three Redis-linked nodes vs the same load on one node',
   default: true,
+  budgetSeconds: 50,
   async run (ctx) {
     const size = ctx.number('clients', ctx.quick ? 300 : 1000)
     const emits = ctx.number('emits', ctx.quick ? 40 : 100)
@@ -93,7 +94,7 @@ export const cluster: Scenario = {
     await clients.listen('single', 'project:created', 'project-name')
 
     const reps: { cluster: Burst[], single: Burst[] } = { cluster: [], single: [] }
-    for (let rep = 0; rep < ctx.reps; rep++) {
+    for (let rep = 0, more = ctx.repetitions(); more(rep); rep++) {
       // Alternate who goes first, so drift in machine speed hits both sides alike.
       for (const side of rep % 2 ? ['single', 'cluster'] as const : ['cluster', 'single'] as const) {
         const target = side === 'cluster' ? a : single

@@ -30,6 +30,7 @@ export const connect: Scenario = {
   name: 'connect',
   description: '10,000 authenticated connections to one node (companies of 1 and of 100, each arrival announced to its company): connections/s and server RSS per connection',
   default: true,
+  budgetSeconds: 220,
   async run (ctx) {
     const total = ctx.number('connections', ctx.quick ? 1000 : 10_000)
     const concurrency = ctx.number('concurrency', 400)
@@ -99,7 +100,7 @@ export const connect: Scenario = {
       const companies = await ctx.seedMany(db, Math.ceil(total / companySize), companySize)
       let tokens: string[] | undefined
       const reps: { ours: Rep[], raw: Rep[] } = { ours: [], raw: [] }
-      for (let rep = 0; rep < ctx.reps; rep++) {
+      for (let rep = 0, more = ctx.repetitions(companySizes.length - companySizes.indexOf(companySize)); more(rep); rep++) {
         for (const kind of rep % 2 ? ['raw', 'ours'] as const : ['ours', 'raw'] as const) {
           let result: Rep
           if (kind === 'ours') {

@@ -67,6 +67,7 @@ export const fanout: Scenario = {
   name: 'fanout',
   description: 'HTTP change (POST /projects) delivered to 100 / 1,000 / 5,000 authenticated clients of one company',
   default: true,
+  budgetSeconds: 75,
   async run (ctx) {
     // 5,000 is opt-in (--sizes 100,1000,5000): connecting N clients of one company announces
     // each one's presence to all those already in, N²/2 deliveries (12.5 M for 5,000), which
@@ -105,7 +106,7 @@ export const fanout: Scenario = {
 
       const reps: Record<Side, Burst[]> = { ours: [], plain: [], raw: [] }
       const order: Side[] = plainEmit ? ['ours', 'plain', 'raw'] : ['ours', 'raw']
-      for (let rep = 0; rep < ctx.reps; rep++) {
+      for (let rep = 0, more = ctx.repetitions(sizes.length - sizes.indexOf(size)); more(rep); rep++) {
         // Alternate who goes first, so drift in machine speed hits both sides alike.
         for (const side of rep % 2 ? [...order].reverse() : order) {
           const server = side === 'raw' ? raw : ours

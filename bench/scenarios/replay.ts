@@ -39,6 +39,7 @@ export const replay: Scenario = {
   name: 'replay',
   description: 'sync:resume of 10,000 missed events to one client; publish overhead of the event log',
   default: true,
+  budgetSeconds: 45,
 
   serverCommands: {
     /** Publishes `count` project:created events on the company stream, `batch` per transaction. */
@@ -146,7 +147,7 @@ export const replay: Scenario = {
     await raw.call('replay:fill', { count: events })
 
     const reps = { ours: [] as Array<ResumeResult & { publishMs: number }>, raw: [] as ResumeResult[], overhead: [] as Overhead[] }
-    for (let rep = 0; rep < ctx.reps; rep++) {
+    for (let rep = 0, more = ctx.repetitions(); more(rep); rep++) {
       for (const kind of rep % 2 ? ['raw', 'ours'] as const : ['ours', 'raw'] as const) {
         if (kind === 'ours') {
           const lastSeq = await ours.call<number>('replay:head', { stream })
