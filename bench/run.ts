@@ -157,7 +157,10 @@ for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
 const hardStop = setTimeout(() => {
   console.error(`bench: run exceeded ${RUN_DEADLINE_MS / 1000} s; stopping`)
   killAllChildren()
-  process.exit(2)
+  // Drop the running scenario's database too (a run stopped here once left one behind).
+  const drop = active?.cleanup() ?? Promise.resolve()
+  const timer = setTimeout(() => process.exit(2), 5000)
+  drop.finally(() => { clearTimeout(timer); process.exit(2) })
 }, RUN_DEADLINE_MS)
 hardStop.unref()
 

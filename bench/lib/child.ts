@@ -131,6 +131,8 @@ export class Child {
   /** Asks the child to close (so --cpu-prof profiles are written), then kills it after `graceMs`. */
   async stop (graceMs = 10_000): Promise<void> {
     if (this.exitCode !== undefined) return
+    // Already killed (the hard stop): its IPC channel is gone, a send would throw EPIPE.
+    if (this.process.killed) { await this.exited; return }
     this.call('close', {}, graceMs).catch(() => {})
     const timer = setTimeout(() => this.kill(), graceMs)
     await this.exited

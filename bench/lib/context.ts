@@ -267,8 +267,19 @@ export class Context {
     this.cleanups.push(fn)
   }
 
-  /** Stops everything this scenario started (last first) and drops its databases. */
-  async cleanup (): Promise<void> {
+  /**
+   * Stops everything this scenario started (last first) and drops its databases. One run for
+   * every caller: the scenario's end and the hard stop can both ask, and the process must not
+   * exit while the other caller's database drop is still in flight.
+   */
+  cleanup (): Promise<void> {
+    this.cleaning ??= this.runCleanups()
+    return this.cleaning
+  }
+
+  private cleaning?: Promise<void>
+
+  private async runCleanups (): Promise<void> {
     for (const fn of this.cleanups.reverse()) {
       try {
         await fn()
