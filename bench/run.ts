@@ -143,24 +143,24 @@ async function main () {
   console.log(`results: ${file} (${round((now() - started) / 1000, 0)} s)`)
 }
 
-// Children never outlive the run: killed on exit, on signals and at the hard deadline.
+// Children never outlive the run: killed on exit, on signals and at the hard deadline; the
+// running scenario's databases are dropped (at most 5 s) before the process exits with `code`.
+function stopNow (code: number): void {
+  killAllChildren()
+  const drop = active?.cleanup() ?? Promise.resolve()
+  const timer = setTimeout(() => process.exit(code), 5000)
+  drop.finally(() => { clearTimeout(timer); process.exit(code) })
+}
 process.on('exit', killAllChildren)
 for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
   process.once(signal, () => {
     console.error(`\n${signal}: stopping bench processes, dropping bench databases`)
-    killAllChildren()
-    const drop = active?.cleanup() ?? Promise.resolve()
-    const timer = setTimeout(() => process.exit(130), 5000)
-    drop.finally(() => { clearTimeout(timer); process.exit(130) })
+    stopNow(130)
   })
 }
 const hardStop = setTimeout(() => {
   console.error(`bench: run exceeded ${RUN_DEADLINE_MS / 1000} s; stopping`)
-  killAllChildren()
-  // Drop the running scenario's database too (a run stopped here once left one behind).
-  const drop = active?.cleanup() ?? Promise.resolve()
-  const timer = setTimeout(() => process.exit(2), 5000)
-  drop.finally(() => { clearTimeout(timer); process.exit(2) })
+  stopNow(2)
 }, RUN_DEADLINE_MS)
 hardStop.unref()
 
