@@ -5,6 +5,7 @@
 import { io, type Socket } from 'socket.io-client'
 import { childArgs, serveParent, type Handlers } from './lib/child.ts'
 import { now, sleep } from './lib/clock.ts'
+import { cpu } from './lib/memory.ts'
 import { Histogram } from './lib/stats.ts'
 import { scenarios } from './scenarios/index.ts'
 
@@ -131,6 +132,8 @@ const handlers: Handlers = {
   count ({ group: name }: { group: string }) {
     return group(name).received
   },
+
+  cpu,
 
   /** Returns and resets what the group recorded. */
   collect ({ group: name }: { group: string }) {

@@ -83,6 +83,12 @@ export class ClientPool {
     return counts.reduce((a, b) => a + b, 0)
   }
 
+  /** CPU time all load-client processes have used so far (user + system), ms. */
+  async cpu (): Promise<number> {
+    const times = await Promise.all(this.procs.map(p => p.call<number>('cpu')))
+    return times.reduce((a, b) => a + b, 0)
+  }
+
   /** Waits until the group received `expected` events in total; returns the count reached. */
   async waitForCount (group: string, expected: number, deadline: number): Promise<number> {
     let seen = 0

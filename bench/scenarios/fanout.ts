@@ -1,3 +1,4 @@
+import { availableParallelism } from 'node:os'
 import { now } from '../lib/clock.ts'
 import { benchEnvelope } from '../lib/envelope.ts'
 import { openLoop, postJson, postProject } from '../lib/load.ts'
@@ -29,6 +30,8 @@ interface Burst {
   durationMs: number
   /** Server CPU time (user + system) per change over the burst, ms: what a change costs the node, fan-out included. */
   cpuPerChangeMs: number
+  /** The load-client processes' CPU time per change, ms: receiving and decoding its N deliveries (socket.io-client). */
+  clientCpuPerChangeMs: number
   /**
    * Share of the whole machine's CPU (every core; server, load clients, sender, PostgreSQL)
    * busy during the burst: near 1, every process queues for a core and p99 is mostly that wait.
@@ -47,21 +50,26 @@ async function post (side: Side, server: ServerHandle, token: string, companyId:
 
 /** `count` changes at `rate`/s (open loop: sent on schedule, not after the previous answer). */
 async function burst (side: Side, server: ServerHandle, clients: ClientPool, group: string, token: string, companyId: string, size: number, count: number, rate: number): Promise<Burst> {
-  const cpuBefore = await server.call<number>('cpu')
+  const [cpuBefore, clientCpuBefore] = await Promise.all([server.call<number>('cpu'), clients.cpu()])
   const machineBefore = cpuTimes()
   const { start, interval, http, httpErrors } = await openLoop(count, rate, t0 => post(side, server, token, companyId, t0))
   const expected = (count - httpErrors) * size
   // Bounded: everything should arrive within a few seconds of the last send.
   await clients.waitForCount(group, expected, now() + 10_000 + count * interval)
   const machineBusy = busyBetween(machineBefore, cpuTimes())
-  const cpuPerChangeMs = (await server.call<number>('cpu') - cpuBefore) / count
+  const [cpuAfter, clientCpuAfter] = await Promise.all([server.call<number>('cpu'), clients.cpu()])
+  const cpuPerChangeMs = (cpuAfter - cpuBefore) / count
+  const clientCpuPerChangeMs = (clientCpuAfter - clientCpuBefore) / count
   const got = await clients.collect(group)
   const latency = Object.fromEntries(Object.entries(got.series).map(([name, h]) => [name, h.percentiles()]))
   const durationMs = got.lastRecv - start
-  return { sent: count, httpErrors, expected, received: got.received, latency, http: http.percentiles(), deliveriesPerSecond: got.received / (durationMs / 1000), durationMs, cpuPerChangeMs, machineBusy }
+  return { sent: count, httpErrors, expected, received: got.received, latency, http: http.percentiles(), deliveriesPerSecond: got.received / (durationMs / 1000), durationMs, cpuPerChangeMs, clientCpuPerChangeMs, machineBusy }
 }
 
 let plainSeq = 0
+const cores = availableParallelism()
+/** Cores the burst's load asks for at `rate` changes/s: server and load-client CPU per change. */
+const coresNeeded = (b: Burst, rate: number) => (b.cpuPerChangeMs + b.clientCpuPerChangeMs) * rate / 1000
 
 export const fanout: Scenario = {
   name: 'fanout',
@@ -115,7 +123,7 @@ export const fanout: Scenario = {
           await burst(side, server, clients, group, admin, company.companyId, sockets, warmup, rate)
           const result = await burst(side, server, clients, group, admin, company.companyId, sockets, emits, rate)
           reps[side].push(result)
-          ctx.log(`${size} rep ${rep + 1} ${side}: p50 ${round(result.latency.request!.p50)} p99 ${round(result.latency.request!.p99)} ms (HTTP p50 ${round(result.http.p50)} ms) (emit p99 ${round(result.latency.emit?.p99 ?? NaN)}, request → broadcast p50 ${round(result.latency.route?.p50 ?? NaN)}) (CPU ${round(result.cpuPerChangeMs)} ms/change, machine ${round(result.machineBusy * 100, 0)} % busy), ${result.received}/${result.expected} received, ${result.httpErrors} HTTP errors`)
+          ctx.log(`${size} rep ${rep + 1} ${side}: p50 ${round(result.latency.request!.p50)} p99 ${round(result.latency.request!.p99)} ms (HTTP p50 ${round(result.http.p50)} ms) (emit p99 ${round(result.latency.emit?.p99 ?? NaN)}, request → broadcast p50 ${round(result.latency.route?.p50 ?? NaN)}) (CPU ${round(result.cpuPerChangeMs)} ms/change, load clients ${round(result.clientCpuPerChangeMs)} ms/change, machine ${round(result.machineBusy * 100, 0)} % busy), ${result.received}/${result.expected} received, ${result.httpErrors} HTTP errors`)
         }
       }
       await clients.disconnect(`ours-${size}`)
@@ -155,6 +163,12 @@ export const fanout: Scenario = {
         : []), {
         label, metric: 'server CPU per change', unit: 'ms', better: 'lower', summary: true, ...perBurst(b => b.cpuPerChangeMs)
       }, {
+        label, metric: 'load-client CPU per change', unit: 'ms', better: 'lower', summary: false, ...perBurst(b => b.clientCpuPerChangeMs)
+      }, {
+        // What the load asks of the machine: (server + load clients) CPU per change × rate, in
+        // cores. Above the machine's cores, deliveries queue in the clients whatever the server does.
+        label, metric: 'cores the load needs (server + load clients)', unit: 'cores', better: 'lower', summary: false, ...perBurst(b => coresNeeded(b, rate))
+      }, {
         label, metric: 'machine CPU busy during the burst', unit: '%', better: 'lower', summary: false, ...perBurst(b => b.machineBusy * 100)
       }, {
         label, metric: 'deliveries/s', unit: '/s', better: 'higher', summary: false, ...perBurst(b => b.deliveriesPerSecond)
@@ -164,6 +178,14 @@ export const fanout: Scenario = {
       // (ours counts from the request's start). Said in the output, not hidden.
       const rawQueue = median(pick(reps.raw, 'route', 'p50'))
       if (rawQueue > 1000 / rate) notes.push(`${label}: the baseline did not keep up with ${rate} changes/s on this machine: its requests waited ${round(rawQueue)} ms (p50) for its emit, a wait its emit → receipt figure leaves out while ours counts it; the ratio then compares our whole path with the baseline's after its queue (try a rate it sustains, e.g. --rate 10)`)
+      // The load clients share the machine with the server: when what ours asks for is near every
+      // core, its p99 is mostly deliveries waiting in the clients (the baseline, if it cannot
+      // keep up, delivers fewer changes per second and so loads its clients less).
+      const oursNeed = median(reps.ours.map(b => coresNeeded(b, rate)))
+      if (oursNeed > 0.8 * cores) {
+        const clientMs = median(reps.ours.map(b => b.clientCpuPerChangeMs))
+        notes.push(`${label}: at ${rate} changes/s the load needs ${round(oursNeed, 2)} of this machine's ${cores} cores with our server (its load clients ${round(clientMs)} ms of CPU per change, ${round(clientMs * 1000 / size, 1)} µs per delivery; our server ${round(median(reps.ours.map(b => b.cpuPerChangeMs)))} ms): deliveries queue in the load clients, so p99 measures the machine's overload more than either server`)
+      }
       const lost = [...reps.ours, ...reps.plain, ...reps.raw].reduce((s, b) => s + b.expected - b.received + b.httpErrors, 0)
       if (lost > 0) ctx.log(`${size}: ${lost} deliveries or requests missing`)
       raws[size] = { rate, connect: { ours: a, raw: b }, reps }
