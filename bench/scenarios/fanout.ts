@@ -184,7 +184,7 @@ export const fanout: Scenario = {
       const oursNeed = median(reps.ours.map(b => coresNeeded(b, rate)))
       if (oursNeed > 0.8 * cores) {
         const clientMs = median(reps.ours.map(b => b.clientCpuPerChangeMs))
-        notes.push(`${label}: at ${rate} changes/s the load needs ${round(oursNeed, 2)} of this machine's ${cores} cores with our server (its load clients ${round(clientMs)} ms of CPU per change, ${round(clientMs * 1000 / size, 1)} µs per delivery; our server ${round(median(reps.ours.map(b => b.cpuPerChangeMs)))} ms): deliveries queue in the load clients, so p99 measures the machine's overload more than either server`)
+        notes.push(`${label}: at ${rate} changes/s the load needs ${round(oursNeed, 2)} of this machine's ${cores} cores with our server (its load clients ${round(clientMs)} ms of CPU per change, ${round(median(reps.ours.map(b => b.clientCpuPerChangeMs * b.sent * 1000 / b.received)), 1)} µs per delivery; our server ${round(median(reps.ours.map(b => b.cpuPerChangeMs)))} ms): deliveries queue in the load clients, so p99 measures the machine's overload more than either server`)
       }
       const lost = [...reps.ours, ...reps.plain, ...reps.raw].reduce((s, b) => s + b.expected - b.received + b.httpErrors, 0)
       if (lost > 0) ctx.log(`${size}: ${lost} deliveries or requests missing`)
