@@ -8,6 +8,8 @@ export interface AppConfig {
   host: string
   /** PostgreSQL connection string; undefined selects embedded PGlite under `dataDir`. */
   databaseUrl?: string
+  /** Distinct SQL texts prepared once per connection (DATABASE_PREPARED_STATEMENTS; 0: none, for PgBouncer's transaction mode before 1.21). Unset: openDatabase's default. */
+  preparedStatements?: number
   dataDir: string
   redisUrl?: string
   jwtSecret: string
@@ -52,6 +54,7 @@ const variables = {
   PORT: integer(0, 65535),
   HOST: z.string().trim().min(1, 'must not be empty'),
   DATABASE_URL: url(['postgres:', 'postgresql:']),
+  DATABASE_PREPARED_STATEMENTS: integer(0, 10_000),
   DATA_DIR: z.string().trim().min(1, 'must not be empty'),
   REDIS_URL: url(['redis:', 'rediss:']),
   JWT_SECRET: z.string().min(32, 'must be at least 32 characters (HS256 key)'),
@@ -83,6 +86,7 @@ export function loadConfig (env: NodeJS.ProcessEnv = process.env): AppConfig {
     port: parsed.PORT ?? 3000,
     host: parsed.HOST ?? '127.0.0.1',
     databaseUrl: parsed.DATABASE_URL,
+    preparedStatements: parsed.DATABASE_PREPARED_STATEMENTS,
     dataDir: parsed.DATA_DIR ?? '.data',
     redisUrl: parsed.REDIS_URL,
     jwtSecret: parsed.JWT_SECRET ?? DEV_JWT_SECRET,

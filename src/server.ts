@@ -21,7 +21,7 @@ async function main () {
   }
 
   const dataDir = path.join(config.dataDir, 'pglite')
-  const db = await openDatabase({ url: config.databaseUrl, dataDir })
+  const db = await openDatabase({ url: config.databaseUrl, dataDir, preparedStatements: config.preparedStatements })
   const migrations = await db.withSession(sql => migrate(sql))
   const seeded = await seedIfEmpty(db.prisma)
 

