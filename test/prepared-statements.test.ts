@@ -56,3 +56,21 @@ t.test('PostgreSQL: preparedStatements 0 prepares nothing (PgBouncer transaction
   t.same(await db.prisma.$queryRaw`SELECT 1::int AS one`, [{ one: 1 }])
   t.same(await prepared(db), [])
 })
+
+t.test('PostgreSQL: a statement first prepared in a transaction that rolled back, or refused in an aborted one, runs later', async t => {
+  const { url } = await emptyTestDatabase(t, { prefix: 'erp_prepared' })
+  const db = await open(t, url)
+  const rolledBack = new Error('roll back')
+  await t.rejects(db.prisma.$transaction(async (tx) => {
+    t.same(await tx.$queryRaw`SELECT ${1}::int AS first`, [{ first: 1 }])
+    throw rolledBack
+  }), rolledBack)
+  t.same(await db.prisma.$queryRaw`SELECT ${2}::int AS first`, [{ first: 2 }], 'prepared in the rolled-back transaction, still there')
+
+  // In an aborted transaction PostgreSQL refuses the Parse itself: pg must not count it as prepared.
+  await t.rejects(db.prisma.$transaction(async (tx) => {
+    await tx.$queryRaw`SELECT 1 / ${0}::int AS boom`.catch(() => {})
+    await tx.$queryRaw`SELECT ${3}::int AS second`
+  }))
+  t.same(await db.prisma.$queryRaw`SELECT ${4}::int AS second`, [{ second: 4 }], 'the refused statement is prepared on its next use')
+})
