@@ -37,10 +37,10 @@ export interface DatabaseOptions {
  * `@prisma/adapter-pg`'s `statementNameGenerator`: the first `max` distinct SQL texts get a name,
  * so each pool connection parses and plans such a statement once and then only binds and runs
  * it. Prisma sends every statement unnamed otherwise, and PostgreSQL parses and plans it on every
- * call. POST /projects' one-statement write went from 1.75 to 1.27 ms (p50 at 50 calls/s, through
- * Prisma; README, Performance, item 11). Every SQL text
- * past `max` goes unnamed: the cap bounds what each connection keeps prepared when texts vary
- * (lists spelled out, say). A name always means the same text, which pg requires.
+ * call. POST /projects' one-statement write went from 1.75 to 1.27 ms (p50 at 50 calls/s,
+ * through Prisma; README, Performance, item 11). Every SQL text past `max` goes unnamed: the cap
+ * bounds what each connection keeps prepared when texts vary (lists spelled out, say). A name
+ * always means the same text, which pg requires.
  */
 export function statementNames (max: number): (query: { sql: string }) => string {
   const names = new Map<string, string>()
