@@ -7,6 +7,7 @@ import { Server } from 'socket.io'
 import { childArgs, serveParent, type Handlers } from './lib/child.ts'
 import { now } from './lib/clock.ts'
 import { benchEnvelope } from './lib/envelope.ts'
+import { stampArrivals } from './lib/trace.ts'
 import { scenarios } from './scenarios/index.ts'
 import { cpu, memory } from './lib/memory.ts'
 
@@ -30,9 +31,11 @@ io.on('connection', (socket) => {
 
 let seq = 0
 
+const arrivalOf = stampArrivals(app)
 app.post('/emit', async (request) => {
   const { t0 } = request.body as { t0: number }
-  io.to(room).emit('bench', { ...benchEnvelope(t0, ++seq), tEmit: now() })
+  const tRecv = arrivalOf(t0)
+  io.to(room).emit('bench', { ...benchEnvelope(t0, ++seq), tEmit: now(), ...(tRecv === undefined ? {} : { tRecv }) })
   return { ok: true }
 })
 

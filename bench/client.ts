@@ -7,6 +7,7 @@ import { childArgs, serveParent, type Handlers } from './lib/child.ts'
 import { now, sleep } from './lib/clock.ts'
 import { cpu } from './lib/memory.ts'
 import { Histogram } from './lib/stats.ts'
+import { tracing } from './lib/trace.ts'
 import { scenarios } from './scenarios/index.ts'
 
 export interface Group {
@@ -44,6 +45,18 @@ const envelopeLatencies = (p: any, t: number): Array<[string, number]> => {
 const extractors: Record<string, (payload: any, t: number) => Array<[string, number]>> = {
   'project-name': envelopeLatencies,
   raw: envelopeLatencies
+}
+
+/** With --trace: per change (keyed by its request time), when this process's sockets got it. */
+export interface ChangeTrace { t0: number, tRecv?: number, tEmit?: number, first: number, last: number, received: number }
+const changes = new Map<number, ChangeTrace>()
+const traceChange = (payload: any, t: number) => {
+  const t0 = requestTime(payload)
+  let change = changes.get(t0)
+  if (!change) changes.set(t0, change = { t0, tRecv: payload?.tRecv, tEmit: payload?.tEmit, first: t, last: t, received: 0 })
+  change.first = Math.min(change.first, t)
+  change.last = Math.max(change.last, t)
+  change.received++
 }
 
 const groups = new Map<string, Group>()
@@ -121,12 +134,20 @@ const handlers: Handlers = {
           if (!h) g.series.set(series, h = new Histogram())
           h.record(ms)
         }
+        if (tracing) traceChange(payload, t)
         if (g.received === 0) g.firstRecv = t
         g.received++
         g.lastRecv = t
       })
     }
     return { sockets: g.sockets.length }
+  },
+
+  /** With --trace: the changes received since the last call (and forgets them). */
+  changes () {
+    const list = [...changes.values()]
+    changes.clear()
+    return list
   },
 
   count ({ group: name }: { group: string }) {

@@ -26,7 +26,7 @@ function parseArgs (argv: string[]) {
     if (!arg.startsWith('--')) { names.push(arg); continue }
     const [key, inline] = arg.slice(2).split('=', 2) as [string, string | undefined]
     if (inline !== undefined) flags[key] = inline
-    else if (argv[i + 1] !== undefined && !argv[i + 1]!.startsWith('--') && !['quick', 'cpu-prof', 'list', 'help', 'bare-baseline', 'plain-emit'].includes(key)) flags[key] = argv[++i]!
+    else if (argv[i + 1] !== undefined && !argv[i + 1]!.startsWith('--') && !['quick', 'cpu-prof', 'list', 'help', 'bare-baseline', 'plain-emit', 'trace'].includes(key)) flags[key] = argv[++i]!
     else flags[key] = true
   }
   return { names, flags }
@@ -72,10 +72,12 @@ let active: Context | undefined
 
 async function main () {
   const { names, flags } = parseArgs(process.argv.slice(2))
+  // Read by every child process (lib/trace.ts): fanout's slowest changes and what each process was doing.
+  if (flags.trace) process.env.BENCH_TRACE = '1'
   if (flags.list || flags.help) {
     console.log('scenarios (default run marked *):')
     for (const s of Object.values(scenarios)) console.log(`  ${s.default ? '*' : ' '} ${s.name.padEnd(10)} ${s.description}`)
-    console.log('flags: --quick (small sizes)  --reps N (default 5)  --cpu-prof (profiles in bench/results/prof/)\n       fanout: --sizes 100,1000 --emits N --warmup N --rate N --plain-emit; connect: --connections N --concurrency N --company-sizes 1,100 --bare-baseline; replay: --events N --ops N')
+    console.log('flags: --quick (small sizes)  --reps N (default 5)  --cpu-prof (profiles in bench/results/prof/)\n       fanout: --sizes 100,1000 --emits N --warmup N --rate N --plain-emit --trace; connect: --connections N --concurrency N --company-sizes 1,100 --bare-baseline; replay: --events N --ops N')
     return
   }
   const unknown = names.filter(n => !scenarios[n])

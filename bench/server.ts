@@ -12,6 +12,7 @@ import { childArgs, serveParent, type Handlers } from './lib/child.ts'
 import { scenarios } from './scenarios/index.ts'
 import { cpu, memory } from './lib/memory.ts'
 import { now } from './lib/clock.ts'
+import { stampArrivals } from './lib/trace.ts'
 
 export interface ServerArgs {
   databaseUrl: string
@@ -33,11 +34,18 @@ const config: AppConfig = { ...loadConfig({ JWT_SECRET: randomBytes(32).toString
 const app = await buildApp({ config, db, logger: false, realtime: args.realtime })
 // Bench-only: stamp the broadcast time on project:created (the baseline sends tEmit too), so
 // fanout can show the delivery part (broadcast → receipt) apart from the route's database work.
+// With --trace, also when the request reached the server (tRecv).
+const arrivalOf = stampArrivals(app)
 const adapter = app.io.of('/').adapter
 const broadcast = adapter.broadcast.bind(adapter)
 adapter.broadcast = (packet, opts) => {
   const [event, envelope] = (packet as { data?: unknown[] }).data ?? []
-  if (event === 'project:created' && typeof envelope === 'object' && envelope !== null) (envelope as { tEmit?: number }).tEmit = now()
+  if (event === 'project:created' && typeof envelope === 'object' && envelope !== null) {
+    const stamped = envelope as { tEmit?: number, tRecv?: number, data?: { project?: { name?: string } } }
+    stamped.tEmit = now()
+    const tRecv = arrivalOf(Number(String(stamped.data?.project?.name ?? '').split(' ')[1]))
+    if (tRecv !== undefined) stamped.tRecv = tRecv
+  }
   broadcast(packet, opts)
 }
 await app.listen({ port: 0, host: '127.0.0.1' })

@@ -1,5 +1,6 @@
 import { fork, type ChildProcess } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
+import { installTrace } from './trace.ts'
 
 /**
  * Bench child processes (servers and load clients), driven over IPC with request/response
@@ -19,6 +20,7 @@ interface Ready { ready: true, info: unknown }
 /** Runs in a child: answers the parent's calls with `handlers`, after announcing `info`. */
 export function serveParent (handlers: Handlers, info: unknown = {}): void {
   if (!process.send) throw new Error('bench child started without an IPC channel')
+  installTrace(handlers)
   // The parent is gone (crashed or killed): nothing will stop us otherwise.
   process.on('disconnect', () => process.exit(0))
   process.on('message', (message: Request) => {

@@ -6,6 +6,8 @@ import { busyBetween, cpuTimes } from '../lib/machine.ts'
 import type { ClientPool, ServerHandle } from '../lib/context.ts'
 import { medians, type Row, type Scenario } from '../lib/scenario.ts'
 import { median, round, type Percentiles } from '../lib/stats.ts'
+import type { TraceEvent } from '../lib/trace.ts'
+import type { ChangeTrace } from '../client.ts'
 
 /**
  * fanout: an HTTP change through a real domain route (POST /projects: validation, JWT, the
@@ -37,7 +39,48 @@ interface Burst {
    * busy during the burst: near 1, every process queues for a core and p99 is mostly that wait.
    */
   machineBusy: number
+  /** With --trace: the slowest changes and what the processes recorded meanwhile. */
+  trace?: BurstTrace
 }
+
+/** One change, ms from its request's start: at the server, broadcast, first and last receipt per load-client process. */
+interface SlowChange { at: number, total: number, recv?: number, emit: number, first: number[], last: number[] }
+interface BurstTrace { slowest: SlowChange[], events: Record<string, Array<TraceEvent & { at: number }>> }
+
+/**
+ * The `slowest` changes of a burst (request start → last receipt anywhere), with the GC pauses
+ * and event-loop stalls of every process during the burst; `at` is ms since the burst's start.
+ */
+async function traceBurst (server: ServerHandle, clients: ClientPool, start: number, end: number, slowest = 5): Promise<BurstTrace> {
+  const perProcess = await Promise.all(clients.procs.map(p => p.call<ChangeTrace[]>('changes')))
+  const merged = new Map<number, SlowChange>()
+  perProcess.forEach((changes, i) => {
+    for (const c of changes) {
+      let m = merged.get(c.t0)
+      if (!m) merged.set(c.t0, m = { at: round(c.t0 - start), total: 0, recv: c.tRecv === undefined ? undefined : round(c.tRecv - c.t0), emit: round((c.tEmit ?? NaN) - c.t0), first: [], last: [] })
+      m.first[i] = round(c.first - c.t0)
+      m.last[i] = round(c.last - c.t0)
+      m.total = Math.max(m.total, m.last[i]!)
+    }
+  })
+  const inBurst = (e: TraceEvent) => e.t >= start && e.t <= end
+  const at = (e: TraceEvent) => ({ ...e, at: round(e.t - start) })
+  const events: BurstTrace['events'] = {}
+  events.server = (await server.call<TraceEvent[]>('trace')).filter(inBurst).map(at)
+  const clientEvents = await Promise.all(clients.procs.map(p => p.call<TraceEvent[]>('trace')))
+  clientEvents.forEach((list, i) => { events[`client ${i + 1}`] = list.filter(inBurst).map(at) })
+  return { slowest: [...merged.values()].sort((a, b) => b.total - a.total).slice(0, slowest), events }
+}
+
+const describeTrace = ({ slowest, events }: BurstTrace) => [
+  `slowest changes (ms from the request; server, broadcast, first / last receipt per client process): ${slowest.map(c => `@${c.at} ${c.total} (${c.recv ?? '?'}, ${c.emit}, ${c.first.join('/')} / ${c.last.join('/')})`).join('; ')}`,
+  // The log shows pauses of 10 ms or more (a load client's normal turn, one change's 500
+  // deliveries, takes about that); the JSON has everything recorded.
+  ...Object.entries(events).map(([name, list]) => {
+    const long = list.filter(e => e.ms >= 10)
+    return `${name}: ${long.length ? long.map(e => `@${e.at} ${e.what} ${e.ms}`).join(', ') : 'no GC pause or stall of 10 ms or more'}`
+  })
+]
 
 type Side = 'ours' | 'plain' | 'raw'
 
@@ -49,7 +92,7 @@ async function post (side: Side, server: ServerHandle, token: string, companyId:
 }
 
 /** `count` changes at `rate`/s (open loop: sent on schedule, not after the previous answer). */
-async function burst (side: Side, server: ServerHandle, clients: ClientPool, group: string, token: string, companyId: string, size: number, count: number, rate: number): Promise<Burst> {
+async function burst (side: Side, server: ServerHandle, clients: ClientPool, group: string, token: string, companyId: string, size: number, count: number, rate: number, tracing: boolean): Promise<Burst> {
   const [cpuBefore, clientCpuBefore] = await Promise.all([server.call<number>('cpu'), clients.cpu()])
   const machineBefore = cpuTimes()
   const { start, interval, http, httpErrors } = await openLoop(count, rate, t0 => post(side, server, token, companyId, t0))
@@ -61,9 +104,11 @@ async function burst (side: Side, server: ServerHandle, clients: ClientPool, gro
   const cpuPerChangeMs = (cpuAfter - cpuBefore) / count
   const clientCpuPerChangeMs = (clientCpuAfter - clientCpuBefore) / count
   const got = await clients.collect(group)
+  // Warm-up bursts are traced too (so the next burst starts clean) but not reported.
+  const trace = tracing ? await traceBurst(server, clients, start, got.lastRecv) : undefined
   const latency = Object.fromEntries(Object.entries(got.series).map(([name, h]) => [name, h.percentiles()]))
   const durationMs = got.lastRecv - start
-  return { sent: count, httpErrors, expected, received: got.received, latency, http: http.percentiles(), deliveriesPerSecond: got.received / (durationMs / 1000), durationMs, cpuPerChangeMs, clientCpuPerChangeMs, machineBusy }
+  return { sent: count, httpErrors, expected, received: got.received, latency, http: http.percentiles(), deliveriesPerSecond: got.received / (durationMs / 1000), durationMs, cpuPerChangeMs, clientCpuPerChangeMs, machineBusy, trace }
 }
 
 let plainSeq = 0
@@ -87,7 +132,9 @@ export const fanout: Scenario = {
     // the two client processes on 2 cores, so larger sizes run at 10/s unless --rate is given.
     const rateFor = (size: number) => ctx.number('rate', size > 1000 ? 10 : 50)
     const plainEmit = ctx.flags['plain-emit'] === true
-    const parameters = { sizes, emitsPerRep: emits, warmupEmits: warmup, rates: Object.fromEntries(sizes.map(s => [s, rateFor(s)])), reps: ctx.reps, route: 'POST /projects', clientProcesses: 2, plainEmit }
+    // --trace: run.ts started every process with BENCH_TRACE=1 (lib/trace.ts).
+    const trace = ctx.flags.trace === true
+    const parameters = { sizes, emitsPerRep: emits, warmupEmits: warmup, rates: Object.fromEntries(sizes.map(s => [s, rateFor(s)])), reps: ctx.reps, route: 'POST /projects', clientProcesses: 2, plainEmit, trace }
 
     const db = await ctx.database()
     const company = await ctx.seed(db, Math.max(...sizes) + 1)
@@ -120,10 +167,11 @@ export const fanout: Scenario = {
           const server = side === 'raw' ? raw : ours
           const group = `${server.kind}-${size}`
           const sockets = server.kind === 'ours' ? a.connected : b.connected
-          await burst(side, server, clients, group, admin, company.companyId, sockets, warmup, rate)
-          const result = await burst(side, server, clients, group, admin, company.companyId, sockets, emits, rate)
+          await burst(side, server, clients, group, admin, company.companyId, sockets, warmup, rate, trace)
+          const result = await burst(side, server, clients, group, admin, company.companyId, sockets, emits, rate, trace)
           reps[side].push(result)
           ctx.log(`${size} rep ${rep + 1} ${side}: p50 ${round(result.latency.request!.p50)} p99 ${round(result.latency.request!.p99)} ms (HTTP p50 ${round(result.http.p50)} ms) (emit p99 ${round(result.latency.emit?.p99 ?? NaN)}, request → broadcast p50 ${round(result.latency.route?.p50 ?? NaN)}) (CPU ${round(result.cpuPerChangeMs)} ms/change, load clients ${round(result.clientCpuPerChangeMs)} ms/change, machine ${round(result.machineBusy * 100, 0)} % busy), ${result.received}/${result.expected} received, ${result.httpErrors} HTTP errors`)
+          if (result.trace) for (const line of describeTrace(result.trace)) ctx.log(`  trace ${side}: ${line}`)
         }
       }
       await clients.disconnect(`ours-${size}`)
