@@ -458,10 +458,8 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     if (streams.length === 0) return
     const current = [...await heads(streams)]
     for (let i = 0; i < current.length; i += BEACON_SLICE) {
-      if (i > 0) {
-        await nextTurn()
-        if (closing) return
-      }
+      if (i > 0) await nextTurn()
+      if (closing) return
       await Promise.all(current.slice(i, i + BEACON_SLICE).map(async ([stream, head]) => {
         await dispatcher.catchUp(stream, head)
         const held = nsp.adapter.rooms.has(holdRoom(stream))
