@@ -5,6 +5,7 @@
 import { io, type Socket } from 'socket.io-client'
 import { childArgs, serveParent, type Handlers } from './lib/child.ts'
 import { now, sleep } from './lib/clock.ts'
+import { requestTimeOf } from './lib/envelope.ts'
 import { cpu } from './lib/memory.ts'
 import { Histogram } from './lib/stats.ts'
 import { tracing } from './lib/trace.ts'
@@ -25,7 +26,7 @@ export interface ClientState {
 }
 
 /** The request time our route's clients put in the project name ("bench <t0>"). */
-const requestTime = (p: any) => Number(String(p?.data?.project?.name ?? '').split(' ')[1])
+const requestTime = (p: any) => requestTimeOf(p?.data?.project?.name)
 
 /**
  * The latencies a received payload gives, per series, from its receipt time `t`: "request"

@@ -12,6 +12,7 @@ import { childArgs, serveParent, type Handlers } from './lib/child.ts'
 import { scenarios } from './scenarios/index.ts'
 import { cpu, memory } from './lib/memory.ts'
 import { now } from './lib/clock.ts'
+import { requestTimeOf } from './lib/envelope.ts'
 import { stampArrivals } from './lib/trace.ts'
 
 export interface ServerArgs {
@@ -43,7 +44,7 @@ adapter.broadcast = (packet, opts) => {
   if (event === 'project:created' && typeof envelope === 'object' && envelope !== null) {
     const stamped = envelope as { tEmit?: number, tRecv?: number, data?: { project?: { name?: string } } }
     stamped.tEmit = now()
-    const tRecv = arrivalOf(Number(String(stamped.data?.project?.name ?? '').split(' ')[1]))
+    const tRecv = arrivalOf(requestTimeOf(stamped.data?.project?.name))
     if (tRecv !== undefined) stamped.tRecv = tRecv
   }
   broadcast(packet, opts)

@@ -1,5 +1,6 @@
 import { Agent, request } from 'node:http'
 import { now, sleep } from './clock.ts'
+import { benchName } from './envelope.ts'
 import { Histogram } from './stats.ts'
 
 export interface OpenLoop {
@@ -54,6 +55,6 @@ export function postJson (url: string, body: unknown, headers: Record<string, st
 
 /** POST /projects on our server (a real domain route: database write + event record). */
 export async function postProject (url: string, token: string, t0: number): Promise<void> {
-  const status = await postJson(`${url}/projects`, { name: `bench ${t0}` }, { authorization: `Bearer ${token}` })
+  const status = await postJson(`${url}/projects`, { name: benchName(t0) }, { authorization: `Bearer ${token}` })
   if (status !== 201) throw new Error(`HTTP ${status}`)
 }

@@ -1,6 +1,7 @@
 import { PerformanceObserver, constants } from 'node:perf_hooks'
 import type { FastifyInstance } from 'fastify'
 import { now } from './clock.ts'
+import { requestTimeOf } from './envelope.ts'
 
 /**
  * `--trace` (fanout): what each process was doing when a change was slow. The orchestrator sets
@@ -52,7 +53,7 @@ export function stampArrivals (app: FastifyInstance): (t0: number) => number | u
     app.addHook('onRequest', async (request) => { (request as { arrivedAt?: number }).arrivedAt = now() })
     app.addHook('preHandler', async (request) => {
       const body = request.body as { t0?: unknown, name?: unknown } | undefined
-      const t0 = typeof body?.t0 === 'number' ? body.t0 : Number(String(body?.name ?? '').split(' ')[1])
+      const t0 = typeof body?.t0 === 'number' ? body.t0 : requestTimeOf(body?.name)
       const arrivedAt = (request as { arrivedAt?: number }).arrivedAt
       if (Number.isFinite(t0) && arrivedAt !== undefined) arrivals.set(t0, arrivedAt)
     })

@@ -148,9 +148,9 @@ const holdRoom = (stream: string) => `hold:${stream}`
 
 /**
  * Streams a beacon handles per event-loop turn. Every socket has its own user stream, so a
- * beacon covers about as many streams as the node has sockets; at 1,000 sockets one pass took
- * 6–12 ms of uninterrupted CPU (measured with `npm run bench -- fanout`), which a request or a
- * broadcast arriving meanwhile waited out. In slices, they run between them.
+ * beacon covers about as many streams as the node has sockets; at 1,000 sockets one pass held
+ * the event loop for 6–12 ms (the fanout bench's server, README "Performance" item 12), which a
+ * request or a broadcast arriving meanwhile waited out. In slices, they run between them.
  */
 const BEACON_SLICE = 128
 const nextTurn = () => new Promise<void>(resolve => setImmediate(resolve))
