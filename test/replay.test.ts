@@ -236,6 +236,25 @@ t.test('sync:head lets an idle client notice a gap, and a node fills gaps from t
   t.same(seqsByStream(seen)[userOf(member)], [1, 2, 3, 4, 5])
 })
 
+/**
+ * Adds `count` user-stream rooms with no connected socket (stand-ins for other sockets' streams)
+ * and counts the sync:head broadcasts; `onEmit` runs at each one.
+ */
+function absentStreams (app: FastifyInstance, count: number, onEmit?: () => void): () => number {
+  const adapter = app.io.of('/').adapter
+  adapter.addAll('absent-sockets', new Set(Array.from({ length: count }, (_, i) => `user:absent-${i}`)))
+  let emitted = 0
+  const broadcast = adapter.broadcast.bind(adapter)
+  adapter.broadcast = (packet, opts) => {
+    if ((packet as { data?: unknown[] }).data?.[0] === 'sync:head') {
+      emitted++
+      onEmit?.()
+    }
+    broadcast(packet, opts)
+  }
+  return () => emitted
+}
+
 t.test('a beacon over many streams runs in slices, with the event loop turning between them', async t => {
   // Regression: one beacon emitted sync:head to every stream in one go; with 1,000 sockets that
   // held the event loop for 6–12 ms, which requests and broadcasts arriving meanwhile waited out.
@@ -244,28 +263,21 @@ t.test('a beacon over many streams runs in slices, with the event loop turning b
   const member = company.as('member')
   const socket = await connect(t, url, member.token)
   // Stand-ins for 600 other sockets' user streams (rooms without a connected socket).
-  const adapter = app.io.of('/').adapter
-  adapter.addAll('absent-sockets', new Set(Array.from({ length: 600 }, (_, i) => `user:absent-${i}`)))
-  let emitted = 0
-  const broadcast = adapter.broadcast.bind(adapter)
-  adapter.broadcast = (packet, opts) => {
-    if ((packet as { data?: unknown[] }).data?.[0] === 'sync:head') emitted++
-    broadcast(packet, opts)
-  }
+  const emitted = absentStreams(app, 600)
   const heads: Array<{ stream: string, seq: number }> = []
   socket.on('sync:head', (head: { stream: string, seq: number }) => heads.push(head))
   // What had been emitted at each turn of the event loop while the beacon ran.
   const turns: number[] = []
   let running = true
   const sample = () => {
-    turns.push(emitted)
+    turns.push(emitted())
     if (running) setImmediate(sample)
   }
   const beacon = app.eventLog.beacon().finally(() => { running = false })
   setImmediate(sample)
   await beacon
-  turns.push(emitted)
-  t.equal(emitted, 602, 'every stream got its sync:head: 600 stand-ins, the member\'s and the company\'s')
+  turns.push(emitted())
+  t.equal(emitted(), 602, 'every stream got its sync:head: 600 stand-ins, the member\'s and the company\'s')
   const steps = turns.map((n, i) => n - (turns[i - 1] ?? 0)).filter(step => step > 0)
   t.ok(steps.length >= Math.ceil(602 / 128), `the streams went out over ${steps.length} turns`)
   t.ok(Math.max(...steps) <= 128, `at most 128 per turn (largest: ${Math.max(...steps)})`)
@@ -275,20 +287,12 @@ t.test('a beacon over many streams runs in slices, with the event loop turning b
 
 t.test('a beacon stops at its next slice once the app closes', async t => {
   const { app } = await build(t)
-  const adapter = app.io.of('/').adapter
-  adapter.addAll('absent-sockets', new Set(Array.from({ length: 5000 }, (_, i) => `user:absent-${i}`)))
-  let emitted = 0
   let closed: Promise<void> | undefined
-  const broadcast = adapter.broadcast.bind(adapter)
-  adapter.broadcast = (packet, opts) => {
-    if ((packet as { data?: unknown[] }).data?.[0] === 'sync:head') emitted++
-    // The app starts closing while the first slice is being sent.
-    closed ??= app.close()
-    broadcast(packet, opts)
-  }
+  // The app starts closing while the first slice is being sent.
+  const emitted = absentStreams(app, 5000, () => { closed ??= app.close() })
   await app.eventLog.beacon()
   await closed
-  t.ok(emitted >= 128 && emitted < 5000, `it stopped after ${emitted} of 5,000 streams`)
+  t.ok(emitted() >= 128 && emitted() < 5000, `it stopped after ${emitted()} of 5,000 streams`)
 })
 
 t.test('a socket that announced a resume but never sends it gets its held events after the window', async t => {
