@@ -4,6 +4,7 @@ import erpRealtime, { type ErpRealtimeOptions } from '../plugins/index.ts'
 import { erpErrorHandler } from '../plugins/errors.ts'
 import type { AppConfig } from './config.ts'
 import type { Database, PrismaClient } from './db/index.ts'
+import { drainOnClose } from './drain.ts'
 import { authRoutes } from './routes/auth.ts'
 import { expenseRoutes } from './routes/expenses.ts'
 import { projectRoutes } from './routes/projects.ts'
@@ -22,20 +23,24 @@ export interface BuildOptions {
   logger?: FastifyServerOptions['logger']
   /** Overrides for the erp-realtime plugins (tests shorten intervals here). */
   realtime?: Partial<Omit<ErpRealtimeOptions, 'prisma' | 'jwtSecret'>>
+  /** How long requests in flight may run once the app starts closing; then their connections are destroyed. Default 5000. */
+  drainTimeoutMs?: number
 }
 
 /** The erp-realtime application: the plugins plus the ERP's domain routes. */
-export async function buildApp ({ config, db, logger = false, realtime = {} }: BuildOptions): Promise<FastifyInstance> {
+export async function buildApp ({ config, db, logger = false, realtime = {}, drainTimeoutMs = 5000 }: BuildOptions): Promise<FastifyInstance> {
   const app = Fastify({
     logger,
     bodyLimit: 256 * 1024,
     // Ids are validated up to 128 characters; longer params get the same 400 as other bad ids.
     routerOptions: { maxParamLength: 256 },
-    forceCloseConnections: true,
+    // Requests in flight finish on close (drainOnClose): 'idle' never destroys a busy connection.
+    forceCloseConnections: 'idle',
     // Router errors (bad URL encoding, an over-long :id) answer in the contract's error shape too.
     frameworkErrors: (err, request, reply) => erpErrorHandler(err, request, reply)
   })
   app.setErrorHandler(erpErrorHandler)
+  drainOnClose(app, drainTimeoutMs)
   app.setNotFoundHandler((request, reply) => {
     reply.code(404).send({ error: { code: 'NOT_FOUND', message: `Route ${request.method} ${request.url.split('?')[0]} not found` } })
   })

@@ -81,6 +81,7 @@ export interface BuildTestOptions {
   realtime?: BuildOptions['realtime']
   /** Extra routes (a plugin) registered after the app's own, before it listens. */
   routes?: (app: FastifyInstance) => Promise<void>
+  drainTimeoutMs?: number
 }
 
 /** Builds the app on a fresh database and listens on port 0; closed at teardown. */
@@ -89,7 +90,8 @@ export async function build (t: TestLike, options: BuildTestOptions = {}): Promi
   const app = await buildApp({
     config: testConfig(options.config),
     db,
-    realtime: { ...options.realtime, eventLog: { headIntervalMs: 0, pruneIntervalMs: 0, ...options.realtime?.eventLog } }
+    realtime: { ...options.realtime, eventLog: { headIntervalMs: 0, pruneIntervalMs: 0, ...options.realtime?.eventLog } },
+    drainTimeoutMs: options.drainTimeoutMs
   })
   t.teardown(() => app.close())
   if (options.routes) await app.register(options.routes)

@@ -1,0 +1,110 @@
+import { Agent, request } from 'node:http'
+import { setTimeout as sleep } from 'node:timers/promises'
+import t from 'tap'
+import pg from 'pg'
+import { io as ioClient } from 'socket.io-client'
+import { build, createCompany, nextEvent } from './helpers.ts'
+
+interface Answer { status?: number, connection?: string, body?: unknown, error?: string }
+
+/** One request on a kept-alive connection, as browsers and mobile HTTP stacks send them. */
+function send (url: string, method: string, path: string, headers: Record<string, string> = {}, body?: unknown): Promise<Answer> {
+  const agent = new Agent({ keepAlive: true })
+  const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body))
+  return new Promise<Answer>((resolve) => {
+    const req = request(`${url}${path}`, { method, agent, headers: { ...headers, ...(payload ? { 'content-type': 'application/json', 'content-length': String(payload.length) } : {}) } }, (res) => {
+      let text = ''
+      res.setEncoding('utf8')
+      res.on('data', (chunk: string) => { text += chunk })
+      res.on('end', () => resolve({ status: res.statusCode, connection: res.headers.connection, body: text ? JSON.parse(text) : undefined }))
+      res.on('error', (err: NodeJS.ErrnoException) => resolve({ error: err.code ?? err.message }))
+    })
+    req.on('error', (err: NodeJS.ErrnoException) => resolve({ error: err.code ?? err.message }))
+    req.end(payload)
+  }).finally(() => agent.destroy())
+}
+
+/** Resolves with 'closed' when `closing` settles first, 'waiting' after `ms`. */
+const settledWithin = (closing: Promise<unknown>, ms: number) =>
+  Promise.race([closing.then(() => 'closed' as const), sleep(ms, 'waiting' as const)])
+
+/** Polls until `check` holds (bounded). */
+async function until (check: () => Promise<boolean>, what: string, deadlineMs = 5000): Promise<void> {
+  const deadline = Date.now() + deadlineMs
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
+    await sleep(20)
+  }
+}
+
+t.test('POST /projects in flight at shutdown commits, answers 201 and stores its idempotent response (forceCloseConnections: true reset it)', async (t) => {
+  const { app, db, url } = await build(t, { drainTimeoutMs: 30_000 })
+  const company = await createCompany(app, ['admin'])
+  const admin = company.as('admin')
+  // Another session holds a lock the route's INSERT must wait for: the request is in flight
+  // for as long as the test wants.
+  const locker = new pg.Client({ connectionString: (db as { url?: string }).url })
+  await locker.connect()
+  t.teardown(() => locker.end())
+  await locker.query('BEGIN')
+  await locker.query('LOCK TABLE projects IN EXCLUSIVE MODE')
+
+  const answer = send(url, 'POST', '/projects', { authorization: `Bearer ${admin.token}`, 'idempotency-key': 'deploy-1' }, { name: 'Harbour wall' })
+  await until(async () => (await locker.query<{ n: number }>(
+    `SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`)).rows[0]!.n > 0, 'the INSERT to wait for the lock')
+
+  const closing = app.close()
+  t.equal(await settledWithin(closing, 300), 'waiting', 'close waits for the request in flight')
+  await locker.query('COMMIT')
+
+  const { status, connection, body, error } = await answer
+  t.equal(error, undefined, 'the connection was not reset')
+  t.equal(status, 201, 'the change is answered')
+  t.equal(connection, 'close', 'with Connection: close, so the client does not reuse the connection')
+  t.equal(await settledWithin(closing, 5000), 'closed', 'close resolves once the request is answered, not after keepAliveTimeout (72 s)')
+
+  const project = (body as { project: { id: string } }).project
+  t.ok(await db.prisma.project.findUnique({ where: { id: project.id } }), 'the project is committed')
+  const record = await db.prisma.idempotencyRecord.findFirst({ where: { companyId: company.id, userId: admin.id, key: 'deploy-1' } })
+  t.equal(record?.statusCode, 201, 'the Idempotency-Key has its response: a retry after the restart replays it instead of waiting out the claim')
+})
+
+t.test('a request still running when drainTimeoutMs ends is cut off, and close resolves', async (t) => {
+  let release!: () => void
+  const released = new Promise<void>(resolve => { release = resolve })
+  let entered!: () => void
+  const inHandler = new Promise<void>(resolve => { entered = resolve })
+  t.teardown(() => release())
+  const { app, url } = await build(t, {
+    drainTimeoutMs: 200,
+    routes: async (app) => {
+      app.get('/test/stuck', async () => {
+        entered()
+        await released
+        return { ok: true }
+      })
+    }
+  })
+  const answer = send(url, 'GET', '/test/stuck')
+  await inHandler
+  const closing = app.close()
+  t.equal(await settledWithin(closing, 100), 'waiting', 'the request gets its drain time')
+  t.ok((await answer).error, 'after drainTimeoutMs its connection is destroyed')
+  t.equal(await settledWithin(closing, 5000), 'closed', 'close resolves')
+})
+
+t.test('a long-polling Socket.IO client does not hold close for keepAliveTimeout', async (t) => {
+  const { app, url } = await build(t, { drainTimeoutMs: 30_000 })
+  const company = await createCompany(app, ['member'])
+  const socket = ioClient(url, { transports: ['polling'], reconnection: false, forceNew: true, auth: { token: company.as('member').token } })
+  t.teardown(() => socket.disconnect())
+  await nextEvent(socket, 'connect', 5000)
+  const disconnected = nextEvent(socket, 'disconnect', 5000)
+  const closing = app.close()
+  t.equal(await settledWithin(closing, 5000), 'closed', 'close resolves')
+  t.ok(await disconnected, 'the client learns it is disconnected (it reconnects and resumes)')
+})
+
+t.test('drainTimeoutMs is validated', async (t) => {
+  await t.rejects(build(t, { drainTimeoutMs: -1 }), /drainTimeoutMs must be a whole number/)
+})
