@@ -3,7 +3,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import t from 'tap'
 import pg from 'pg'
 import { io as ioClient } from 'socket.io-client'
-import { build, createCompany, nextEvent } from './helpers.ts'
+import { build, createCompany, nextEvent, waitFor } from './helpers.ts'
 
 interface Answer { status?: number, connection?: string, body?: unknown, error?: string }
 
@@ -28,15 +28,6 @@ function send (url: string, method: string, path: string, headers: Record<string
 const settledWithin = (closing: Promise<unknown>, ms: number) =>
   Promise.race([closing.then(() => 'closed' as const), sleep(ms, 'waiting' as const)])
 
-/** Polls until `check` holds (bounded). */
-async function until (check: () => Promise<boolean>, what: string, deadlineMs = 5000): Promise<void> {
-  const deadline = Date.now() + deadlineMs
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
-    await sleep(20)
-  }
-}
-
 t.test('POST /projects in flight at shutdown commits, answers 201 and stores its idempotent response (forceCloseConnections: true reset it)', async (t) => {
   const { app, db, url } = await build(t, { drainTimeoutMs: 30_000 })
   const company = await createCompany(app, ['admin'])
@@ -50,8 +41,8 @@ t.test('POST /projects in flight at shutdown commits, answers 201 and stores its
   await locker.query('LOCK TABLE projects IN EXCLUSIVE MODE')
 
   const answer = send(url, 'POST', '/projects', { authorization: `Bearer ${admin.token}`, 'idempotency-key': 'deploy-1' }, { name: 'Harbour wall' })
-  await until(async () => (await locker.query<{ n: number }>(
-    `SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`)).rows[0]!.n > 0, 'the INSERT to wait for the lock')
+  await waitFor(async () => (await locker.query<{ n: number }>(
+    `SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`)).rows[0]!.n > 0, 5000, 'the INSERT to wait for the lock')
 
   const closing = app.close()
   t.equal(await settledWithin(closing, 300), 'waiting', 'close waits for the request in flight')
