@@ -80,3 +80,12 @@ export function batchPerTurn<K, V> (loadMany: (keys: readonly K[]) => Promise<V[
 export function hookList<T> (hooks: T | T[] | undefined): T[] {
   return hooks === undefined ? [] : Array.isArray(hooks) ? hooks : [hooks]
 }
+
+/**
+ * The SQLSTATE and message PostgreSQL raised, from an error of a Prisma query through a driver
+ * adapter (`@prisma/adapter-pg` or PGlite's); undefined for any other error.
+ */
+export function sqlErrorOf (err: unknown): { code: string, message: string } | undefined {
+  const cause = (err as { meta?: { driverAdapterError?: { cause?: { originalCode?: string, originalMessage?: string } } } })?.meta?.driverAdapterError?.cause
+  return cause?.originalCode === undefined ? undefined : { code: cause.originalCode, message: cause.originalMessage ?? '' }
+}

@@ -55,6 +55,9 @@ export async function buildApp ({ config, db, logger = false, realtime = {}, dra
     socket: { corsOrigins: config.corsOrigins, redis: config.redisUrl, redisPrefix: config.redisPrefix, ...realtime.socket },
     eventLog: { ttlSeconds: config.eventLogTtlSeconds, maxLen: config.eventLogMaxLen, headIntervalMs: config.syncHeadIntervalMs, ...realtime.eventLog },
     health: { eventLogBackend: db.kind, ...realtime.health },
+    // Every covered route of this app writes through eventLog, so a claim left by a crash can
+    // be recovered (erp-idempotency's recoverAfterMs).
+    idempotency: { recoverAfterMs: 60_000, ...realtime.idempotency },
     presence: {
       // Shared by every node when Redis is configured; one node's memory otherwise.
       store: config.redisUrl ? { redis: config.redisUrl, prefix: config.redisPrefix && `${config.redisPrefix}:presence` } : 'memory',

@@ -3,7 +3,7 @@ import fastifyJwt from '@fastify/jwt'
 import type { FastifyInstance, FastifyReply, FastifyRequest, RouteOptions } from 'fastify'
 import type { ExtendedError } from 'socket.io'
 import { z } from 'zod'
-import { batchPerTurn, hookList, parseOptions } from '../support.ts'
+import { batchPerTurn, hookList, parseOptions, sqlErrorOf } from '../support.ts'
 import { Prisma, type PrismaClient } from '../../src/generated/prisma/client.ts'
 import { Errors, type ErrorCode } from '../errors.ts'
 import { authRefreshSchema, companyStream, ROLES, userStream, type Role } from '../events.ts'
@@ -200,9 +200,8 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     ERPFB: (role) => codedError('FORBIDDEN', role)
   }
   const guardError = (err: unknown): Error | undefined => {
-    const cause = (err as { meta?: { driverAdapterError?: { cause?: { originalCode?: string, originalMessage?: string } } } })?.meta?.driverAdapterError?.cause
-    const mapped = cause?.originalCode === undefined ? undefined : GUARD_ERRORS[cause.originalCode]
-    return mapped?.(cause?.originalMessage ?? '')
+    const raised = sqlErrorOf(err)
+    return raised && GUARD_ERRORS[raised.code]?.(raised.message)
   }
   /** The membership passed: the stored role replaces the claimed one. */
   const confirm = (request: FastifyRequest, role: Role): void => {

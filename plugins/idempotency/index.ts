@@ -1,10 +1,12 @@
-import { createHash } from 'node:crypto'
+import { createHash, randomUUID } from 'node:crypto'
 import fp from 'fastify-plugin'
 import type { FastifyInstance, FastifyReply, FastifyRequest, HTTPMethods, onSendHookHandler, preHandlerHookHandler } from 'fastify'
 import { z } from 'zod'
 import { deleteInBatches, every, hookList, parseOptions } from '../support.ts'
 import type { PrismaClient } from '../../src/generated/prisma/client.ts'
 import { Errors } from '../errors.ts'
+import { heldClaims, type HeldClaim } from '../claim-fence.ts'
+import { Prisma } from '../../src/generated/prisma/client.ts'
 
 /**
  * `Idempotency-Key` for authenticated POST/PATCH/PUT routes (mobile outboxes retry).
@@ -21,8 +23,13 @@ import { Errors } from '../errors.ts'
  *   response up to `waitMs`, then answers 409 IDEMPOTENCY_KEY_IN_PROGRESS.
  * - The same key with a different request answers 422 IDEMPOTENCY_KEY_REUSED; a malformed
  *   key (not 1..255 visible ASCII characters) 400 IDEMPOTENCY_KEY_INVALID.
- * - A claim whose request never stored a response (the process died mid-request) stays "in
- *   progress" until it expires: the change may have committed, so it is never run twice.
+ * - A claim whose request never stored a response (its process died mid-request) stays "in
+ *   progress" until it expires, unless `recoverAfterMs` is set. Then, once the claim is that
+ *   old, a retry finds out whether the change committed: the request's eventLog writes mark the
+ *   claim committed in their own transaction (`../claim-fence.ts`). Not committed: the retry
+ *   takes the claim over and runs; the first request, should it still be alive, can then write
+ *   nothing (its eventLog write answers 409 IDEMPOTENCY_KEY_TAKEN_OVER). Committed: the retry
+ *   answers 409 IDEMPOTENCY_KEY_RESPONSE_LOST (read the state, do not run it again).
  *
  * Hooks are added to every POST/PATCH/PUT route registered after this plugin (onRoute), as
  * route-level hooks, so they run after the route's own `authenticate` preHandler. Routes
@@ -38,6 +45,13 @@ export interface ErpIdempotencyOptions {
   waitMs?: number
   /** How often a waiting retry looks for the stored response. Default 50. */
   pollIntervalMs?: number
+  /**
+   * How old an unanswered claim must be before a retry may recover it (see above); 0 never
+   * recovers (a retry answers IN_PROGRESS until the claim expires). Default 0. Set it only when
+   * every covered route writes through `fastify.eventLog` (whose writes are fenced): a route that
+   * writes otherwise could apply a change twice after a crash.
+   */
+  recoverAfterMs?: number
   /** How often expired records are pruned; 0 disables. Default 600000. */
   pruneIntervalMs?: number
   /** Rows deleted per statement by the pruning job; at most 10 statements per run. Default 5000. */
@@ -64,6 +78,7 @@ const optionsSchema = z.object({
   ttlSeconds: z.number().int().min(1).max(30 * 24 * 3600).default(86400),
   waitMs: z.number().int().min(0).max(120_000).default(10_000),
   pollIntervalMs: z.number().int().min(1).max(10_000).default(50),
+  recoverAfterMs: z.number().int().min(0).max(24 * 3600 * 1000).default(0),
   pruneIntervalMs: z.number().int().min(0).default(600_000),
   pruneBatchSize: z.number().int().min(1).max(100_000).default(5000)
 })
@@ -86,21 +101,36 @@ function canonical (value: unknown): string {
 /** What is stored in `body`: the payload exactly as sent, and its content type. */
 interface StoredBody { contentType: string | null, payload: string }
 
-interface Claim { companyId: string, userId: string, key: string }
+type Claim = Omit<HeldClaim, 'token'>
 
-interface RecordRow { requestHash: string, statusCode: number, body: StoredBody | null, expired: boolean }
+interface RecordRow {
+  requestHash: string
+  statusCode: number
+  body: StoredBody | null
+  expired: boolean
+  token: string | null
+  /** Unanswered past `recoverAfterMs`. */
+  stale: boolean | null
+  committed: boolean
+  /** Committed more than `recoverAfterMs` ago. */
+  committedLongAgo: boolean | null
+}
 
 const sleep = (ms: number) => new Promise(resolve => setTimeout(resolve, ms))
 
 async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempotencyOptions) {
-  const { prisma, ttlSeconds, waitMs, pollIntervalMs, pruneIntervalMs, pruneBatchSize } = parseOptions('erp-idempotency', optionsSchema, rawOptions)
-  const claims = new WeakMap<FastifyRequest, Claim>()
+  const { prisma, ttlSeconds, waitMs, pollIntervalMs, recoverAfterMs, pruneIntervalMs, pruneBatchSize } = parseOptions('erp-idempotency', optionsSchema, rawOptions)
+  const claims = new WeakMap<FastifyRequest, HeldClaim>()
+  const NOW = Prisma.sql`(now() AT TIME ZONE 'UTC')`
+  const lease = Prisma.sql`make_interval(secs => ${recoverAfterMs / 1000})`
+  const lockedUntil = recoverAfterMs > 0 ? Prisma.sql`${NOW} + ${lease}` : Prisma.sql`NULL`
+  const thisKey = (c: Claim) => Prisma.sql`"companyId" = ${c.companyId} AND "userId" = ${c.userId} AND key = ${c.key}`
 
-  const claim = async (c: Claim, hash: string): Promise<boolean> => {
+  const claim = async (c: HeldClaim, hash: string): Promise<boolean> => {
     const rows = await prisma.$queryRaw<Array<{ key: string }>>`
-      INSERT INTO idempotency_records ("companyId", "userId", key, "requestHash", "statusCode", body, "createdAt", "expiresAt")
+      INSERT INTO idempotency_records ("companyId", "userId", key, "requestHash", "statusCode", body, "createdAt", "expiresAt", token, "lockedUntil")
       VALUES (${c.companyId}, ${c.userId}, ${c.key}, ${hash}, ${IN_PROGRESS}, 'null'::jsonb,
-              (now() AT TIME ZONE 'UTC'), (now() AT TIME ZONE 'UTC') + make_interval(secs => ${ttlSeconds}))
+              ${NOW}, ${NOW} + make_interval(secs => ${ttlSeconds}), ${c.token}, ${lockedUntil})
       ON CONFLICT DO NOTHING
       RETURNING key`
     return rows.length === 1
@@ -108,14 +138,26 @@ async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempote
 
   const find = async (c: Claim): Promise<RecordRow | undefined> => {
     const rows = await prisma.$queryRaw<RecordRow[]>`
-      SELECT "requestHash", "statusCode", body, "expiresAt" <= (now() AT TIME ZONE 'UTC') AS expired
-      FROM idempotency_records WHERE "companyId" = ${c.companyId} AND "userId" = ${c.userId} AND key = ${c.key}`
+      SELECT "requestHash", "statusCode", body, "expiresAt" <= ${NOW} AS expired, token,
+             "lockedUntil" <= ${NOW} AS stale, "committedAt" IS NOT NULL AS committed,
+             "committedAt" <= ${NOW} - ${lease} AS "committedLongAgo"
+      FROM idempotency_records WHERE ${thisKey(c)}`
     return rows[0]
   }
 
-  const release = (c: Claim) => prisma.$executeRaw`
-    DELETE FROM idempotency_records
-    WHERE "companyId" = ${c.companyId} AND "userId" = ${c.userId} AND key = ${c.key} AND "statusCode" = ${IN_PROGRESS}`
+  /** A stale claim whose change did not commit becomes `c`'s (false: someone else changed it first). */
+  const takeOver = async (c: HeldClaim, from: string): Promise<boolean> => {
+    const rows = await prisma.$queryRaw<Array<{ key: string }>>`
+      UPDATE idempotency_records SET token = ${c.token}, "lockedUntil" = ${lockedUntil}
+      WHERE ${thisKey(c)} AND token = ${from} AND "statusCode" = ${IN_PROGRESS}
+        AND "committedAt" IS NULL AND "lockedUntil" <= ${NOW}
+      RETURNING key`
+    return rows.length === 1
+  }
+
+  // Only while the claim is still this request's: one taken over belongs to the later request.
+  const release = (c: HeldClaim) => prisma.$executeRaw`
+    DELETE FROM idempotency_records WHERE ${thisKey(c)} AND token = ${c.token} AND "statusCode" = ${IN_PROGRESS}`
 
   const replay = (reply: FastifyReply, statusCode: number, body: StoredBody) => {
     reply.code(statusCode).header('idempotent-replayed', 'true')
@@ -132,7 +174,7 @@ async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempote
     // A route that checks membership in its write ('in-write') may answer from a stored response
     // without writing: the check runs here instead, before anything is claimed or replayed.
     await fastify.erpAuth.checkMembership(request)
-    const c: Claim = { companyId: request.user.companyId, userId: request.user.userId, key: header }
+    const c: HeldClaim = { companyId: request.user.companyId, userId: request.user.userId, key: header, token: randomUUID() }
     const hash = createHash('sha256').update(`${request.method}\n${request.url}\n${canonical(request.body ?? null)}`).digest('hex')
     const deadline = Date.now() + waitMs
     let reclaims = 0
@@ -153,6 +195,12 @@ async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempote
       }
       if (row.requestHash !== hash) throw new Errors.IDEMPOTENCY_KEY_REUSED()
       if (row.statusCode !== IN_PROGRESS) return replay(reply, row.statusCode, row.body!)
+      if (row.stale && !row.committed && await takeOver(c, row.token!)) {
+        claims.set(request, c)
+        return
+      }
+      // Committed long ago and still unanswered: its process died after the commit.
+      if (recoverAfterMs > 0 && row.committedLongAgo) throw new Errors.IDEMPOTENCY_KEY_RESPONSE_LOST()
       if (Date.now() >= deadline) throw new Errors.IDEMPOTENCY_KEY_IN_PROGRESS()
       await sleep(Math.min(pollIntervalMs, Math.max(1, deadline - Date.now())))
     }
@@ -181,7 +229,7 @@ async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempote
       const body: StoredBody = { contentType: typeof contentType === 'string' ? contentType : null, payload: text }
       await prisma.$executeRaw`
         UPDATE idempotency_records SET "statusCode" = ${reply.statusCode}, body = ${JSON.stringify(body)}::jsonb
-        WHERE "companyId" = ${c.companyId} AND "userId" = ${c.userId} AND key = ${c.key} AND "statusCode" = ${IN_PROGRESS}`
+        WHERE ${thisKey(c)} AND token = ${c.token} AND "statusCode" = ${IN_PROGRESS}`
     } catch (err) {
       // The change may have committed: keep the claim (retries answer IN_PROGRESS until it expires).
       request.log.error({ err }, 'erp-idempotency: could not store the response')
@@ -194,6 +242,12 @@ async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempote
     if (!methods.some(m => METHODS.has(m as HTTPMethods)) || route.config?.idempotency === false) return
     route.preHandler = [...hookList(route.preHandler), preHandler]
     route.onSend = [...hookList(route.onSend), onSend]
+    // The handler runs inside its claim, so eventLog writes fence it (../claim-fence.ts).
+    const handler = route.handler
+    route.handler = function (request, reply) {
+      const held = claims.get(request)
+      return held ? heldClaims.run(held, () => handler.call(this, request, reply)) : handler.call(this, request, reply)
+    }
   })
 
   const prune = () => deleteInBatches(pruneBatchSize, () => prisma.$executeRaw`

@@ -3,6 +3,7 @@ import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { z } from 'zod'
 import { deleteInBatches, every, parseOptions } from '../support.ts'
+import { fenceError, fenceSql, heldClaims } from '../claim-fence.ts'
 import { Prisma, type PrismaClient } from '../../src/generated/prisma/client.ts'
 import {
   companyStream, syncResumeSchema, userStream,
@@ -246,14 +247,19 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
 
   const transaction = async <T>(fn: (tx: Tx, publish: Publish) => Promise<T>): Promise<T> => {
     const recorded: Envelope[] = []
+    const claim = heldClaims.getStore()
     const result = await prisma.$transaction(async (tx) => {
       const publish = (async (event: PublishInput) => {
         const envelope = await record(tx, event)
         recorded.push(envelope)
         return envelope
       }) as Publish
-      return await fn(tx, publish)
+      const value = await fn(tx, publish)
+      // Last, so the claim's row lock is held only until the commit that follows.
+      if (claim) await tx.$queryRaw`SELECT ${fenceSql(claim)}`
+      return value
     }, { maxWait: options.transactionMaxWaitMs, timeout: options.transactionTimeoutMs })
+      .catch((err: unknown) => { throw (claim && fenceError(err)) ?? err })
     distribute(recorded)
     return result
   }
@@ -265,13 +271,15 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     // Data-modifying WITH clauses run exactly once, together, in the statement's own transaction.
     const writes = change.writes.map((write, i) => Prisma.sql`${Prisma.raw(`w${i}`)} AS (${write} RETURNING 1)`)
     const clauses = Prisma.join([...writes, bumpHead(event, Prisma.sql`WHERE EXISTS (SELECT 1 FROM w0)`)], ', ')
-    // The guard is the outer side of the final join, so it is evaluated even when nothing is
-    // recorded; if it raises, the writes roll back with it.
-    const rows = await prisma.$queryRaw<Array<Partial<RecordedRow> & { guard?: unknown }>>(guard
-      ? Prisma.sql`WITH guard AS (SELECT ${guard.sql} AS value), ${clauses}, recorded AS (${insertEvent(id, event)})
-          SELECT guard.value AS guard, recorded.seq, recorded."createdAt" FROM guard LEFT JOIN recorded ON true`
+    // The checks (the guard, the Idempotency-Key claim's fence) are the outer side of the final
+    // join, so they are evaluated even when nothing is recorded; if one raises, the writes roll
+    // back with it.
+    const claim = heldClaims.getStore()
+    const rows = await prisma.$queryRaw<Array<Partial<RecordedRow> & { guard?: unknown }>>(guard || claim
+      ? Prisma.sql`WITH guard AS (SELECT ${guard?.sql ?? Prisma.sql`NULL`} AS value, ${claim ? fenceSql(claim) : Prisma.sql`NULL`} AS fenced), ${clauses}, recorded AS (${insertEvent(id, event)})
+          SELECT guard.value AS guard, guard.fenced, recorded.seq, recorded."createdAt" FROM guard LEFT JOIN recorded ON true`
       : Prisma.sql`WITH ${clauses} ${insertEvent(id, event)}`
-    ).catch((err: unknown) => { throw guard?.error?.(err) ?? err })
+    ).catch((err: unknown) => { throw (claim && fenceError(err)) ?? guard?.error?.(err) ?? err })
     const row = rows[0]
     guard?.passed?.(row?.guard)
     if (row?.seq == null) return null
