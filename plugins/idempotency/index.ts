@@ -3,10 +3,9 @@ import fp from 'fastify-plugin'
 import type { FastifyInstance, FastifyReply, FastifyRequest, HTTPMethods, onSendHookHandler, preHandlerHookHandler } from 'fastify'
 import { z } from 'zod'
 import { deleteInBatches, every, hookList, parseOptions } from '../support.ts'
-import type { PrismaClient } from '../../src/generated/prisma/client.ts'
+import { Prisma, type PrismaClient } from '../../src/generated/prisma/client.ts'
 import { Errors } from '../errors.ts'
 import { heldClaims, type HeldClaim } from '../claim-fence.ts'
-import { Prisma } from '../../src/generated/prisma/client.ts'
 
 /**
  * `Idempotency-Key` for authenticated POST/PATCH/PUT routes (mobile outboxes retry).
@@ -188,9 +187,7 @@ async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempote
         // Released (the first attempt failed with a 5xx), pruned, or expired: claim it again.
         if (++reclaims > 5) throw new Errors.IDEMPOTENCY_KEY_IN_PROGRESS()
         if (!row) continue
-        await prisma.$executeRaw`
-          DELETE FROM idempotency_records
-          WHERE "companyId" = ${c.companyId} AND "userId" = ${c.userId} AND key = ${c.key} AND "expiresAt" <= (now() AT TIME ZONE 'UTC')`
+        await prisma.$executeRaw`DELETE FROM idempotency_records WHERE ${thisKey(c)} AND "expiresAt" <= ${NOW}`
         continue
       }
       if (row.requestHash !== hash) throw new Errors.IDEMPOTENCY_KEY_REUSED()
