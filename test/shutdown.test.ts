@@ -1,4 +1,5 @@
 import { Agent, request } from 'node:http'
+import { PassThrough } from 'node:stream'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t from 'tap'
 import pg from 'pg'
@@ -7,21 +8,25 @@ import { build, createCompany, nextEvent, waitFor } from './helpers.ts'
 
 interface Answer { status?: number, connection?: string, body?: unknown, error?: string }
 
-/** One request on a kept-alive connection, as browsers and mobile HTTP stacks send them. */
-function send (url: string, method: string, path: string, headers: Record<string, string> = {}, body?: unknown): Promise<Answer> {
-  const agent = new Agent({ keepAlive: true })
+/**
+ * One request on a kept-alive connection, as browsers and mobile HTTP stacks send them. The
+ * connection is closed after the answer unless the caller passes its own agent.
+ */
+function send (url: string, method: string, path: string, headers: Record<string, string> = {}, body?: unknown, own?: Agent): Promise<Answer> {
+  const agent = own ?? new Agent({ keepAlive: true })
   const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body))
   return new Promise<Answer>((resolve) => {
     const req = request(`${url}${path}`, { method, agent, headers: { ...headers, ...(payload ? { 'content-type': 'application/json', 'content-length': String(payload.length) } : {}) } }, (res) => {
       let text = ''
       res.setEncoding('utf8')
       res.on('data', (chunk: string) => { text += chunk })
-      res.on('end', () => resolve({ status: res.statusCode, connection: res.headers.connection, body: text ? JSON.parse(text) : undefined }))
+      const json = res.headers['content-type']?.startsWith('application/json')
+      res.on('end', () => resolve({ status: res.statusCode, connection: res.headers.connection, body: json ? JSON.parse(text) : text }))
       res.on('error', (err: NodeJS.ErrnoException) => resolve({ error: err.code ?? err.message }))
     })
     req.on('error', (err: NodeJS.ErrnoException) => resolve({ error: err.code ?? err.message }))
     req.end(payload)
-  }).finally(() => agent.destroy())
+  }).finally(() => { if (!own) agent.destroy() })
 }
 
 /** Resolves with 'closed' when `closing` settles first, 'waiting' after `ms`. */
@@ -82,6 +87,30 @@ t.test('a request still running when drainTimeoutMs ends is cut off, and close r
   t.equal(await settledWithin(closing, 100), 'waiting', 'the request gets its drain time')
   t.ok((await answer).error, 'after drainTimeoutMs its connection is destroyed')
   t.equal(await settledWithin(closing, 5000), 'closed', 'close resolves')
+})
+
+t.test('a response already streaming when close starts: its connection is closed once idle, not after keepAliveTimeout', async (t) => {
+  const body = new PassThrough()
+  const { app, url } = await build(t, {
+    drainTimeoutMs: 30_000,
+    routes: async (app) => {
+      app.get('/test/stream', async (_request, reply) => reply.type('text/plain').send(body))
+    }
+  })
+  // The client keeps the connection open after the answer: only the server can close it.
+  const agent = new Agent({ keepAlive: true })
+  t.teardown(() => agent.destroy())
+  const answer = send(url, 'GET', '/test/stream', {}, undefined, agent)
+  body.write('first ')
+  await sleep(100)
+  const closing = app.close()
+  t.equal(await settledWithin(closing, 200), 'waiting', 'close waits for the response')
+  body.end('last')
+  const { status, connection, body: text } = await answer
+  t.equal(status, 200)
+  t.equal(text, 'first last')
+  t.not(connection, 'close', 'its headers went out before closing began, without Connection: close')
+  t.equal(await settledWithin(closing, 5000), 'closed', 'close resolves once the connection is idle')
 })
 
 t.test('a long-polling Socket.IO client does not hold close for keepAliveTimeout', async (t) => {
