@@ -113,16 +113,18 @@ t.test('a response already streaming when close starts: its connection is closed
   t.equal(await settledWithin(closing, 5000), 'closed', 'close resolves once the connection is idle')
 })
 
-t.test('a long-polling Socket.IO client does not hold close for keepAliveTimeout', async (t) => {
+t.test('a long-polling Socket.IO client gets server:shutdown and does not hold close for keepAliveTimeout', async (t) => {
   const { app, url } = await build(t, { drainTimeoutMs: 30_000 })
   const company = await createCompany(app, ['member'])
   const socket = ioClient(url, { transports: ['polling'], reconnection: false, forceNew: true, auth: { token: company.as('member').token } })
   t.teardown(() => socket.disconnect())
   await nextEvent(socket, 'connect', 5000)
+  const notice = nextEvent(socket, 'server:shutdown', 5000)
   const disconnected = nextEvent(socket, 'disconnect', 5000)
   const closing = app.close()
+  t.match(await notice, { message: /reconnect and resume/ }, 'the client is told, though it was between two polls')
   t.equal(await settledWithin(closing, 5000), 'closed', 'close resolves')
-  t.ok(await disconnected, 'the client learns it is disconnected (it reconnects and resumes)')
+  t.ok(await disconnected, 'and it is disconnected')
 })
 
 t.test('drainTimeoutMs is validated', async (t) => {

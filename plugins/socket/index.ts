@@ -221,16 +221,48 @@ async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions
 
   // Close the connections (not a Socket.IO "server disconnect") so clients reconnect, to
   // another node when there is one, and resume from their last seq.
-  fastify.addHook('preClose', (done) => {
+  fastify.addHook('preClose', async () => {
     io.local.emit('server:shutdown', { message: 'server shutting down, reconnect and resume' })
+    await noticeCollected(io)
     io.local.disconnectSockets(true)
-    done()
   })
   fastify.addHook('onClose', async () => {
     coalescer?.close()
     await io.close()
     await Promise.all(ownedClients.map(client => client.quit().catch(() => client.disconnect())))
   })
+}
+
+/** How long close waits for long-polling clients to fetch the `server:shutdown` notice. */
+const POLLING_NOTICE_MS = 1000
+
+/**
+ * Resolves once every long-polling client has fetched what it was sent (its next poll; it
+ * polls again as soon as an answer arrives), or after POLLING_NOTICE_MS. A WebSocket gets the
+ * notice at once, but a polling client between two polls would otherwise lose it: the HTTP
+ * server stops accepting its next poll right after this hook.
+ */
+async function noticeCollected (io: ErpServer): Promise<void> {
+  // writeBuffer is engine.io's (6) queue of packets not handed to the transport yet.
+  const unsent = (conn: unknown) => (conn as { writeBuffer: unknown[] }).writeBuffer.length > 0
+  const conns = new Set([...io.of('/').sockets.values()].map(socket => socket.conn))
+  const waiting = [...conns].filter(conn => conn.transport.name === 'polling' && unsent(conn))
+  if (waiting.length === 0) return
+  const cleanups: Array<() => void> = []
+  let timer: NodeJS.Timeout | undefined
+  await Promise.race([
+    Promise.all(waiting.map(conn => new Promise<void>(resolve => {
+      conn.once('drain', resolve)
+      conn.once('close', resolve)
+      cleanups.push(() => {
+        conn.off('drain', resolve)
+        conn.off('close', resolve)
+      })
+    }))),
+    new Promise<void>(resolve => { timer = setTimeout(resolve, POLLING_NOTICE_MS).unref() })
+  ])
+  clearTimeout(timer)
+  for (const cleanup of cleanups) cleanup()
 }
 
 const SUBSCRIBE_COMMANDS = new Set(['subscribe', 'psubscribe', 'ssubscribe'])
