@@ -146,6 +146,10 @@ t.test('entries of a node that stops without cleanup expire within the TTL on th
   await waitFor(async () => (await list(observer.socket)).length === 3, 5000, 'three users listed')
   t.match(await entryOf(observer.socket, first!.id), { devices: 2 })
 
+  // One heartbeat gives the two sockets of `first` the same deadline. Without it, when no
+  // heartbeat ran after the second connected, their deadlines differ by the connects' gap and
+  // a sweep can fall between them: `devices: 1`, then offline, and the wait below never ended.
+  await doomed.app.presence.heartbeat()
   const died = Date.now()
   doomed.app.presence.abandon()
   await doomed.app.close()
