@@ -149,13 +149,15 @@ t.test('toOtherNodes never throws into the publisher', async (t) => {
   t.doesNotThrow(() => app.erpSocket.toOtherNodes('erp:events', []))
 })
 
-t.test('redis and coalescing options are validated at registration', async (t) => {
+t.test('redis, coalescing and server options are validated at registration', async (t) => {
   for (const [options, message] of [
     [{ redis: 'http://localhost:6379' }, /invalid option redis/],
     [{ redis: TEST_REDIS_URL, redisTimeoutMs: 0 }, /invalid option redisTimeoutMs/],
     [{ redis: TEST_REDIS_URL, redisPrefix: '' }, /invalid option redisPrefix/],
     [{ coalesceWrites: { sliceSize: 0 } }, /invalid option coalesceWrites/],
-    [{ coalesceWrites: { slices: 4 } as never }, /invalid option coalesceWrites/]
+    [{ coalesceWrites: { slices: 4 } as never }, /invalid option coalesceWrites/],
+    // Recovered sockets would skip erp-auth's middleware (Socket.IO's skipMiddlewares default).
+    [{ serverOptions: { connectionStateRecovery: {} } as never }, /invalid option serverOptions\.connectionStateRecovery: is not supported: recovered sockets would skip authentication/]
   ] as const) {
     const app = Fastify()
     app.register(erpSocket, options)

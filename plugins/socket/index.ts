@@ -44,7 +44,7 @@ export interface ErpSocketOptions {
    */
   corsOrigins?: string[]
   /** Extra Socket.IO server options (path, pingInterval, maxHttpBufferSize...). Default `{}`. */
-  serverOptions?: Partial<Omit<ServerOptions, 'cors' | 'adapter'>>
+  serverOptions?: Partial<Omit<ServerOptions, 'cors' | 'adapter' | 'connectionStateRecovery'>>
   /** This node's id in health reports and logs. Default `<hostname>-<pid>-<random>`. */
   nodeId?: string
   /**
@@ -96,7 +96,12 @@ const optionsSchema = z.object({
   redisPrefix: z.string().min(1).max(100).default('erp-realtime'),
   redisTimeoutMs: z.number().int().min(1).max(60000).default(1000),
   corsOrigins: z.array(z.string().regex(/^https?:\/\/[^/\s]+$/, 'must be an exact origin like https://app.example.com')).default([]),
-  serverOptions: z.record(z.string(), z.unknown()).default({}),
+  // Socket.IO's connection state recovery skips the middlewares (erp-auth's token and membership
+  // checks) for a recovered socket by default; erp-offline-queue's sync:resume does its job.
+  serverOptions: z.record(z.string(), z.unknown()).refine(o => o.connectionStateRecovery === undefined, {
+    message: 'is not supported: recovered sockets would skip authentication; clients resume with sync:resume',
+    path: ['connectionStateRecovery']
+  }).default({}),
   nodeId: z.string().min(1).max(200).optional(),
   coalesceWrites: z.union([z.boolean(), z.object({ sliceSize: z.number().int().min(1).max(1_000_000).optional() }).strict()]).default(true)
 })
