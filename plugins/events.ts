@@ -85,6 +85,8 @@ export interface ServerToClientEvents extends DomainEmitters {
   'sync:head': (head: { stream: Stream, seq: number }) => void
   'presence:changed': (change: PresenceChanged) => void
   'auth:expired': (info: { message: string }) => void
+  /** The user lost the membership (removed, deactivated) while connected; the server then disconnects. */
+  'auth:revoked': (info: { code: 'AUTH_NOT_A_MEMBER', message: string }) => void
   /** Sent before a node closes the connection on shutdown; the client reconnects and resumes. */
   'server:shutdown': (info: { message: string }) => void
 }
@@ -121,6 +123,8 @@ export interface ClientToServerEvents {
 export interface InterServerEvents {
   'erp:events': (envelopes: Envelope[]) => void
   'erp:presence': (change: { companyId: string, change: PresenceChanged }) => void
+  /** Re-check the memberships of one user's sockets (or all, with null): `erpAuth.recheck`. */
+  'erp:recheck': (userId: string | null) => void
 }
 
 /** What the handshake leaves on `socket.data`. */

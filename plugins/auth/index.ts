@@ -3,7 +3,7 @@ import fastifyJwt from '@fastify/jwt'
 import type { FastifyInstance, FastifyReply, FastifyRequest, RouteOptions } from 'fastify'
 import type { ExtendedError } from 'socket.io'
 import { z } from 'zod'
-import { batchPerTurn, hookList, parseOptions, sqlErrorOf } from '../support.ts'
+import { batchPerTurn, every, hookList, parseOptions, sqlErrorOf } from '../support.ts'
 import { Prisma, type PrismaClient } from '../../src/generated/prisma/client.ts'
 import { Errors, type ErrorCode } from '../errors.ts'
 import { authRefreshSchema, companyStream, ROLES, userStream, type Role } from '../events.ts'
@@ -17,6 +17,12 @@ export interface ErpAuthOptions {
   prisma: PrismaClient
   /** Lifetime of tokens issued with `fastify.erpAuth.sign`, in seconds. Default 3600. */
   tokenTtlSeconds?: number
+  /**
+   * How often a node re-checks the membership of its connected sockets, in ms: a socket whose
+   * user was removed from the company or deactivated gets `auth:revoked` and is disconnected.
+   * `fastify.erpAuth.recheck(userId)` does it at once. Default 60000; 0 turns the timer off.
+   */
+  membershipRecheckMs?: number
 }
 
 /** Claims of an erp-realtime token. */
@@ -63,6 +69,13 @@ export interface ErpAuthDecorator {
    * without writing, e.g. erp-idempotency's replay of a stored response.
    */
   checkMembership (request: FastifyRequest): Promise<void>
+  /**
+   * Re-checks the membership of connected sockets now, on every node (of one user, or all):
+   * sockets whose user is no longer an active member of their company get `auth:revoked` and
+   * are disconnected; a changed role is taken over. Call it after removing a membership or
+   * deactivating a user. Resolves with the number of sockets cut on this node.
+   */
+  recheck (userId?: string): Promise<number>
 }
 
 /** When a route's membership check runs (route option `config.erpAuth.membership`). */
@@ -107,11 +120,15 @@ const claimsSchema = z.object({
 const optionsSchema = z.object({
   secret: z.string({ error: 'is required' }).min(32, 'must be at least 32 characters'),
   prisma: z.custom<PrismaClient>(v => typeof v === 'object' && v !== null && 'membership' in v, 'must be a PrismaClient with the erp-realtime models'),
-  tokenTtlSeconds: z.number().int().min(1).max(30 * 24 * 3600).default(3600)
+  tokenTtlSeconds: z.number().int().min(1).max(30 * 24 * 3600).default(3600),
+  membershipRecheckMs: z.number().int().max(24 * 3600 * 1000)
+    .refine(ms => ms === 0 || ms >= 100, 'must be 0 (off) or at least 100').default(60_000)
 })
 
 // setTimeout's upper bound (about 24.8 days); longer expiries are re-armed when reached.
 const MAX_TIMER_MS = 2 ** 31 - 1
+// Sockets re-checked per membership query; handshakes' lookups go in between.
+const RECHECK_SLICE = 500
 
 function codedError (code: ErrorCode, message?: string): Error & { code: string } {
   const Ctor = Errors[code]
@@ -126,7 +143,7 @@ function bearer (header: unknown): string | undefined {
 }
 
 async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
-  const { secret, prisma, tokenTtlSeconds } = parseOptions('erp-auth', optionsSchema, rawOptions)
+  const { secret, prisma, tokenTtlSeconds, membershipRecheckMs } = parseOptions('erp-auth', optionsSchema, rawOptions)
 
   await fastify.register(fastifyJwt, {
     secret,
@@ -235,7 +252,8 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
       return heads
     },
     writeGuard,
-    checkMembership
+    checkMembership,
+    recheck: (userId) => recheck(userId)
   }
   fastify.decorate('erpAuth', decorator)
   fastify.decorate('authenticate', async function (request: FastifyRequest) {
@@ -285,6 +303,9 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     const token = typeof auth?.token === 'string' && auth.token !== '' ? auth.token : bearer(headers.authorization)
     if (!token) return refuse('AUTH_MISSING_TOKEN')
     check(token).then(({ user, heads }) => {
+      // The membership query can outlast the token: refuse it here rather than connect a socket
+      // that is already due to be cut.
+      if (user.exp * 1000 <= Date.now()) return refuse('AUTH_TOKEN_EXPIRED')
       handshakeHeads.set(socket, heads)
       // The socket keeps who it is (socket.data), not the credential: no bearer token lingers
       // on a long-lived object (or in whatever logs or inspects handshakes), and ~300 bytes less
@@ -308,41 +329,89 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
   // Per-socket state lives in maps and shared functions (no closures per connection): a node
   // holds tens of thousands of sockets.
   const expiryTimers = new Map<string, NodeJS.Timeout>()
+  // Always through the timer, even when already due: a socket cut inside the connection event
+  // would reach the plugins registered after this one already disconnected, and erp-presence
+  // would then record a user whose disconnect never comes (a permanent "online").
   const armExpiry = (socket: ErpSocket): void => {
     clearTimeout(expiryTimers.get(socket.id))
     const remaining = socket.data.exp * 1000 - Date.now()
-    if (remaining <= 0) {
-      expiryTimers.delete(socket.id)
-      socket.emit('auth:expired', { message: 'Token expired; reconnect with a new token' })
-      socket.disconnect()
-      return
-    }
-    const timer = setTimeout(armExpiry, Math.min(remaining, MAX_TIMER_MS), socket)
+    const timer = setTimeout(expireIfDue, Math.max(0, Math.min(remaining, MAX_TIMER_MS)), socket)
     timer.unref()
     expiryTimers.set(socket.id, timer)
+  }
+  const expireIfDue = (socket: ErpSocket): void => {
+    if (socket.data.exp * 1000 > Date.now()) return armExpiry(socket)
+    expiryTimers.delete(socket.id)
+    socket.emit('auth:expired', { message: 'Token expired; reconnect with a new token' })
+    socket.disconnect()
   }
   function onDisconnect (this: ErpSocket) {
     clearTimeout(expiryTimers.get(this.id))
     expiryTimers.delete(this.id)
   }
 
-  const onRefresh = listener('auth:refresh', authRefreshSchema, async (socket, { token }) => {
-    let user: AuthUser
-    try {
-      user = await authenticate(token)
-    } catch (err) {
-      const e = err as Error & { code?: string }
-      if (e.code && e.code in Errors) throw new SocketError(e.code, e.message)
-      throw err
+  // ---- membership while connected ----
+  const revoke = (socket: ErpSocket): void => {
+    if (!socket.connected) return
+    socket.emit('auth:revoked', { code: 'AUTH_NOT_A_MEMBER', message: 'No longer an active member of this company; this connection is closed' })
+    socket.disconnect()
+  }
+  /** Re-checks this node's sockets (of one user, or all), a slice per query; returns how many were cut. */
+  const recheckLocal = async (userId?: string): Promise<number> => {
+    const sockets = io.of('/').sockets
+    const ids = userId === undefined ? [...sockets.keys()] : [...(io.of('/').adapter.rooms.get(userStream(userId)) ?? [])]
+    let cut = 0
+    for (let i = 0; i < ids.length; i += RECHECK_SLICE) {
+      const slice = ids.slice(i, i + RECHECK_SLICE).map(id => sockets.get(id)).filter(socket => socket?.connected) as ErpSocket[]
+      const found = await Promise.all(slice.map(socket => lookups({ userId: socket.data.userId, companyId: socket.data.companyId })))
+      slice.forEach((socket, j) => {
+        const role = found[j]?.role
+        if (role) {
+          socket.data.role = role
+        } else if (socket.connected) {
+          revoke(socket)
+          cut++
+        }
+      })
     }
-    if (user.userId !== socket.data.userId || user.companyId !== socket.data.companyId) {
+    return cut
+  }
+  const onRecheckRequest = (userId: unknown) => {
+    if (userId !== null && typeof userId !== 'string') {
+      fastify.log.warn({ userId }, 'erp-auth: ignored a malformed membership re-check request from another node')
+      return
+    }
+    recheckLocal(userId ?? undefined).catch(err => fastify.log.warn({ err }, 'erp-auth: membership re-check failed'))
+  }
+  const recheck = async (userId?: string): Promise<number> => {
+    fastify.erpSocket.toOtherNodes('erp:recheck', userId ?? null)
+    return recheckLocal(userId)
+  }
+  io.on('erp:recheck', onRecheckRequest)
+  every(fastify, membershipRecheckMs, 'erp-auth: membership re-check', () => recheckLocal())
+
+  const onRefresh = listener('auth:refresh', authRefreshSchema, async (socket, { token }) => {
+    let claims: Required<TokenClaims>
+    try {
+      claims = verify(token)
+    } catch (err) {
+      const e = err as Error & { code: string }
+      throw new SocketError(e.code, e.message)
+    }
+    if (claims.sub !== socket.data.userId || claims.companyId !== socket.data.companyId) {
       throw new SocketError('AUTH_INVALID_TOKEN', 'Refresh token must be for the same user and company')
     }
-    if (user.exp < socket.data.exp) throw new SocketError('AUTH_INVALID_TOKEN', 'Refresh token expires before the current one')
-    socket.data.exp = user.exp
-    socket.data.role = user.role
+    if (claims.exp < socket.data.exp) throw new SocketError('AUTH_INVALID_TOKEN', 'Refresh token expires before the current one')
+    const role = await membership(claims.sub, claims.companyId)
+    if (!role) {
+      // The membership is gone: this socket's own is too. Cut it once the refusal is acked.
+      setImmediate(revoke, socket)
+      throw new SocketError('AUTH_NOT_A_MEMBER', codedError('AUTH_NOT_A_MEMBER').message)
+    }
+    socket.data.exp = claims.exp
+    socket.data.role = role
     if (socket.connected) armExpiry(socket)
-    return { exp: user.exp }
+    return { exp: claims.exp }
   }, err => fastify.log.error({ err }, 'erp-auth: auth:refresh failed'))
 
   io.on('connection', (socket: ErpSocket) => {
@@ -352,6 +421,7 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     socket.on('auth:refresh', onRefresh)
   })
   fastify.addHook('onClose', async () => {
+    io.off('erp:recheck', onRecheckRequest)
     for (const timer of expiryTimers.values()) clearTimeout(timer)
     expiryTimers.clear()
   })
