@@ -4,7 +4,8 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import t from 'tap'
 import pg from 'pg'
 import { io as ioClient } from 'socket.io-client'
-import { build, createCompany, nextEvent, waitFor } from './helpers.ts'
+import { dedicatedRedis } from './cluster-helpers.ts'
+import { build, createCompany, nextEvent, uniqueName, waitFor } from './helpers.ts'
 
 interface Answer { status?: number, connection?: string, body?: unknown, error?: string }
 
@@ -125,6 +126,37 @@ t.test('a long-polling Socket.IO client gets server:shutdown and does not hold c
   t.match(await notice, { message: /reconnect and resume/ }, 'the client is told, though it was between two polls')
   t.equal(await settledWithin(closing, 5000), 'closed', 'close resolves')
   t.ok(await disconnected, 'and it is disconnected')
+})
+
+t.test('regression: a Socket.IO handshake still in its membership query when close starts held close open', async (t) => {
+  const { app, db, url } = await build(t, { drainTimeoutMs: 30_000 })
+  const company = await createCompany(app, ['member'])
+  const locker = new pg.Client({ connectionString: (db as { url?: string }).url })
+  await locker.connect()
+  t.teardown(() => locker.end())
+  await locker.query('BEGIN')
+  await locker.query('LOCK TABLE memberships IN ACCESS EXCLUSIVE MODE')
+  const socket = ioClient(url, { transports: ['websocket'], reconnection: false, forceNew: true, auth: { token: company.as('member').token } })
+  t.teardown(() => socket.disconnect())
+  let connected = false
+  socket.on('connect', () => { connected = true })
+  await waitFor(async () => (await locker.query<{ n: number }>(
+    `SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`)).rows[0]!.n > 0, 5000, 'the handshake query to wait for the lock')
+
+  const closing = app.close()
+  await sleep(100)
+  await locker.query('COMMIT') // the handshake's check now succeeds, after close began
+  t.equal(await settledWithin(closing, 5000), 'closed', 'close resolves; before, the socket connected after preClose and kept the server open')
+  t.notOk(connected, 'the handshake is dropped, not completed on a closing node')
+  t.equal(app.io.of('/').sockets.size, 0)
+})
+
+t.test('regression: close hung while Redis was down (QUIT queued behind the adapter\'s unsubscribes)', async (t) => {
+  const redis = await dedicatedRedis(t)
+  const { app } = await build(t, { realtime: { socket: { redis: redis.url, redisPrefix: uniqueName('shutdown') } } })
+  await redis.stop()
+  await waitFor(() => app.erpSocket.adapterStatus() === 'down', 5000, 'the adapter to notice the outage')
+  t.equal(await settledWithin(app.close(), 5000), 'closed', 'close resolves without Redis')
 })
 
 t.test('drainTimeoutMs is validated', async (t) => {

@@ -134,6 +134,7 @@ async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions
   let adapterStatus = (): AdapterStatus => 'up'
   let countServers = async (): Promise<number> => 1
   let ownedClients: Redis[] = []
+  let releaseAdapterClients = () => {}
   if (options.redis !== undefined) {
     adapterType = 'redis'
     let pub: Redis
@@ -186,16 +187,18 @@ async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions
         clearTimeout(timer)
       }
     }
-    fastify.addHook('onClose', async () => {
+    // Called by the onClose hook below before io.close(): the adapter's unsubscribes then fail
+    // quietly instead of being logged as an outage.
+    releaseAdapterClients = () => {
       closing = true
       for (const client of [pub, sub]) {
         client.off('error', onError)
         client.off('ready', onReady)
         // Clients the caller passed in stay theirs (open, with their own handlers). Ours get a
-        // sink so an error between here and quit() cannot crash the process.
+        // sink so an error between here and their close cannot crash the process.
         if (ownedClients.includes(client)) client.on('error', () => {})
       }
-    })
+    }
   }
 
   const decorator: ErpSocketDecorator = {
@@ -230,12 +233,36 @@ async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions
     io.local.emit('server:shutdown', { message: 'server shutting down, reconnect and resume' })
     await noticeCollected(io)
     io.local.disconnectSockets(true)
+    // Connections still in the handshake (erp-auth's membership query) or not yet in a
+    // namespace: closed too, or one that finishes its handshake now would hold server.close()
+    // (Socket.IO drops a socket whose connection closed during its middlewares).
+    // `clients` is engine.io's (6) map of open connections; its typings mark it protected.
+    const engineClients = (io.engine as unknown as { clients: Record<string, { close (): void }> }).clients
+    for (const conn of Object.values(engineClients)) conn.close()
   })
   fastify.addHook('onClose', async () => {
+    releaseAdapterClients()
     coalescer?.close()
     await io.close()
-    await Promise.all(ownedClients.map(client => client.quit().catch(() => client.disconnect())))
+    await Promise.all(ownedClients.map(client => closeOwnedClient(client, options.redisTimeoutMs)))
   })
+}
+
+/**
+ * QUIT when Redis answers, bounded by `timeoutMs`; otherwise drop the connection. A QUIT sent
+ * during an outage would queue behind the adapter's unsubscribes on the subscriber (which
+ * waits for Redis without limit) and never settle, holding the app's close.
+ */
+async function closeOwnedClient (client: Redis, timeoutMs: number): Promise<void> {
+  if (client.status === 'ready') {
+    let timer: NodeJS.Timeout | undefined
+    await Promise.race([
+      client.quit().catch(() => {}),
+      new Promise<void>(resolve => { timer = setTimeout(resolve, timeoutMs) })
+    ])
+    clearTimeout(timer)
+  }
+  client.disconnect()
 }
 
 /** How long close waits for long-polling clients to fetch the `server:shutdown` notice. */
