@@ -1,6 +1,7 @@
 import t, { type Test } from 'tap'
 import { Readable } from 'node:stream'
-import type { FastifyInstance } from 'fastify'
+import type { FastifyInstance, FastifyRequest } from 'fastify'
+import { companyStream } from '../plugins/events.ts'
 import { buildApp } from '../src/app.ts'
 import type { ErpIdempotencyOptions } from '../plugins/idempotency/index.ts'
 import { authHeader, build, createCompany, sleep, testConfig, testDatabase, waitFor, type TestUser } from './helpers.ts'
@@ -50,6 +51,21 @@ async function appWithTestRoutes (t: Test, idempotency: Omit<ErpIdempotencyOptio
       return Readable.from(['a', 'b'])
     })
     scope.post('/test/exempt', { config: { idempotency: false } }, async () => ({ exempt: count('exempt') }))
+    // Its change commits, then the answer fails (in production: the COMMIT's acknowledgement
+    // lost to a connection reset or a failover) or is streamed.
+    const commitChange = (request: FastifyRequest, name: string) => app.eventLog.transaction(async (_tx, publish) => {
+      const { companyId, userId } = request.user
+      await publish({ stream: companyStream(companyId), type: 'notification:new', companyId, actorId: userId, data: { kind: name, message: `call ${count(name)}` } })
+    })
+    scope.post('/test/commits-then-fails', async (request) => {
+      await commitChange(request, 'commits-then-fails')
+      throw new Error('connection reset after COMMIT')
+    })
+    scope.post('/test/commits-then-streams', async (request, reply) => {
+      await commitChange(request, 'commits-then-streams')
+      reply.type('application/octet-stream')
+      return Readable.from(['a', 'b'])
+    })
     scope.post('/test/store-fails', async () => {
       count('store-fails')
       // The response cannot be stored: the claim must stay, so a retry does not run again.
@@ -200,6 +216,20 @@ t.test('a 5xx releases the key: the retry executes and its response is then stor
   const third = await post('/test/flaky')
   t.equal(third.body, second.body)
   t.equal(calls.flaky, 2)
+})
+
+t.test('regression: a 5xx after the change committed released the key and the retry applied the change twice', async t => {
+  const { app, calls, user } = await appWithTestRoutes(t)
+  for (const url of ['/test/commits-then-fails', '/test/commits-then-streams']) {
+    const post = () => app.inject({ method: 'POST', url, headers: { ...authHeader(user), ...key(url) }, payload: {} })
+    await post()
+    const retry = await post()
+    t.equal(retry.statusCode, 409, url)
+    t.equal(retry.json().error.code, 'IDEMPOTENCY_KEY_RESPONSE_LOST', `${url}: the retry is told the change was applied`)
+    t.equal(retry.headers['idempotent-replayed'], 'true')
+    t.equal(calls[url.slice('/test/'.length)], 1, `${url}: the handler ran once`)
+  }
+  t.equal(await app.prisma.event.count({ where: { type: 'notification:new' } }), 2, 'one committed change per key')
 })
 
 t.test('a retry during the first request waits for its response; with waitMs 0 it answers 409 IDEMPOTENCY_KEY_IN_PROGRESS', async t => {

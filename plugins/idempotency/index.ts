@@ -155,8 +155,26 @@ async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempote
   }
 
   // Only while the claim is still this request's: one taken over belongs to the later request.
-  const release = (c: HeldClaim) => prisma.$executeRaw`
-    DELETE FROM idempotency_records WHERE ${thisKey(c)} AND token = ${c.token} AND "statusCode" = ${IN_PROGRESS}`
+  const store = (c: HeldClaim, statusCode: number, body: StoredBody) => prisma.$executeRaw`
+    UPDATE idempotency_records SET "statusCode" = ${statusCode}, body = ${JSON.stringify(body)}::jsonb
+    WHERE ${thisKey(c)} AND token = ${c.token} AND "statusCode" = ${IN_PROGRESS}`
+
+  /**
+   * For an answer that is not stored (a 5xx, a stream): the key is released so a retry runs
+   * again, unless the request's eventLog write committed (the fence marked the claim). Then
+   * running it again would apply the change twice: retries get RESPONSE_LOST instead.
+   */
+  const release = async (c: HeldClaim): Promise<void> => {
+    const released = await prisma.$executeRaw`
+      DELETE FROM idempotency_records
+      WHERE ${thisKey(c)} AND token = ${c.token} AND "statusCode" = ${IN_PROGRESS} AND "committedAt" IS NULL`
+    if (released === 1) return
+    const lost = new Errors.IDEMPOTENCY_KEY_RESPONSE_LOST()
+    await store(c, lost.statusCode, {
+      contentType: 'application/json; charset=utf-8',
+      payload: JSON.stringify({ error: { code: lost.code, message: lost.message } })
+    })
+  }
 
   const replay = (reply: FastifyReply, statusCode: number, body: StoredBody) => {
     reply.code(statusCode).header('idempotent-replayed', 'true')
@@ -218,15 +236,12 @@ async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempote
       else if (Buffer.isBuffer(payload)) text = payload.toString('utf8')
       else {
         // A stream cannot be stored without buffering it: release the key instead.
-        request.log.warn('erp-idempotency: streamed response not stored; the Idempotency-Key was released')
+        request.log.warn('erp-idempotency: streamed response not stored; the Idempotency-Key was released (or, if its change committed, answers RESPONSE_LOST)')
         await release(c)
         return payload
       }
       const contentType = reply.getHeader('content-type')
-      const body: StoredBody = { contentType: typeof contentType === 'string' ? contentType : null, payload: text }
-      await prisma.$executeRaw`
-        UPDATE idempotency_records SET "statusCode" = ${reply.statusCode}, body = ${JSON.stringify(body)}::jsonb
-        WHERE ${thisKey(c)} AND token = ${c.token} AND "statusCode" = ${IN_PROGRESS}`
+      await store(c, reply.statusCode, { contentType: typeof contentType === 'string' ? contentType : null, payload: text })
     } catch (err) {
       // The change may have committed: keep the claim (retries answer IN_PROGRESS until it expires).
       request.log.error({ err }, 'erp-idempotency: could not store the response')
