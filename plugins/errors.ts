@@ -1,6 +1,7 @@
 import createError, { type FastifyErrorConstructor } from '@fastify/error'
 import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify'
 import { ZodError } from 'zod'
+import { databaseUnreachable } from './support.ts'
 
 /**
  * Stable error codes. HTTP errors are `@fastify/error` constructors; socket errors reuse the
@@ -56,12 +57,24 @@ export function validationError (err: ZodError): ErrorWithBody {
   return error
 }
 
+/** The message of a `SERVICE_UNAVAILABLE` answered because the database cannot be reached (HTTP and acks). */
+export const DATABASE_UNREACHABLE = 'Database unreachable; try again'
+
 /**
  * Fastify error handler producing the contract's `{ error: { code, message } }` shape.
- * Register it with `fastify.setErrorHandler(erpErrorHandler)` (the app in src/ does).
+ * Register it with `fastify.setErrorHandler(erpErrorHandler)` (the app in src/ does). A
+ * database that cannot be reached (`databaseUnreachable`) answers 503 `SERVICE_UNAVAILABLE`.
  */
 export function erpErrorHandler (this: unknown, err: ErrorWithBody | ZodError, request: FastifyRequest, reply: FastifyReply): void {
   if (err instanceof ZodError) err = validationError(err)
+  // A lost or refused database connection is an outage to retry, not a bug: 503, and the
+  // original error is logged with it.
+  if ((err.statusCode === undefined || err.statusCode >= 500) && databaseUnreachable(err)) {
+    request.log.error({ err }, 'request failed: database unreachable')
+    const unavailable = new Errors.SERVICE_UNAVAILABLE(DATABASE_UNREACHABLE)
+    reply.status(503).send({ error: { code: unavailable.code, message: unavailable.message } })
+    return
+  }
   const status = err.statusCode ?? 500
   if (status >= 500) {
     request.log.error({ err }, 'request failed')

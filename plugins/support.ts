@@ -89,3 +89,44 @@ export function sqlErrorOf (err: unknown): { code: string, message: string } | u
   const cause = (err as { meta?: { driverAdapterError?: { cause?: { originalCode?: string, originalMessage?: string } } } })?.meta?.driverAdapterError?.cause
   return cause?.originalCode === undefined ? undefined : { code: cause.originalCode, message: cause.originalMessage ?? '' }
 }
+
+// Socket failures of a database client (pg's own, or Node's from connect()).
+const UNREACHABLE_SOCKET_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'EPIPE'])
+// What `@prisma/adapter-pg` maps a failure to get or keep a session to (`DriverAdapterError.cause.kind`),
+// and the Prisma codes of those kinds.
+const UNREACHABLE_ADAPTER_KINDS = new Set([
+  'DatabaseNotReachable', 'ConnectionClosed', 'SocketTimeout', 'TooManyConnections', 'TlsConnectionError',
+  'DatabaseDoesNotExist', 'DatabaseAccessDenied', 'AuthenticationFailed'
+])
+const UNREACHABLE_PRISMA_CODES = new Set(['P1000', 'P1001', 'P1002', 'P1003', 'P1008', 'P1010', 'P1011', 'P1017', 'P2037'])
+// pg's errors without a code when a connection is lost or cannot be had.
+const UNREACHABLE_PG_MESSAGE = /^(Connection terminated|Client has encountered a connection error|timeout exceeded when trying to connect)/
+
+/**
+ * True when `err` says the node cannot get or keep a database session (server unreachable or
+ * down, connection lost, no connection slot, the database refusing connections): an outage
+ * answered `SERVICE_UNAVAILABLE`, rather than a query that failed. Looks at the error and along
+ * its `meta.driverAdapterError` (Prisma) and `cause` chain for socket codes (ECONNREFUSED,
+ * ECONNRESET, ETIMEDOUT, ...), `@prisma/adapter-pg`'s connection kinds (DatabaseNotReachable,
+ * ConnectionClosed, SocketTimeout, TooManyConnections, ...) and their Prisma codes (P1001,
+ * P1017, ...), SQLSTATE class 08 (connection exception) and 57P01-57P03 (shutdown, crash,
+ * cannot connect now), any error PostgreSQL raised with severity FATAL or PANIC (the server
+ * ended the session: e.g. 55000 for a database not accepting connections), and pg's
+ * "Connection terminated..." errors.
+ */
+export function databaseUnreachable (err: unknown): boolean {
+  let current: unknown = err
+  for (let depth = 0; depth < 6 && typeof current === 'object' && current !== null; depth++) {
+    const e = current as { code?: unknown, originalCode?: unknown, severity?: unknown, kind?: unknown, message?: unknown, meta?: { driverAdapterError?: unknown }, cause?: unknown }
+    for (const code of [e.code, e.originalCode]) {
+      if (typeof code !== 'string') continue
+      if (UNREACHABLE_SOCKET_CODES.has(code) || UNREACHABLE_PRISMA_CODES.has(code)) return true
+      if (/^08[0-9A-Z]{3}$/.test(code) || /^57P0[123]$/.test(code)) return true
+    }
+    if (e.severity === 'FATAL' || e.severity === 'PANIC') return true
+    if (typeof e.kind === 'string' && UNREACHABLE_ADAPTER_KINDS.has(e.kind)) return true
+    if (typeof e.message === 'string' && UNREACHABLE_PG_MESSAGE.test(e.message)) return true
+    current = e.meta?.driverAdapterError ?? e.cause
+  }
+  return false
+}

@@ -1,7 +1,8 @@
 import type { Socket } from 'socket.io'
 import type { ZodType } from 'zod'
-import { zodIssues } from '../errors.ts'
+import { DATABASE_UNREACHABLE, zodIssues } from '../errors.ts'
 import type { AckResult, ClientToServerEvents, InterServerEvents, ServerToClientEvents, SocketData } from '../events.ts'
+import { databaseUnreachable } from '../support.ts'
 
 export type ErpSocket = Socket<ClientToServerEvents, ServerToClientEvents, InterServerEvents, SocketData>
 
@@ -21,7 +22,9 @@ type AckPayload<E extends keyof ClientToServerEvents> =
  * listener)` on connection): the socket is `this`, so a connection costs no closure per event.
  * The payload is parsed with `schema` (events that take only an ack pass `null`), the handler's
  * result is acked as `{ ok: true, ...result }`, and any failure as `{ ok: false, error: { code,
- * message } }`. Bad input never throws out of the listener and never reaches the handler.
+ * message } }` (`SERVICE_UNAVAILABLE` when the database cannot be reached, else `INTERNAL` for an
+ * error that is not a `SocketError`). Bad input never throws out of the listener and never
+ * reaches the handler.
  */
 export function listener<E extends keyof ClientToServerEvents, P> (
   event: E,
@@ -50,7 +53,10 @@ export function listener<E extends keyof ClientToServerEvents, P> (
         reply({ ok: false, error: { code: err.code, message: err.message } })
       } else {
         onUnexpected(err)
-        reply({ ok: false, error: { code: 'INTERNAL', message: 'Internal server error' } })
+        // A lost or refused database connection is an outage to retry, as over HTTP.
+        reply(databaseUnreachable(err)
+          ? { ok: false, error: { code: 'SERVICE_UNAVAILABLE', message: DATABASE_UNREACHABLE } }
+          : { ok: false, error: { code: 'INTERNAL', message: 'Internal server error' } })
       }
     }
   }

@@ -1,0 +1,89 @@
+import pg from 'pg'
+import t from 'tap'
+import { companyStream } from '../plugins/events.ts'
+import { databaseUnreachable } from '../plugins/support.ts'
+import { openDatabase } from '../src/db/index.ts'
+import { authHeader, build, connect, createCompany, request, TEST_PASSWORD, TEST_POSTGRES_URL, testDatabase, type TestLike } from './helpers.ts'
+
+const UNAVAILABLE = { code: 'SERVICE_UNAVAILABLE', message: 'Database unreachable; try again' }
+
+/**
+ * Makes one test database unreachable for the app using it (new connections refused, its
+ * sessions terminated) while the `test` database stays up; `restore` lets it connect again.
+ */
+async function cutOff (t: TestLike, url: string): Promise<{ restore (): Promise<void> }> {
+  const name = new URL(url).pathname.slice(1)
+  const admin = new pg.Client({ connectionString: TEST_POSTGRES_URL })
+  await admin.connect()
+  let cut = true
+  const restore = async () => {
+    if (!cut) return
+    cut = false
+    await admin.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS true`)
+  }
+  // Registered after the database's own teardown, so it runs before the drop (tap runs teardowns in reverse).
+  t.teardown(async () => {
+    await restore()
+    await admin.end()
+  })
+  await admin.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS false`)
+  await admin.query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()', [name])
+  return { restore }
+}
+
+t.test('database unreachable: HTTP routes answer 503 SERVICE_UNAVAILABLE, not 500 INTERNAL', async t => {
+  const db = await testDatabase(t)
+  const { app } = await build(t, { db })
+  const company = await createCompany(app, ['admin'])
+  const admin = company.as('admin')
+  t.equal((await app.inject({ method: 'GET', url: '/projects', headers: authHeader(admin) })).statusCode, 200)
+
+  const outage = await cutOff(t, db.url!)
+  const answers = {
+    'GET /projects': await app.inject({ method: 'GET', url: '/projects', headers: authHeader(admin) }),
+    'POST /projects': await app.inject({ method: 'POST', url: '/projects', headers: authHeader(admin), payload: { name: 'during the outage' } }),
+    'POST /auth/login': await app.inject({ method: 'POST', url: '/auth/login', payload: { email: admin.email, password: TEST_PASSWORD } })
+  }
+  for (const [route, res] of Object.entries(answers)) {
+    t.equal(res.statusCode, 503, `${route} status`)
+    t.same(res.json(), { error: UNAVAILABLE }, `${route} body`)
+  }
+
+  // Once the database is back, so are the routes.
+  await outage.restore()
+  t.equal((await app.inject({ method: 'GET', url: '/projects', headers: authHeader(admin) })).statusCode, 200)
+})
+
+t.test('database unreachable: socket acks answer SERVICE_UNAVAILABLE, not INTERNAL', async t => {
+  const db = await testDatabase(t)
+  const { app, url } = await build(t, { db })
+  const company = await createCompany(app, ['admin'])
+  const admin = company.as('admin')
+  const socket = await connect(t, url, admin.token)
+  const stream = companyStream(company.id)
+  t.match(await request(socket, 'sync:resume', { streams: { [stream]: 0 } }), { ok: true })
+
+  const outage = await cutOff(t, db.url!)
+  t.same(await request(socket, 'sync:resume', { streams: { [stream]: 0 } }), { ok: false, error: UNAVAILABLE }, 'sync:resume')
+  const token = app.erpAuth.sign({ sub: admin.id, companyId: company.id, role: 'admin' })
+  t.same(await request(socket, 'auth:refresh', { token }), { ok: false, error: UNAVAILABLE }, 'auth:refresh')
+  t.ok(socket.connected, 'the socket stays connected')
+
+  await outage.restore()
+  t.match(await request(socket, 'sync:resume', { streams: { [stream]: 0 } }), { ok: true })
+  t.match(await request(socket, 'auth:refresh', { token }), { ok: true })
+})
+
+t.test('databaseUnreachable tells connection failures from query failures', async t => {
+  const refused = await openDatabase({ url: 'postgresql://postgres@127.0.0.1:1/none', poolSize: 1 })
+  t.teardown(() => refused.close())
+  t.ok(databaseUnreachable(await refused.prisma.project.findMany().catch(e => e)), 'Prisma, connection refused')
+  t.ok(databaseUnreachable(await refused.withSession(sql => sql.query('SELECT 1')).catch(e => e)), 'pg, connection refused')
+
+  const db = await testDatabase(t)
+  t.notOk(databaseUnreachable(await db.prisma.$queryRawUnsafe('SELEC 1').catch(e => e)), 'syntax error')
+  t.notOk(databaseUnreachable(await db.prisma.$queryRawUnsafe('SELECT 1/0').catch(e => e)), 'division by zero')
+  t.notOk(databaseUnreachable(await db.prisma.company.findUniqueOrThrow({ where: { id: 'none' } }).catch(e => e)), 'no row')
+  t.notOk(databaseUnreachable(new Error('boom')), 'a plain error')
+  t.notOk(databaseUnreachable(undefined), 'undefined')
+})
