@@ -3,6 +3,10 @@ import { z } from 'zod'
 /** Dev-only signing key used when JWT_SECRET is unset outside production. */
 export const DEV_JWT_SECRET = 'erp-realtime-dev-secret-do-not-use-in-production'
 
+/** pino's levels, LOG_LEVEL's accepted values. */
+export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const
+export type LogLevel = (typeof LOG_LEVELS)[number]
+
 export interface AppConfig {
   port: number
   host: string
@@ -24,6 +28,8 @@ export interface AppConfig {
   redisPrefix?: string
   /** How often each node checks stream heads, fills gaps and sends `sync:head` (SYNC_HEAD_INTERVAL_MS; 0 disables). Unset: the plugin's default. */
   syncHeadIntervalMs?: number
+  /** pino log level of the server (LOG_LEVEL, case-insensitive). Default 'info'. */
+  logLevel: LogLevel
 }
 
 /** Thrown for bad configuration; its message is one line naming the variable. */
@@ -63,7 +69,8 @@ const variables = {
   EVENT_LOG_MAXLEN: integer(1, 10_000_000),
   PRESENCE_GRACE_MS: integer(0, 3_600_000),
   REDIS_PREFIX: z.string().trim().regex(/^[\w.:-]{1,100}$/, 'must be 1-100 letters, digits, or . : _ -'),
-  SYNC_HEAD_INTERVAL_MS: integer(0, 3_600_000)
+  SYNC_HEAD_INTERVAL_MS: integer(0, 3_600_000),
+  LOG_LEVEL: z.string().trim().toLowerCase().pipe(z.enum(LOG_LEVELS, { error: `must be one of ${LOG_LEVELS.join(', ')}` }))
 } as const
 
 type Parsed = { [K in keyof typeof variables]?: z.output<(typeof variables)[K]> }
@@ -97,6 +104,7 @@ export function loadConfig (env: NodeJS.ProcessEnv = process.env): AppConfig {
     presenceGraceMs: parsed.PRESENCE_GRACE_MS ?? 5000,
     production,
     redisPrefix: parsed.REDIS_PREFIX,
-    syncHeadIntervalMs: parsed.SYNC_HEAD_INTERVAL_MS
+    syncHeadIntervalMs: parsed.SYNC_HEAD_INTERVAL_MS,
+    logLevel: parsed.LOG_LEVEL ?? 'info'
   }
 }

@@ -25,7 +25,7 @@ async function main () {
   const migrations = await db.withSession(sql => migrate(sql))
   const seeded = await seedIfEmpty(db.prisma)
 
-  const app = await buildApp({ config, db, logger: { level: process.env.LOG_LEVEL ?? 'info' } })
+  const app = await buildApp({ config, db, logger: { level: config.logLevel } })
   let closing = false
   const shutdown = async (signal: string) => {
     if (closing) {

@@ -29,10 +29,11 @@ t.test('defaults: an empty environment is a working development setup', async t 
     eventLogTtlSeconds: 86400,
     eventLogMaxLen: 10000,
     presenceGraceMs: 5000,
-    production: false
+    production: false,
+    logLevel: 'info'
   })
   t.ok(DEV_JWT_SECRET.length >= 32, 'the dev secret is itself a valid HS256 key')
-  t.same(loadConfig({ PORT: '', DATABASE_URL: '', JWT_SECRET: '' }), config, 'empty variables count as unset')
+  t.same(loadConfig({ PORT: '', DATABASE_URL: '', JWT_SECRET: '', LOG_LEVEL: '' }), config, 'empty variables count as unset')
 })
 
 t.test('every variable is read', async t => {
@@ -48,6 +49,7 @@ t.test('every variable is read', async t => {
     EVENT_LOG_TTL_SECONDS: '3600',
     EVENT_LOG_MAXLEN: '500',
     PRESENCE_GRACE_MS: '0',
+    LOG_LEVEL: 'debug',
     NODE_ENV: 'production'
   })
   t.match(config, {
@@ -63,12 +65,17 @@ t.test('every variable is read', async t => {
     eventLogTtlSeconds: 3600,
     eventLogMaxLen: 500,
     presenceGraceMs: 0,
-    production: true
+    production: true,
+    logLevel: 'debug'
   })
   t.equal(loadConfig({ DATABASE_URL: 'postgres://localhost/erp' }).databaseUrl, 'postgres://localhost/erp', 'postgres:// works too')
   t.equal(loadConfig({ REDIS_URL: 'redis://127.0.0.1:6379' }).redisUrl, 'redis://127.0.0.1:6379')
   t.equal(loadConfig({ PORT: '0' }).port, 0, 'port 0 picks a free port')
   t.equal(loadConfig({ PORT: '65535' }).port, 65535)
+  for (const level of ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']) {
+    t.equal(loadConfig({ LOG_LEVEL: level }).logLevel, level, `LOG_LEVEL=${level}`)
+  }
+  t.equal(loadConfig({ LOG_LEVEL: ' WARN ' }).logLevel, 'warn', 'LOG_LEVEL ignores case and spaces')
 })
 
 t.test('each bad variable is refused with one line naming it', async t => {
@@ -97,7 +104,10 @@ t.test('each bad variable is refused with one line naming it', async t => {
     ['EVENT_LOG_MAXLEN', { EVENT_LOG_MAXLEN: '0' }, /at least 1/],
     ['EVENT_LOG_MAXLEN', { EVENT_LOG_MAXLEN: '99999999999' }, /at most/],
     ['PRESENCE_GRACE_MS', { PRESENCE_GRACE_MS: 'soon' }, /whole number/],
-    ['PRESENCE_GRACE_MS', { PRESENCE_GRACE_MS: '3600001' }, /at most/]
+    ['PRESENCE_GRACE_MS', { PRESENCE_GRACE_MS: '3600001' }, /at most/],
+    // Regression: LOG_LEVEL went unchecked to pino, which failed late without naming the variable.
+    ['LOG_LEVEL', { LOG_LEVEL: 'verbose' }, /must be one of fatal, error, warn, info, debug, trace, silent/],
+    ['LOG_LEVEL', { LOG_LEVEL: '30' }, /must be one of/]
   ]
   for (const [variable, env, detail] of cases) {
     const err = failure(env)
