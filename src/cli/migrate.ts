@@ -5,7 +5,7 @@ import { openDatabase } from '../db/index.ts'
 import { migrate } from '../db/migrate.ts'
 
 const config = loadConfig()
-const db = await openDatabase({ url: config.databaseUrl, dataDir: path.join(config.dataDir, 'pglite') })
+const db = await openDatabase({ url: config.databaseUrl, dataDir: path.join(config.dataDir, 'pglite'), preparedStatements: config.preparedStatements })
 try {
   const result = await db.withSession(sql => migrate(sql))
   console.log(`applied: ${result.applied.join(', ') || 'none'}; already applied: ${result.alreadyApplied.length}`)

@@ -5,7 +5,7 @@ import { openDatabase } from '../db/index.ts'
 import { seedIfEmpty } from '../db/seed.ts'
 
 const config = loadConfig()
-const db = await openDatabase({ url: config.databaseUrl, dataDir: path.join(config.dataDir, 'pglite') })
+const db = await openDatabase({ url: config.databaseUrl, dataDir: path.join(config.dataDir, 'pglite'), preparedStatements: config.preparedStatements })
 try {
   console.log(await seedIfEmpty(db.prisma) ? 'seeded demo data' : 'database already has data: nothing seeded')
 } finally {
