@@ -1,7 +1,8 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import type { Socket as ClientSocket } from 'socket.io-client'
-import { authHeader, build, connect, createCompany, nextEvent, request, sleep, waitFor, type TestCompany } from './helpers.ts'
+import { dedicatedRedis } from './cluster-helpers.ts'
+import { authHeader, build, connect, createCompany, dropRedisPrefix, nextEvent, request, sleep, testDatabase, uniqueName, waitFor, type TestCompany } from './helpers.ts'
 import type { FastifyInstance } from 'fastify'
 
 const companyOf = (c: TestCompany) => `company:${c.id}` as const
@@ -157,6 +158,74 @@ t.test('a resume from before the oldest kept event answers recovered: false inst
   // Up to date is always recoverable, even with nothing kept.
   const current = await request(socket, 'sync:resume', { streams: { [userOf(member)]: 12 } })
   t.same(current.streams[userOf(member)], { recovered: true, replayed: 0, headSeq: 12 })
+})
+
+t.test('regression: a hole inside the replayed range (an event pruned out of order) was replayed around and acked recovered: true', async t => {
+  const { app, url } = await build(t)
+  const company = await createCompany(app)
+  const member = company.as('member')
+  await publishBoth(app, company, 6)
+  // What a prune batch still under way, or one between two pages, leaves behind.
+  await app.prisma.$executeRaw`DELETE FROM events WHERE stream = ${companyOf(company)} AND seq = 3`
+  const socket = await connect(t, url, member.token)
+  const seen = record(socket)
+  const ack = await request(socket, 'sync:resume', { streams: { [companyOf(company)]: 0 } })
+  t.same(ack.streams[companyOf(company)], { recovered: false, replayed: 2, headSeq: 6 }, 'the client is told to refetch')
+  t.same(seqsByStream(seen), { [companyOf(company)]: [1, 2] }, 'nothing past the hole is sent as if contiguous')
+})
+
+t.test('regression: an event recorded late in a long transaction got its transaction\'s start time, older than the seq before it (the TTL prune then cut a hole)', async t => {
+  const { app } = await build(t)
+  const company = await createCompany(app)
+  const admin = company.as('admin')
+  const stream = companyOf(company)
+  const event = (projectId: string) => ({ stream, type: 'project:deleted' as const, companyId: company.id, actorId: admin.id, data: { projectId } })
+  let begun!: () => void
+  const hasBegun = new Promise<void>(resolve => { begun = resolve })
+  let proceed!: () => void
+  const mayProceed = new Promise<void>(resolve => { proceed = resolve })
+  const long = app.eventLog.transaction(async (tx, publish) => {
+    await tx.$queryRaw`SELECT 1`
+    begun()
+    await mayProceed
+    await publish(event('late'))
+  })
+  await hasBegun
+  await sleep(50)
+  await app.eventLog.transaction(async (_tx, publish) => { await publish(event('early')) })
+  proceed()
+  await long
+  const rows = await app.prisma.$queryRaw<Array<{ seq: number, createdAt: Date }>>`
+    SELECT seq, "createdAt" FROM events WHERE stream = ${stream} ORDER BY seq`
+  t.equal(rows.length, 2)
+  t.ok(rows[1]!.createdAt.getTime() >= rows[0]!.createdAt.getTime(), 'createdAt grows with seq: a TTL prune removes a prefix of the stream')
+})
+
+t.test('regression: a resume on a node whose copies of the events were late (Redis stalled) replayed them, then delivered them again', async t => {
+  const redis = await dedicatedRedis(t)
+  const prefix = uniqueName('replay')
+  t.teardown(() => dropRedisPrefix(redis.url, prefix).catch(() => {}))
+  const db = await testDatabase(t)
+  const realtime = { socket: { redis: redis.url, redisPrefix: prefix }, eventLog: { headIntervalMs: 0 } }
+  const x = await build(t, { db, realtime })
+  const y = await build(t, { db, realtime })
+  const company = await createCompany(x.app)
+  const member = company.as('member')
+  const socket = await connect(t, x.url, member.token, { auth: { token: member.token, resume: true } })
+  const seen = record(socket)
+  await redis.pause()
+  t.teardown(() => redis.resume())
+  for (let i = 0; i < 3; i++) {
+    await y.app.eventLog.transaction(async (_tx, publish) => {
+      await publish({ stream: companyOf(company), type: 'project:deleted', companyId: company.id, actorId: member.id, data: { projectId: `p${i}` } })
+    })
+  }
+  const ack = await request(socket, 'sync:resume', { streams: { [companyOf(company)]: 0 } })
+  t.same(ack.streams[companyOf(company)], { recovered: true, replayed: 3, headSeq: 3 })
+  await redis.resume()
+  // Node y's copies now reach node x.
+  await sleep(500)
+  t.same(seqsByStream(seen), { [companyOf(company)]: [1, 2, 3] }, 'each event once, in order')
 })
 
 t.test('bad resume payloads are refused with a code and send nothing', async t => {

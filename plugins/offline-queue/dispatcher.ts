@@ -15,7 +15,6 @@ interface StreamState {
   /** Events that arrived while a gap was being filled, kept in seq order. */
   pending: Envelope[]
   filling?: Promise<void>
-  waiters?: Array<{ seq: number, resolve: () => void }>
 }
 
 function insertSorted (list: Envelope[], envelope: Envelope) {
@@ -80,38 +79,15 @@ export class Dispatcher {
     return this.streams.get(stream)?.last
   }
 
-  /**
-   * Resolves once this node has delivered `seq` of `stream`, or after `timeoutMs`. A stream this
-   * node has not seen yet has nothing in flight, so it resolves at once.
-   */
-  async delivered (stream: string, seq: number, timeoutMs: number): Promise<void> {
-    const state = this.streams.get(stream)
-    if (!state || state.last === undefined || state.last >= seq) return
-    await new Promise<void>(resolve => {
-      const waiter = { seq, resolve: () => { clearTimeout(timer); resolve() } }
-      const timer = setTimeout(() => {
-        state.waiters = state.waiters?.filter(w => w !== waiter)
-        resolve()
-      }, timeoutMs)
-      timer.unref()
-      ;(state.waiters ??= []).push(waiter)
-    })
-  }
-
   private advance (state: StreamState, envelope: Envelope): void {
     state.last = envelope.seq
     this.delivery.deliver(envelope)
-    if (!state.waiters) return
-    const ready = state.waiters.filter(w => w.seq <= envelope.seq)
-    if (ready.length === 0) return
-    state.waiters = state.waiters.filter(w => w.seq > envelope.seq)
-    for (const waiter of ready) waiter.resolve()
   }
 
   /** Forgets streams nobody on this node listens to (bounded memory). */
   sweep (): void {
     for (const [stream, state] of this.streams) {
-      if (!state.filling && state.pending.length === 0 && !state.waiters?.length && !this.delivery.hasListeners(stream)) this.streams.delete(stream)
+      if (!state.filling && state.pending.length === 0 && !this.delivery.hasListeners(stream)) this.streams.delete(stream)
     }
   }
 

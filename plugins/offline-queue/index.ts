@@ -182,7 +182,7 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
   const insertEvent = (id: string, event: PublishInput) => Prisma.sql`
     INSERT INTO events (id, stream, seq, type, "companyId", "actorId", data, "createdAt")
     SELECT ${id}, ${event.stream}, head.seq, ${event.type}, ${event.companyId}, ${event.actorId},
-           ${JSON.stringify(event.data)}::jsonb, (now() AT TIME ZONE 'UTC')
+           ${JSON.stringify(event.data)}::jsonb, (clock_timestamp() AT TIME ZONE 'UTC')
     FROM head
     RETURNING seq, "createdAt"`
 
@@ -347,25 +347,31 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
       if (lastSeq > head) {
         throw new SocketError('SYNC_CURSOR_AHEAD', `lastSeq ${lastSeq} is ahead of ${stream} (head ${head}); refetch over REST`)
       }
-      let page = lastSeq < head ? await reads.run(() => read(stream, cursor, options.pageSize)) : []
-      if (lastSeq < head && page[0]?.seq !== lastSeq + 1) {
-        // The events after lastSeq were pruned: say so instead of leaving a silent gap.
+      // Events after the cursor were pruned: say so instead of leaving a silent gap. The events
+      // up to the cursor went out; the client refetches the rest over REST.
+      const gap = (): ResumeStreamResult => {
         released = true
-        const last = release(socket, stream, head)
-        return { recovered: false, replayed: 0, headSeq: Math.max(head, last) }
+        const last = release(socket, stream, Math.max(head, cursor))
+        return { recovered: false, replayed, headSeq: Math.max(head, last) }
       }
+      let page = lastSeq < head ? await reads.run(() => read(stream, cursor, options.pageSize)) : []
+      if (lastSeq < head && page.length === 0) return gap()
       for (;;) {
         for (const envelope of page) {
           if (!socket.connected) return { recovered: true, replayed, headSeq: cursor }
+          // Checked for every event, not only the first: a prune can leave a hole inside the
+          // range (a batch still under way, or one that ran between two pages).
+          if (envelope.seq !== cursor + 1) return gap()
           socket.emit(envelope.type as DomainEventType, envelope as never)
           cursor = envelope.seq
           replayed++
         }
         await waitForDrain(socket)
         if (page.length < options.pageSize && !state.overflowed) {
-          // Caught up with the log. Let this node's live delivery reach the cursor, so events
-          // just read from the log are not delivered to this socket a second time.
-          await dispatcher.delivered(stream, cursor, 1000)
+          // Caught up with the log. Bring this node's live delivery to the cursor (from the log
+          // if the other nodes' copies are late: Redis slow or down), so events just replayed
+          // are not delivered to this socket a second time when those copies arrive.
+          await dispatcher.catchUp(stream, cursor)
           if (!state.overflowed) break
         }
         // More in the log than one page, or too many live events held: read on from the log.
@@ -382,11 +388,8 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     }
   }
 
-  // Sockets that announce `auth: { resume: true }` are held from the handshake, so no live
-  // event can reach them ahead of the events they missed.
   io.use((socket, next) => {
     const streams = [companyStream(socket.data.companyId), userStream(socket.data.userId)]
-    if (socket.handshake.auth?.resume === true) for (const stream of streams) hold(socket, stream)
     // Follow the socket's streams from their current head before it joins them (see track()).
     // erp-auth read the heads with the membership check (before any join); read them here only
     // if it did not.
@@ -434,7 +437,13 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
   }, err => fastify.log.error({ err }, 'erp-offline-queue: sync:resume failed'))
 
   io.on('connection', (socket: ErpSocket) => {
-    if (holds.has(socket.id)) {
+    // Sockets that announce `auth: { resume: true }` are held from the start, so no live event
+    // can reach them ahead of the events they missed. Here and not in the middleware: erp-auth
+    // joins the streams in this same synchronous emit, so nothing is delivered in between, and
+    // a socket that never connects (dropped or refused in a later middleware) gets no
+    // 'disconnect' that would forget its holds.
+    if (socket.handshake.auth?.resume === true) {
+      for (const stream of [companyStream(socket.data.companyId), userStream(socket.data.userId)]) hold(socket, stream)
       const timer = setTimeout(releaseUnclaimed, options.resumeWindowMs, socket)
       timer.unref()
       resumeWindows.set(socket.id, timer)
