@@ -37,7 +37,12 @@ export interface Envelope<T = unknown, K extends string = string> {
 export interface DomainEventMap {
   'project:created': { project: Record<string, unknown> }
   'project:updated': { project: Record<string, unknown>, changed: string[], merged?: boolean }
-  'project:deleted': { projectId: string }
+  /**
+   * `detachedExpenses`: the project's expenses, whose `projectId` the delete set to null (each an
+   * update: version + 1), with their new versions; `[]` when it had none. Always sent by
+   * `DELETE /projects/:id`; absent only from events recorded before it was added.
+   */
+  'project:deleted': { projectId: string, detachedExpenses?: Array<{ id: string, version: number }> }
   'expense:submitted': { expense: Record<string, unknown> }
   'expense:approved': { expense: Record<string, unknown> }
   'expense:rejected': { expense: Record<string, unknown> }

@@ -85,16 +85,39 @@ export async function projectRoutes (fastify: FastifyInstance) {
     })
   })
 
-  // One statement too: the delete, its event only if a row went, and the membership check.
+  // The foreign key `expenses.projectId` is ON DELETE SET NULL: left to it, the delete would change
+  // the project's expenses without a version bump or an event. So the transaction detaches them
+  // first, as an update of each (version + 1, revision snapshot for later merges), and the one
+  // `project:deleted` event lists them with their new versions. The membership check (`in-write`)
+  // is its first statement, which also locks the project row: an expense created for it
+  // meanwhile waits (its foreign-key check) and then fails, so none is detached unannounced.
   fastify.delete('/projects/:id', { config: { erpAuth: { membership: 'in-write' } } }, async (request, reply) => {
     const { id } = parse(idParams, request.params)
     const { companyId, userId } = request.user
-    const deleted = await fastify.eventLog.commit({
-      writes: [Prisma.sql`DELETE FROM projects WHERE id = ${id} AND "companyId" = ${companyId}`],
-      event: { stream: companyStream(companyId), type: 'project:deleted', companyId, actorId: userId, data: { projectId: id } },
-      guard: fastify.erpAuth.writeGuard(request)
+    const guard = fastify.erpAuth.writeGuard(request)
+    await fastify.eventLog.transaction(async (tx, publish) => {
+      const [checked] = await tx.$queryRaw<Array<{ value: unknown, found: boolean }>>`
+        SELECT ${guard.sql} AS value,
+               EXISTS (SELECT 1 FROM projects WHERE id = ${id} AND "companyId" = ${companyId} FOR UPDATE) AS found`
+        .catch((err: unknown) => { throw guard.error?.(err) ?? err })
+      guard.passed?.(checked!.value)
+      if (!checked!.found) throw new Errors.NOT_FOUND('Project')
+      // UPDATE expenses SET "projectId" = NULL, version = version + 1, "updatedAt" = now ... RETURNING *
+      const detached = await tx.expense.updateManyAndReturn({
+        where: { projectId: id, companyId },
+        data: { projectId: null, version: { increment: 1 } }
+      })
+      detached.sort((a, b) => a.createdAt.getTime() - b.createdAt.getTime() || (a.id < b.id ? -1 : 1))
+      for (const expense of detached) await fastify.conflicts.snapshot(tx, 'expense', expense)
+      await tx.$executeRaw`DELETE FROM projects WHERE id = ${id} AND "companyId" = ${companyId}`
+      await publish({
+        stream: companyStream(companyId),
+        type: 'project:deleted',
+        companyId,
+        actorId: userId,
+        data: { projectId: id, detachedExpenses: detached.map(expense => ({ id: expense.id, version: expense.version })) }
+      })
     })
-    if (!deleted) throw new Errors.NOT_FOUND('Project')
     reply.code(204)
   })
 }
