@@ -14,18 +14,21 @@ export function parseOptions<S extends ZodType> (plugin: string, schema: S, raw:
 
 /**
  * Runs `job` every `intervalMs` (0 disables), never overlapping itself; the timer is unref'd
- * and cleared when Fastify closes. Failures are logged as warnings naming `what`.
+ * and cleared when Fastify closes, and close waits for a run under way (the app's owner closes
+ * the database right after). Failures are logged as warnings naming `what`.
  */
 export function every (fastify: FastifyInstance, intervalMs: number, what: string, job: () => Promise<unknown>): void {
   if (intervalMs === 0) return
-  let running = false
+  let running: Promise<void> | undefined
   const timer = setInterval(() => {
     if (running) return
-    running = true
-    job().catch(err => fastify.log.warn({ err }, `${what} failed`)).finally(() => { running = false })
+    running = job().then(() => {}, err => { fastify.log.warn({ err }, `${what} failed`) }).finally(() => { running = undefined })
   }, intervalMs)
   timer.unref()
-  fastify.addHook('onClose', async () => clearInterval(timer))
+  fastify.addHook('onClose', async () => {
+    clearInterval(timer)
+    await running
+  })
 }
 
 /** Repeats a bounded delete (returning its row count) until it deletes less than `batchSize`, at most `maxBatches` times. */
