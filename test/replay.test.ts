@@ -377,6 +377,22 @@ t.test('a socket that announced a resume but never sends it gets its held events
   t.same(seqsByStream(seen), { [companyOf(company)]: [1, 2], [userOf(member)]: [1, 2] })
 })
 
+t.test('regression: a socket held past the window whose hold overflowed was told nothing until the next event', async t => {
+  const { app, url } = await build(t, { realtime: { eventLog: { resumeWindowMs: 300, maxHeldEvents: 2, headIntervalMs: 0 } } })
+  const company = await createCompany(app)
+  const member = company.as('member')
+  const socket: ClientSocket = await connect(t, url, member.token, { auth: { token: member.token, resume: true } })
+  const heads: Array<{ stream: string, seq: number }> = []
+  socket.on('sync:head', (head: { stream: string, seq: number }) => heads.push(head))
+  const seen = record(socket)
+  await publishBoth(app, company, 4)
+  await waitFor(() => heads.length === 2, 2000, 'sync:head for both streams once the window ends')
+  t.same(heads.sort((a, b) => a.stream.localeCompare(b.stream)), [
+    { stream: companyOf(company), seq: 4 }, { stream: userOf(member), seq: 4 }
+  ].sort((a, b) => a.stream.localeCompare(b.stream)), 'the client learns the heads and sees its gap')
+  t.same(seen, [], 'the overflowed holds had dropped their events')
+})
+
 t.test('event ids are unique across streams and the envelope matches between live and replay', async t => {
   const { app, url } = await build(t)
   const company = await createCompany(app)

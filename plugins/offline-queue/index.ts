@@ -402,8 +402,13 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
   const resumeWindows = new Map<string, NodeJS.Timeout>()
   const releaseUnclaimed = (socket: ErpSocket) => {
     resumeWindows.delete(socket.id)
-    for (const stream of [...(holds.get(socket.id)?.keys() ?? [])]) {
-      if (!resuming.has(`${socket.id} ${stream}`)) release(socket, stream, -1)
+    for (const [stream, state] of [...(holds.get(socket.id) ?? [])]) {
+      if (resuming.has(`${socket.id} ${stream}`)) continue
+      release(socket, stream, -1)
+      // More arrived than could be held, and they were dropped: tell the client where the
+      // stream is, so it sees the gap and resumes (or refetches) now, not at the next event.
+      const seq = dispatcher.lastDelivered(stream)
+      if (state.overflowed && seq !== undefined) socket.emit('sync:head', { stream: stream as Stream, seq })
     }
   }
   function onDisconnect (this: ErpSocket) {
