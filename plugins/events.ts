@@ -27,7 +27,10 @@ export interface Envelope<T = unknown, K extends string = string> {
   seq: number
   type: K
   companyId: string
-  /** ISO-8601 commit time. */
+  /**
+   * ISO-8601 time the event was recorded, inside its transaction (not the commit): it grows
+   * with `seq` within a stream.
+   */
   at: string
   actor: { userId: string | null }
   data: T
