@@ -1,7 +1,8 @@
+import pg from 'pg'
 import t from 'tap'
 import type { FastifyInstance } from 'fastify'
 import type { Expense } from '../src/generated/prisma/client.ts'
-import { authHeader, build, connect, createCompany, nextEvent, record, sleep, type TestLike } from './helpers.ts'
+import { authHeader, build, connect, createCompany, nextEvent, record, sleep, testDatabase, type TestLike } from './helpers.ts'
 import { companyStream } from '../plugins/events.ts'
 
 // DELETE /projects/:id: `expenses.projectId` is ON DELETE SET NULL, so the route detaches the
@@ -161,3 +162,25 @@ for (const embedded of [false, true]) {
     t.match(fromDetached.json(), { merged: true, expense: { projectId: null, status: 'approved', description: 'hotel, two nights', version: 4 } })
   })
 }
+
+t.test('regression: an expense created for a project while its delete ran failed with a foreign-key 500', async t => {
+  const db = await testDatabase(t)
+  const { app } = await build(t, { db })
+  const company = await createCompany(app, ['manager'])
+  const h = authHeader(company.as('manager'))
+  const doomed = (await app.inject({ method: 'POST', url: '/projects', headers: h, payload: { name: 'doomed' } })).json().project as { id: string }
+  // Another session does what the delete does: locks the project row, then deletes it.
+  const deleter = new pg.Client({ connectionString: db.url })
+  await deleter.connect()
+  t.teardown(() => deleter.end())
+  await deleter.query('BEGIN')
+  await deleter.query('SELECT 1 FROM projects WHERE id = $1 FOR UPDATE', [doomed.id])
+  const creating = app.inject({ method: 'POST', url: '/expenses', headers: h, payload: { amountMinor: 100, currency: 'EUR', description: 'taxi', projectId: doomed.id } })
+  await sleep(200)
+  await deleter.query('DELETE FROM projects WHERE id = $1', [doomed.id])
+  await deleter.query('COMMIT')
+  const answer = await creating
+  t.equal(answer.statusCode, 404, 'the project is gone: 404, as for any missing project')
+  t.equal(answer.json().error.code, 'NOT_FOUND')
+  t.equal(await app.prisma.expense.count({ where: { companyId: company.id } }), 0)
+})
