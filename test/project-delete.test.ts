@@ -184,3 +184,19 @@ t.test('regression: an expense created for a project while its delete ran failed
   t.equal(answer.json().error.code, 'NOT_FOUND')
   t.equal(await app.prisma.expense.count({ where: { companyId: company.id } }), 0)
 })
+
+t.test('a project with more expenses than one snapshot statement takes (1,000) is deleted with every one detached and snapshotted', async t => {
+  const { app } = await build(t)
+  const company = await createCompany(app, ['manager'])
+  const manager = company.as('manager')
+  const h = authHeader(manager)
+  const big = (await app.inject({ method: 'POST', url: '/projects', headers: h, payload: { name: 'big' } })).json().project as { id: string }
+  await app.prisma.expense.createMany({
+    data: Array.from({ length: 1200 }, (_, i) => ({ companyId: company.id, submitterId: manager.id, projectId: big.id, amountMinor: i + 1, currency: 'EUR', description: `e${i}` }))
+  })
+  t.equal((await app.inject({ method: 'DELETE', url: `/projects/${big.id}`, headers: h })).statusCode, 204)
+  t.equal(await app.prisma.expense.count({ where: { companyId: company.id, projectId: null, version: 2 } }), 1200)
+  t.equal(await app.prisma.revision.count({ where: { entity: 'expense', companyId: company.id, version: 2 } }), 1200)
+  const [deleted] = (await app.eventLog.read(companyStream(company.id), 0, 10)).filter(e => e.type === 'project:deleted')
+  t.equal((deleted!.data as { detachedExpenses: unknown[] }).detachedExpenses.length, 1200)
+})

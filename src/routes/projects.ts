@@ -89,8 +89,8 @@ export async function projectRoutes (fastify: FastifyInstance) {
   // the project's expenses without a version bump or an event. So the transaction detaches them
   // first, as an update of each (version + 1, revision snapshot for later merges), and the one
   // `project:deleted` event lists them with their new versions. The membership check (`in-write`)
-  // is its first statement, which also locks the project row: an expense created for it
-  // meanwhile waits (its foreign-key check) and then fails, so none is detached unannounced.
+  // is its first statement, which also locks the project row: POST /expenses for it checks the
+  // project FOR SHARE, so it waits and then answers 404, and none is detached unannounced.
   fastify.delete('/projects/:id', { config: { erpAuth: { membership: 'in-write' } } }, async (request, reply) => {
     const { id } = parse(idParams, request.params)
     const { companyId, userId } = request.user
@@ -108,7 +108,7 @@ export async function projectRoutes (fastify: FastifyInstance) {
         data: { projectId: null, version: { increment: 1 } }
       })
       detached.sort((a, b) => a.createdAt.getTime() - b.createdAt.getTime() || (a.id < b.id ? -1 : 1))
-      for (const expense of detached) await fastify.conflicts.snapshot(tx, 'expense', expense)
+      if (detached.length > 0) await fastify.conflicts.snapshot(tx, 'expense', detached)
       await tx.$executeRaw`DELETE FROM projects WHERE id = ${id} AND "companyId" = ${companyId}`
       await publish({
         stream: companyStream(companyId),
