@@ -129,6 +129,18 @@ t.test('when the base revision is no longer kept, every differing field conflict
   t.equal(res.json().base, null)
 })
 
+t.test('a revision recorded under another company is never used as a merge base', async t => {
+  const { app, estimator, siteManager } = await setup(t)
+  const other = await createCompany(app, ['admin'])
+  const project = await createProject(app, estimator)
+  await patch(app, estimator, project.id, { baseVersion: 1, budgetMinor: 2 })
+  // A base row with this id and version, but of another company (ids are per entity only).
+  await app.prisma.revision.updateMany({ where: { entityId: project.id, version: 1 }, data: { companyId: other.id, data: { name: 'Site A', budgetMinor: 3 } } })
+  const res = await patch(app, siteManager, project.id, { baseVersion: 1, budgetMinor: 3, name: 'Site A' })
+  t.equal(res.statusCode, 409, 'treated as a missing base: every differing field conflicts')
+  t.equal(res.json().base, null, 'and nothing of the other company\'s row is shown')
+})
+
 t.test('last-write-wins: the overlapping edit is applied and the editor is told', async t => {
   const { app, url, estimator, siteManager } = await setup(t, { strategies: { project: 'last-write-wins' } })
   const project = await createProject(app, estimator)

@@ -180,7 +180,8 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
             const baseRow = await tx.revision.findUnique({
               where: { entity_entityId_version: { entity: u.entity, entityId: u.id, version: u.baseVersion } }
             })
-            const base = baseRow ? (baseRow.data as Fields) : null
+            // Ids are per entity, not per company: a revision of another company's row is no base.
+            const base = baseRow && baseRow.companyId === u.companyId ? (baseRow.data as Fields) : null
             // Three-way: a field sent with its base value is not a change of this request; a field
             // conflicts when this request and someone else since the base both changed it, differently.
             const mine = Object.keys(changes).filter(field => u.assertAll || base === null || !same(changes[field], base[field]))
