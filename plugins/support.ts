@@ -12,10 +12,14 @@ export function parseOptions<S extends ZodType> (plugin: string, schema: S, raw:
   return parsed.data
 }
 
+/** How long close waits for a periodic job under way (a database that stopped answering must not hold it). */
+export const EVERY_CLOSE_WAIT_MS = 2000
+
 /**
  * Runs `job` every `intervalMs` (0 disables), never overlapping itself; the timer is unref'd
  * and cleared when Fastify closes, and close waits for a run under way (the app's owner closes
- * the database right after). Failures are logged as warnings naming `what`.
+ * the database right after), at most EVERY_CLOSE_WAIT_MS. Failures are logged as warnings
+ * naming `what`.
  */
 export function every (fastify: FastifyInstance, intervalMs: number, what: string, job: () => Promise<unknown>): void {
   if (intervalMs === 0) return
@@ -27,7 +31,10 @@ export function every (fastify: FastifyInstance, intervalMs: number, what: strin
   timer.unref()
   fastify.addHook('onClose', async () => {
     clearInterval(timer)
-    await running
+    if (!running) return
+    let bound: NodeJS.Timeout | undefined
+    await Promise.race([running, new Promise<void>(resolve => { bound = setTimeout(resolve, EVERY_CLOSE_WAIT_MS) })])
+    clearTimeout(bound)
   })
 }
 

@@ -1,6 +1,6 @@
 import Fastify from 'fastify'
 import t from 'tap'
-import { every } from '../plugins/support.ts'
+import { every, EVERY_CLOSE_WAIT_MS } from '../plugins/support.ts'
 import { sleep, waitFor } from './helpers.ts'
 
 t.test('regression: close did not wait for a periodic job under way, which then ran against a closed database', async t => {
@@ -38,4 +38,19 @@ t.test('a failing job is logged and the timer goes on; 0 disables it', async t =
   await waitFor(() => runs >= 2, 2000, 'two runs')
   t.ok(warnings.includes('flaky job failed'))
   t.equal(disabledRuns, 0)
+})
+
+t.test('close waits for a job under way at most EVERY_CLOSE_WAIT_MS (a database that stopped answering must not hold it)', async t => {
+  const app = Fastify()
+  let started = false
+  every(app, 10, 'stuck job', async () => {
+    started = true
+    await new Promise(() => {})
+  })
+  await app.ready()
+  await waitFor(() => started, 2000, 'the job to start')
+  const closing = Date.now()
+  await app.close()
+  const took = Date.now() - closing
+  t.ok(took >= EVERY_CLOSE_WAIT_MS - 50 && took < EVERY_CLOSE_WAIT_MS + 1000, `close resolved after ${took} ms`)
 })

@@ -364,6 +364,16 @@ t.test('a beacon stops at its next slice once the app closes', async t => {
   t.ok(emitted() >= 128 && emitted() < 5000, `it stopped after ${emitted()} of 5,000 streams`)
 })
 
+t.test('regression: a beacon run by its timer went through all its slices during close (every() waited for it before its closing flag was set)', async t => {
+  const { app } = await build(t, { realtime: { eventLog: { headIntervalMs: 10 } } })
+  let closed: Promise<void> | undefined
+  // The app starts closing while the timer's beacon sends its first slice.
+  const emitted = absentStreams(app, 20_000, () => { closed ??= app.close() })
+  await waitFor(() => closed !== undefined, 5000, 'a beacon to start')
+  await closed
+  t.ok(emitted() < 20_000, `it stopped after ${emitted()} of 20,000 streams`)
+})
+
 t.test('a socket that announced a resume but never sends it gets its held events after the window', async t => {
   const { app, url } = await build(t, { realtime: { eventLog: { resumeWindowMs: 300 } } })
   const company = await createCompany(app)

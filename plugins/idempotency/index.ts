@@ -120,8 +120,10 @@ const sleep = (ms: number) => new Promise(resolve => setTimeout(resolve, ms))
 async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempotencyOptions) {
   const { prisma, ttlSeconds, waitMs, pollIntervalMs, recoverAfterMs, pruneIntervalMs, pruneBatchSize } = parseOptions('erp-idempotency', optionsSchema, rawOptions)
   const claims = new WeakMap<FastifyRequest, HeldClaim>()
-  let closed = false
-  fastify.addHook('onClose', async () => { closed = true })
+  // From preClose on, a retry waiting for another request's answer stops (409 IN_PROGRESS):
+  // over HTTP it would otherwise hold the drain until drainTimeoutMs cut its connection.
+  let closing = false
+  fastify.addHook('preClose', async () => { closing = true })
   const NOW = Prisma.sql`(now() AT TIME ZONE 'UTC')`
   const lease = Prisma.sql`make_interval(secs => ${recoverAfterMs / 1000})`
   const lockedUntil = recoverAfterMs > 0 ? Prisma.sql`${NOW} + ${lease}` : Prisma.sql`NULL`
@@ -220,9 +222,7 @@ async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempote
       if (recoverAfterMs > 0 && row.committedLongAgo) throw new Errors.IDEMPOTENCY_KEY_RESPONSE_LOST()
       if (Date.now() >= deadline) throw new Errors.IDEMPOTENCY_KEY_IN_PROGRESS()
       await sleep(Math.min(pollIntervalMs, Math.max(1, deadline - Date.now())))
-      // The app closed meanwhile (the drain cut this request off): stop polling the database
-      // its owner closes next.
-      if (closed) throw new Errors.IDEMPOTENCY_KEY_IN_PROGRESS()
+      if (closing) throw new Errors.IDEMPOTENCY_KEY_IN_PROGRESS()
     }
   }
 

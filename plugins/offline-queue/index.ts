@@ -471,9 +471,10 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     return expired + beyondMaxLen
   }
 
-  // A beacon still going through its slices stops once the app closes.
+  // A beacon still going through its slices stops once the app starts closing (preClose: the
+  // onClose hooks of every() run before a hook registered here, and wait for the run).
   let closing = false
-  fastify.addHook('onClose', async () => { closing = true })
+  fastify.addHook('preClose', async () => { closing = true })
   const beacon = async (): Promise<void> => {
     dispatcher.sweep()
     const streams = [...nsp.adapter.rooms.keys()].filter(room => room.startsWith('company:') || room.startsWith('user:'))
