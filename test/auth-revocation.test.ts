@@ -96,6 +96,29 @@ t.test('erpAuth.recheck on one node cuts the user’s sockets on the other nodes
   t.equal(notice.code, 'AUTH_NOT_A_MEMBER', 'node b re-checked and cut its socket')
 })
 
+t.test('regression: erpAuth.recheck missed a socket whose handshake was past its membership query but not yet connected', async t => {
+  const { app, url } = await build(t, { realtime: { auth: { membershipRecheckMs: 0 } } })
+  const company = await createCompany(app, ['admin', 'member'])
+  const member = company.as('member')
+  let passedAuth!: () => void
+  const authPassed = new Promise<void>(resolve => { passedAuth = resolve })
+  let proceed!: () => void
+  const mayProceed = new Promise<void>(resolve => { proceed = resolve })
+  // After erp-auth's middleware: the membership was checked, the connection event not reached.
+  app.io.use((_socket, next) => {
+    passedAuth()
+    mayProceed.then(() => next(), next)
+  })
+  const connecting = connect(t, url, member.token)
+  await authPassed
+  await app.prisma.membership.delete({ where: { userId_companyId: { userId: member.id, companyId: company.id } } })
+  t.equal(await app.erpAuth.recheck(member.id), 0, 'nothing connected to cut yet')
+  proceed()
+  const socket = await connecting
+  const [notice] = await revoked(socket)
+  t.equal(notice.code, 'AUTH_NOT_A_MEMBER', 'checked again once connected, and cut')
+})
+
 t.test('a re-check that cannot reach the database cuts nothing', async t => {
   const db = await testDatabase(t)
   const { app, url } = await build(t, { db, realtime: { auth: { membershipRecheckMs: 0 } } })

@@ -302,6 +302,7 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     }
     const token = typeof auth?.token === 'string' && auth.token !== '' ? auth.token : bearer(headers.authorization)
     if (!token) return refuse('AUTH_MISSING_TOKEN')
+    handshakeGeneration.set(socket, recheckGeneration)
     check(token).then(({ user, heads }) => {
       // The membership query can outlast the token: refuse it here rather than connect a socket
       // that is already due to be cut.
@@ -356,13 +357,11 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     socket.emit('auth:revoked', { code: 'AUTH_NOT_A_MEMBER', message: 'No longer an active member of this company; this connection is closed' })
     socket.disconnect()
   }
-  /** Re-checks this node's sockets (of one user, or all), a slice per query; returns how many were cut. */
-  const recheckLocal = async (userId?: string): Promise<number> => {
-    const sockets = io.of('/').sockets
-    const ids = userId === undefined ? [...sockets.keys()] : [...(io.of('/').adapter.rooms.get(userStream(userId)) ?? [])]
+  /** Re-checks the given sockets, a slice per query; returns how many were cut. */
+  const recheckSockets = async (list: ErpSocket[]): Promise<number> => {
     let cut = 0
-    for (let i = 0; i < ids.length; i += RECHECK_SLICE) {
-      const slice = ids.slice(i, i + RECHECK_SLICE).map(id => sockets.get(id)).filter(socket => socket?.connected) as ErpSocket[]
+    for (let i = 0; i < list.length; i += RECHECK_SLICE) {
+      const slice = list.slice(i, i + RECHECK_SLICE).filter(socket => socket.connected)
       const found = await Promise.all(slice.map(socket => lookups({ userId: socket.data.userId, companyId: socket.data.companyId })))
       slice.forEach((socket, j) => {
         const role = found[j]?.role
@@ -376,6 +375,21 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     }
     return cut
   }
+  /** This node's sockets (of one user, or all). */
+  const localSockets = (userId?: string): ErpSocket[] => {
+    const sockets = io.of('/').sockets
+    const ids = userId === undefined ? sockets.keys() : (io.of('/').adapter.rooms.get(userStream(userId)) ?? [])
+    return [...ids].map(id => sockets.get(id)).filter(socket => socket !== undefined)
+  }
+  // A re-check asked for between a handshake's membership query and its connection event did
+  // not see that socket: the handshake notes the re-check count it started with, and a socket
+  // that connects after another re-check is checked again.
+  let recheckGeneration = 0
+  const handshakeGeneration = new WeakMap<object, number>()
+  const recheckLocal = (userId?: string): Promise<number> => {
+    recheckGeneration++
+    return recheckSockets(localSockets(userId))
+  }
   const onRecheckRequest = (userId: unknown) => {
     if (userId !== null && typeof userId !== 'string') {
       fastify.log.warn({ userId }, 'erp-auth: ignored a malformed membership re-check request from another node')
@@ -388,7 +402,7 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     return recheckLocal(userId)
   }
   io.on('erp:recheck', onRecheckRequest)
-  every(fastify, membershipRecheckMs, 'erp-auth: membership re-check', () => recheckLocal())
+  every(fastify, membershipRecheckMs, 'erp-auth: membership re-check', () => recheckSockets(localSockets()))
 
   const onRefresh = listener('auth:refresh', authRefreshSchema, async (socket, { token }) => {
     let claims: Required<TokenClaims>
@@ -419,6 +433,11 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     armExpiry(socket)
     socket.on('disconnect', onDisconnect)
     socket.on('auth:refresh', onRefresh)
+    const generation = handshakeGeneration.get(socket)
+    handshakeGeneration.delete(socket)
+    if (generation !== recheckGeneration) {
+      recheckSockets([socket]).catch(err => fastify.log.warn({ err }, 'erp-auth: membership re-check failed'))
+    }
   })
   fastify.addHook('onClose', async () => {
     io.off('erp:recheck', onRecheckRequest)
