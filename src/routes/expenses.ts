@@ -31,11 +31,12 @@ export async function expenseRoutes (fastify: FastifyInstance) {
     const body = parse(createBody, request.body)
     const { companyId, userId } = request.user
     const expense = await fastify.eventLog.transaction(async (tx, publish) => {
-      // FOR SHARE: a concurrent DELETE /projects/:id (which locks the row FOR UPDATE to detach
-      // the project's expenses) then runs wholly before this check (404) or after this commit
-      // (and detaches this expense too), never in between with a foreign-key error.
+      // FOR KEY SHARE (the foreign-key check's own lock, taken now): a concurrent DELETE
+      // /projects/:id (which locks the row FOR UPDATE to detach the project's expenses) then runs
+      // wholly before this check (404) or after this commit (and detaches this expense too),
+      // never in between with a foreign-key error; a PATCH of the project does not wait for it.
       if (body.projectId && (await tx.$queryRaw<unknown[]>`
-        SELECT 1 FROM projects WHERE id = ${body.projectId} AND "companyId" = ${companyId} FOR SHARE`).length === 0) {
+        SELECT 1 FROM projects WHERE id = ${body.projectId} AND "companyId" = ${companyId} FOR KEY SHARE`).length === 0) {
         throw new Errors.NOT_FOUND('Project')
       }
       const expense = await tx.expense.create({ data: { ...body, companyId, submitterId: userId } })

@@ -90,7 +90,7 @@ export async function projectRoutes (fastify: FastifyInstance) {
   // first, as an update of each (version + 1, revision snapshot for later merges), and the one
   // `project:deleted` event lists them with their new versions. The membership check (`in-write`)
   // is its first statement, which also locks the project row: POST /expenses for it checks the
-  // project FOR SHARE, so it waits and then answers 404, and none is detached unannounced.
+  // project FOR KEY SHARE, so it waits and then answers 404, and none is detached unannounced.
   fastify.delete('/projects/:id', { config: { erpAuth: { membership: 'in-write' } } }, async (request, reply) => {
     const { id } = parse(idParams, request.params)
     const { companyId, userId } = request.user
