@@ -100,6 +100,25 @@ t.test('catchUp: a new stream starts at the head; a known one is filled up to it
   t.equal(h.dispatcher.lastDelivered(stream), 9)
 })
 
+t.test('catchUp with skipUnread: false leaves a stream where a failed read stopped, so late copies are still delivered', async t => {
+  const h = harness({ failReads: 1 })
+  h.unblock()
+  h.dispatcher.ingest([envelope(1)])
+  await h.dispatcher.catchUp(stream, 4, { skipUnread: false })
+  t.equal(h.errors.length, 1, 'the read failed')
+  t.equal(h.dispatcher.lastDelivered(stream), 1, 'not moved past what was delivered')
+  h.dispatcher.ingest([envelope(2), envelope(3), envelope(4)])
+  t.same(h.delivered, [1, 2, 3, 4], 'the copies that arrive later go out')
+
+  const skipping = harness({ failReads: 1 })
+  skipping.unblock()
+  skipping.dispatcher.ingest([envelope(1)])
+  await skipping.dispatcher.catchUp(stream, 4)
+  t.equal(skipping.dispatcher.lastDelivered(stream), 4, 'by default what cannot be read is skipped')
+  skipping.dispatcher.ingest([envelope(2), envelope(3), envelope(4)])
+  t.same(skipping.delivered, [1])
+})
+
 t.test('catchUp waits for a running fill first', async t => {
   const h = harness()
   h.dispatcher.ingest([envelope(1), envelope(4)])

@@ -62,8 +62,12 @@ export class Dispatcher {
     }, () => {})
   }
 
-  /** Brings a stream up to `head` (from the log when events are missing). Resolves when done. */
-  async catchUp (stream: string, head: number): Promise<void> {
+  /**
+   * Brings a stream up to `head` (from the log when events are missing). Resolves when done.
+   * What cannot be read is skipped, unless `skipUnread` is false: then the stream stays where
+   * the read stopped, and copies arriving later are still delivered (a duplicate at worst).
+   */
+  async catchUp (stream: string, head: number, { skipUnread = true }: { skipUnread?: boolean } = {}): Promise<void> {
     const state = this.state(stream)
     while (state.filling) await state.filling
     if (state.last === undefined) {
@@ -71,7 +75,7 @@ export class Dispatcher {
       state.last = head
       return
     }
-    if (head > state.last && this.delivery.hasListeners(stream)) await this.fill(stream, state, head)
+    if (head > state.last && this.delivery.hasListeners(stream)) await this.fill(stream, state, head, skipUnread)
     else if (head > state.last) state.last = head
   }
 
@@ -119,7 +123,7 @@ export class Dispatcher {
     this.advance(state, envelope)
   }
 
-  private fill (stream: string, state: StreamState, upTo: number): Promise<void> {
+  private fill (stream: string, state: StreamState, upTo: number, skipUnread = true): Promise<void> {
     return this.exclusive(stream, state, async () => {
       while ((state.last ?? upTo) < upTo) {
         const want = Math.min(upTo - state.last!, this.pageSize)
@@ -133,7 +137,7 @@ export class Dispatcher {
     }, () => {
       // Whatever could not be read (pruned, or the database is down) is skipped: clients see
       // the seq jump and resume, or learn recovered:false. Never retried forever.
-      if (state.last === undefined || state.last < upTo) state.last = upTo
+      if (skipUnread && (state.last === undefined || state.last < upTo)) state.last = upTo
     })
   }
 

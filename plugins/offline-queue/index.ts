@@ -370,8 +370,9 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
         if (page.length < options.pageSize && !state.overflowed) {
           // Caught up with the log. Bring this node's live delivery to the cursor (from the log
           // if the other nodes' copies are late: Redis slow or down), so events just replayed
-          // are not delivered to this socket a second time when those copies arrive.
-          await dispatcher.catchUp(stream, cursor)
+          // are not delivered to this socket a second time when those copies arrive. Should
+          // that read fail, the copies still go out (to the other sockets here too).
+          await dispatcher.catchUp(stream, cursor, { skipUnread: false })
           if (!state.overflowed) break
         }
         // More in the log than one page, or too many live events held: read on from the log.
