@@ -42,10 +42,11 @@ export interface DomainEventMap {
   'project:updated': { project: Record<string, unknown>, changed: string[], merged?: boolean }
   /**
    * `detachedExpenses`: the project's expenses, whose `projectId` the delete set to null (each an
-   * update: version + 1), with their new versions; `[]` when it had none. Always sent by
-   * `DELETE /projects/:id`; absent only from events recorded before it was added.
+   * update: version + 1), with their new versions, at most 1,000 (`[]` when it had none);
+   * `detachedExpenseCount`: how many there were (more than listed: refetch the company's
+   * expenses). Always sent by `DELETE /projects/:id`; absent only from events recorded before.
    */
-  'project:deleted': { projectId: string, detachedExpenses?: Array<{ id: string, version: number }> }
+  'project:deleted': { projectId: string, detachedExpenses?: Array<{ id: string, version: number }>, detachedExpenseCount?: number }
   'expense:submitted': { expense: Record<string, unknown> }
   'expense:approved': { expense: Record<string, unknown> }
   'expense:rejected': { expense: Record<string, unknown> }

@@ -119,7 +119,7 @@ for (const embedded of [false, true]) {
     const watcher = await connect(t, url, company.as('admin').token)
     const deletedEvent = nextEvent(watcher, 'project:deleted')
     t.equal((await del(company.as('admin'))).statusCode, 204)
-    t.same((await deletedEvent).data, { projectId: id, detachedExpenses: [] })
+    t.same((await deletedEvent).data, { projectId: id, detachedExpenses: [], detachedExpenseCount: 0 })
     t.equal(await prisma.project.count({ where: { id } }), 0)
     const again = await del(company.as('admin'))
     t.equal(again.statusCode, 404)

@@ -105,14 +105,14 @@ for (const embedded of [false, true]) {
 
     const envelope = await received
     t.match(envelope, { stream, seq: headBefore + 1, type: 'project:deleted', companyId: company.id, actor: { userId: company.as('manager').id } })
-    t.same(envelope.data, { projectId: doomed.id, detachedExpenses: [{ id: first.id, version: 2 }, { id: second.id, version: 2 }] })
+    t.same(envelope.data, { projectId: doomed.id, detachedExpenses: [{ id: first.id, version: 2 }, { id: second.id, version: 2 }], detachedExpenseCount: 2 })
     const logged = await app.eventLog.read(stream, headBefore, 10)
     t.same(logged.map(e => [e.type, e.data]), [['project:deleted', envelope.data]], 'one event, recorded with the same data')
 
     // A project without expenses: the list is there, empty.
     const emptyEvent = nextEvent(socket, 'project:deleted')
     t.equal((await app.inject({ method: 'DELETE', url: `/projects/${empty.id}`, headers: h })).statusCode, 204)
-    t.same((await emptyEvent).data, { projectId: empty.id, detachedExpenses: [] })
+    t.same((await emptyEvent).data, { projectId: empty.id, detachedExpenses: [], detachedExpenseCount: 0 })
 
     // Deleted twice: 404, nothing detached or recorded.
     t.equal((await app.inject({ method: 'DELETE', url: `/projects/${doomed.id}`, headers: h })).statusCode, 404)
@@ -198,5 +198,7 @@ t.test('a project with more expenses than one snapshot statement takes (1,000) i
   t.equal(await app.prisma.expense.count({ where: { companyId: company.id, projectId: null, version: 2 } }), 1200)
   t.equal(await app.prisma.revision.count({ where: { entity: 'expense', companyId: company.id, version: 2 } }), 1200)
   const [deleted] = (await app.eventLog.read(companyStream(company.id), 0, 10)).filter(e => e.type === 'project:deleted')
-  t.equal((deleted!.data as { detachedExpenses: unknown[] }).detachedExpenses.length, 1200)
+  const data = deleted!.data as { detachedExpenses: unknown[], detachedExpenseCount: number }
+  t.equal(data.detachedExpenses.length, 1000, 'the event lists at most 1,000')
+  t.equal(data.detachedExpenseCount, 1200, 'and says how many there were')
 })

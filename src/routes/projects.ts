@@ -6,6 +6,9 @@ import { Errors } from '../../plugins/errors.ts'
 import { companyStream } from '../../plugins/events.ts'
 import { baseVersionOf, idParams, listQuery, parse, text } from './common.ts'
 
+/** Detached expenses listed in a `project:deleted` event; the count says when there were more. */
+const DETACHED_LISTED = 1000
+
 const projectFields = {
   name: text(200),
   description: z.string().max(5000),
@@ -115,7 +118,12 @@ export async function projectRoutes (fastify: FastifyInstance) {
         type: 'project:deleted',
         companyId,
         actorId: userId,
-        data: { projectId: id, detachedExpenses: detached.map(expense => ({ id: expense.id, version: expense.version })) }
+        // Bounded: the event goes to every socket of the company and into every replay.
+        data: {
+          projectId: id,
+          detachedExpenses: detached.slice(0, DETACHED_LISTED).map(expense => ({ id: expense.id, version: expense.version })),
+          detachedExpenseCount: detached.length
+        }
       })
     })
     reply.code(204)
