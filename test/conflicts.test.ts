@@ -266,17 +266,32 @@ t.test('old revisions are pruned by the background job', async t => {
   const { app, estimator } = await setup(t, { revisionTtlSeconds: 60, pruneIntervalMs: 20 })
   const project = await createProject(app, estimator)
   await patch(app, estimator, project.id, { baseVersion: 1, name: 'v2' })
-  await app.prisma.revision.updateMany({ where: { entityId: project.id, version: 1 }, data: { createdAt: new Date(Date.now() - 3600_000) } })
+  await app.prisma.revision.updateMany({ where: { entityId: project.id }, data: { createdAt: new Date(Date.now() - 3600_000) } })
   const deadline = Date.now() + 5000
   while (await app.prisma.revision.count({ where: { entityId: project.id, version: 1 } }) > 0 && Date.now() < deadline) {
     await new Promise(resolve => setTimeout(resolve, 20))
   }
-  t.same((await app.prisma.revision.findMany({ where: { entityId: project.id } })).map(r => r.version), [2])
+  t.same((await app.prisma.revision.findMany({ where: { entityId: project.id } })).map(r => r.version), [2], 'the latest revision stays')
+})
+
+t.test('regression: pruning by age alone removed the merge base of a row left unchanged for revisionTtlSeconds, and the next stale edit got a false 409', async t => {
+  const { app, estimator, siteManager } = await setup(t, { revisionTtlSeconds: 60, pruneIntervalMs: 0 })
+  const project = await createProject(app, estimator)
+  await app.prisma.revision.updateMany({ where: { entityId: project.id }, data: { createdAt: new Date(Date.now() - 3600_000) } })
+  t.equal(await app.conflicts.prune(), 0, 'the only (latest) revision of the row is kept')
+  t.equal((await patch(app, estimator, project.id, { baseVersion: 1, name: 'renamed' })).statusCode, 200)
+  const res = await patch(app, siteManager, project.id, { baseVersion: 1, budgetMinor: 5 })
+  t.equal(res.statusCode, 200, 'a stale edit of another field merges')
+  t.equal(res.json().project.name, 'renamed')
+  t.equal(await app.conflicts.prune(), 0, 'v1 stays until v2 has existed for revisionTtlSeconds')
 })
 
 t.test('prune() deletes in bounded batches', async t => {
   const { app, estimator } = await setup(t, { pruneIntervalMs: 0, revisionTtlSeconds: 60, pruneBatchSize: 2 })
-  for (let i = 0; i < 5; i++) await createProject(app, estimator, { name: `p${i}` })
+  for (let i = 0; i < 5; i++) {
+    const project = await createProject(app, estimator, { name: `p${i}` })
+    await patch(app, estimator, project.id, { baseVersion: 1, name: `p${i} v2` })
+  }
   await app.prisma.revision.updateMany({ data: { createdAt: new Date(Date.now() - 3600_000) } })
   t.equal(await app.conflicts.prune(), 5)
   t.equal(await app.conflicts.prune(), 0)

@@ -244,11 +244,17 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
     }
   }
 
+  // A revision goes once a newer version of its row has existed for revisionTtlSeconds: the
+  // latest one of each row is the base of its next stale edit, however long it stays unchanged.
   const prune = () => {
     const cutoff = new Date(Date.now() - revisionTtlSeconds * 1000)
     return deleteInBatches(pruneBatchSize, () => prisma.$executeRaw`
       DELETE FROM revisions WHERE ctid IN (
-        SELECT ctid FROM revisions WHERE "createdAt" < ${cutoff} LIMIT ${pruneBatchSize})`)
+        SELECT r.ctid FROM revisions r
+        WHERE r."createdAt" < ${cutoff} AND EXISTS (
+          SELECT 1 FROM revisions n
+          WHERE n.entity = r.entity AND n."entityId" = r."entityId" AND n.version > r.version AND n."createdAt" < ${cutoff})
+        LIMIT ${pruneBatchSize})`)
   }
   every(fastify, pruneIntervalMs, 'erp-conflicts: revision pruning', prune)
 
