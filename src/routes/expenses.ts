@@ -20,7 +20,7 @@ export async function expenseRoutes (fastify: FastifyInstance) {
     const { limit, offset, status } = parse(listExpensesQuery, request.query)
     const expenses = await fastify.prisma.expense.findMany({
       where: { companyId: request.user.companyId, ...(status ? { status } : {}) },
-      orderBy: { createdAt: 'asc' },
+      orderBy: [{ createdAt: 'asc' }, { id: 'asc' }],
       take: limit,
       skip: offset
     })

@@ -34,7 +34,7 @@ export async function projectRoutes (fastify: FastifyInstance) {
 
   fastify.get('/projects', async (request) => {
     const { limit, offset } = parse(listQuery, request.query)
-    return { projects: await fastify.prisma.project.findMany({ where: { companyId: request.user.companyId }, orderBy: { createdAt: 'asc' }, take: limit, skip: offset }) }
+    return { projects: await fastify.prisma.project.findMany({ where: { companyId: request.user.companyId }, orderBy: [{ createdAt: 'asc' }, { id: 'asc' }], take: limit, skip: offset }) }
   })
 
   // The membership check runs inside the write's statement (`guard`), not as a query before it.
