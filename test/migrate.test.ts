@@ -5,7 +5,7 @@ import path from 'node:path'
 import t, { type Test } from 'tap'
 import type { Database } from '../src/db/index.ts'
 import { DEFAULT_MIGRATIONS_DIR, migrate, MigrationError, type SqlRunner } from '../src/db/migrate.ts'
-import { emptyTestDatabase } from './helpers.ts'
+import { emptyTestDatabase, testDatabase } from './helpers.ts'
 
 /** A fresh PostgreSQL database with nothing in it (not migrated), dropped at teardown. */
 const emptyDatabase = (t: Test) => emptyTestDatabase(t, { poolSize: 3, prefix: 'erp_migrate' })
@@ -195,5 +195,49 @@ t.test('the runner works over any SqlRunner (the embedded database uses the same
   t.ok(result.applied.length >= 1)
   t.match(statements[0], /pg_advisory_lock/, 'takes the lock first')
   t.match(statements.at(-1), /pg_advisory_unlock/, 'releases it last')
-  t.ok(statements.some(s => s.startsWith('BEGIN;')), 'each migration runs in a transaction')
+  const begins = statements.flatMap((s, i) => s === 'BEGIN' ? [i] : [])
+  t.equal(begins.length, result.applied.length, 'each migration runs in a transaction')
+  for (const i of begins) t.equal(statements[i + 2], 'COMMIT', 'BEGIN, the script, COMMIT: three executions')
+})
+
+// Regression: the runner sent `BEGIN;\n<script>\nCOMMIT;` as one string, so a valid migration
+// whose last statement has no semicolon failed with `syntax error at or near "COMMIT"` (which
+// `prisma migrate deploy` applies), was recorded as failed and blocked every later run.
+for (const embedded of [false, true]) {
+  t.test(`a migration whose last statement has no trailing semicolon applies (${embedded ? 'PGlite' : 'PostgreSQL'})`, async t => {
+    const db = await testDatabase(t, { embedded })
+    const dir = await migrationsCopy(t)
+    const base = await migrationNames(dir)
+    const script = 'CREATE TABLE no_semicolon (id INT);\nALTER TABLE no_semicolon ADD COLUMN code TEXT'
+    await addMigration(dir, '29990101000000_no_semicolon', script)
+    // Comment-only scripts (Prisma writes `-- This is an empty migration.`) and a trailing line comment.
+    await addMigration(dir, '29990102000000_empty', '-- This is an empty migration.')
+    await addMigration(dir, '29990103000000_comment', 'ALTER TABLE no_semicolon ADD COLUMN note TEXT -- trailing comment')
+
+    const result = await db.withSession(sql => migrate(sql, dir))
+    t.same(result, { applied: ['29990101000000_no_semicolon', '29990102000000_empty', '29990103000000_comment'], alreadyApplied: base })
+    const columns = await db.withSession(sql => sql.query(`SELECT column_name FROM information_schema.columns WHERE table_name = 'no_semicolon' ORDER BY ordinal_position`))
+    t.same(columns.map(c => c.column_name), ['id', 'code', 'note'])
+    const row = (await rows(db)).find(r => r.migration_name === '29990101000000_no_semicolon')!
+    t.match(row, { checksum: sha256(script), applied_steps_count: 1, logs: null, rolled_back_at: null }, 'recorded as finished, checksum of the file as is')
+    t.type(row.finished_at, Date)
+
+    // And the next run goes on: nothing was left failed.
+    await addMigration(dir, '29990104000000_later', 'CREATE TABLE later_table (id INT);\n')
+    t.same((await db.withSession(sql => migrate(sql, dir))).applied, ['29990104000000_later'])
+    const open = await db.withSession(sql => sql.query('SELECT count(*)::int AS n FROM pg_locks WHERE locktype = \'advisory\' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())'))
+    t.equal(open[0]!.n, 0, 'no advisory lock left behind')
+  })
+}
+
+t.test('a failing migration still rolls back completely when BEGIN, script and COMMIT are separate (PGlite)', async t => {
+  const db = await testDatabase(t, { embedded: true })
+  const dir = await migrationsCopy(t)
+  await addMigration(dir, '29990101000000_broken', 'CREATE TABLE half_done (id INT);\nSELECT 1/0')
+  await t.rejects(db.withSession(sql => migrate(sql, dir)), { name: 'MigrationError', message: /division by zero/ })
+  const halfDone = await db.withSession(sql => sql.query(`SELECT to_regclass('half_done') AS t`))
+  t.equal(halfDone[0]!.t, null, 'its first statement was rolled back')
+  const state = await db.withSession(sql => sql.query('SELECT count(*)::int AS n FROM projects'))
+  t.equal(state[0]!.n, 0, 'the session is usable again (not left in an aborted transaction)')
+  t.equal(await db.prisma.company.count(), 0, 'and so is Prisma on the same embedded database')
 })

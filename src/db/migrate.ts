@@ -80,7 +80,14 @@ export async function migrate (sql: SqlRunner, dir = DEFAULT_MIGRATIONS_DIR): Pr
         [id, checksum, name]
       )
       try {
-        await sql.exec(`BEGIN;\n${script}\nCOMMIT;`)
+        // Three executions, not one `BEGIN;\n<script>\nCOMMIT;` string: a script whose last
+        // statement has no semicolon is valid (`prisma migrate deploy` applies it), but glued to
+        // the COMMIT it was a syntax error, recorded as a failed migration that blocked every
+        // later run. The three share one transaction because they share the session: a dedicated
+        // connection on PostgreSQL, PGlite's only one, migrated before anything else uses it.
+        await sql.exec('BEGIN')
+        await sql.exec(script)
+        await sql.exec('COMMIT')
       } catch (err) {
         await sql.exec('ROLLBACK').catch(() => {})
         const message = err instanceof Error ? err.message : String(err)
