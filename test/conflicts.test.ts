@@ -106,6 +106,20 @@ t.test('If-Match works like baseVersion', async t => {
   t.equal(missing.statusCode, 400)
 })
 
+t.test('regression: a stale If-Match was ignored when the body also sent a (current) baseVersion, and If-Match "0" passed', async t => {
+  const { app, estimator } = await setup(t)
+  const project = await createProject(app, estimator)
+  await patch(app, estimator, project.id, { baseVersion: 1, name: 'One' })
+  const disagree = await patch(app, estimator, project.id, { baseVersion: 2, name: 'Two' }, { 'if-match': '"1"' })
+  t.equal(disagree.statusCode, 400, 'they disagree: refused, not applied as current')
+  t.match(disagree.json().error, { code: 'VALIDATION_FAILED', message: /disagree/ })
+  const zero = await patch(app, estimator, project.id, { name: 'Two' }, { 'if-match': '"0"' })
+  t.equal(zero.statusCode, 400, 'version 0 does not exist, as for baseVersion: 0')
+  const agree = await patch(app, estimator, project.id, { baseVersion: 2, name: 'Two' }, { 'if-match': '"2"' })
+  t.equal(agree.statusCode, 200, 'both sent and equal is fine')
+  t.equal((await app.prisma.project.findUnique({ where: { id: project.id } }))?.name, 'Two')
+})
+
 t.test('a baseVersion newer than the row is refused, and another company\'s project answers 404', async t => {
   const { app, estimator } = await setup(t)
   const project = await createProject(app, estimator)

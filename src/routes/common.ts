@@ -24,14 +24,24 @@ export function requireRole (request: FastifyRequest, ...roles: Role[]): void {
   if (!roles.includes(request.user.role)) throw new Errors.FORBIDDEN(request.user.role)
 }
 
-/** The version the client based its change on: `baseVersion` in the body, or `If-Match`. */
+/**
+ * The version the client based its change on: `baseVersion` in the body, or `If-Match`. Both
+ * may be sent, but must agree: a stale header must not be overridden by the body.
+ */
 export function baseVersionOf (request: FastifyRequest, bodyVersion: number | undefined): number {
-  if (bodyVersion !== undefined) return bodyVersion
   const header = request.headers['if-match']
+  let headerVersion: number | undefined
   if (typeof header === 'string') {
     const match = /^\s*(?:W\/)?"?(\d+)"?\s*$/.exec(header)
-    if (match) return Number(match[1])
-    throw new Errors.VALIDATION_FAILED('If-Match must be a row version, e.g. "3"')
+    headerVersion = match ? Number(match[1]) : undefined
+    if (headerVersion === undefined || headerVersion < 1 || !Number.isSafeInteger(headerVersion)) {
+      throw new Errors.VALIDATION_FAILED('If-Match must be a row version, e.g. "3"')
+    }
   }
-  throw new Errors.VALIDATION_FAILED('baseVersion (or an If-Match header) is required for updates')
+  if (bodyVersion !== undefined && headerVersion !== undefined && bodyVersion !== headerVersion) {
+    throw new Errors.VALIDATION_FAILED(`baseVersion ${bodyVersion} and If-Match ${headerVersion} disagree`)
+  }
+  const version = bodyVersion ?? headerVersion
+  if (version === undefined) throw new Errors.VALIDATION_FAILED('baseVersion (or an If-Match header) is required for updates')
+  return version
 }
