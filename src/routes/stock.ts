@@ -1,19 +1,30 @@
 import type { FastifyInstance } from 'fastify'
 import { z } from 'zod'
-import { Errors } from '../../plugins/errors.ts'
+import { Errors, type ErrorWithBody } from '../../plugins/errors.ts'
 import { companyStream } from '../../plugins/events.ts'
 import type { Publish, Tx } from '../../plugins/offline-queue/index.ts'
+import { sqlErrorOf } from '../../plugins/support.ts'
 import type { StockItem } from '../generated/prisma/client.ts'
 import { baseVersionOf, idParams, listQuery, parse, text } from './common.ts'
 
-const quantity = z.number().int().min(-1_000_000_000).max(1_000_000_000)
+/**
+ * A stock quantity always lies within ±QUANTITY_LIMIT: what create and count accept, and what an
+ * adjustment may leave. Well inside PostgreSQL's int4 (±2147483647), so that the difference of
+ * two quantities (a count's movement delta) fits the int4 `stock_movements.delta` too.
+ */
+const QUANTITY_LIMIT = 1_000_000_000
+const NEGATIVE_REFUSED = 'must not be negative: the item does not allow negative stock (allowNegative: false)'
+
+const quantity = z.number().int().min(-QUANTITY_LIMIT).max(QUANTITY_LIMIT)
 const createBody = z.object({
   sku: z.string().trim().min(1).max(64).regex(/^[\w.\-/]+$/, 'may contain letters, digits, _ . - /'),
   name: text(200),
   quantity: quantity.default(0),
   reorderLevel: z.number().int().min(0).max(1_000_000_000).default(0),
   allowNegative: z.boolean().default(false)
-}).strict()
+}).strict().superRefine((body, ctx) => {
+  if (body.quantity < 0 && !body.allowNegative) ctx.addIssue({ code: 'custom', path: ['quantity'], message: NEGATIVE_REFUSED })
+})
 const adjustmentBody = z.object({
   delta: z.number().int().min(-1_000_000_000).max(1_000_000_000).refine(d => d !== 0, 'must not be 0'),
   reason: text(500)
@@ -23,6 +34,13 @@ const countBody = z.object({
   baseVersion: z.number().int().min(1).optional(),
   reason: text(500).optional()
 }).strict()
+
+/** A 400 VALIDATION_FAILED naming one field, shaped like the ones zod's issues give. */
+function invalid (path: string, message: string): ErrorWithBody {
+  const error: ErrorWithBody = new Errors.VALIDATION_FAILED(`${path}: ${message}`)
+  error.issues = [{ path, message }]
+  return error
+}
 
 /** Publishes stock:updated, and stock:low when the quantity fell to or below the reorder level. */
 async function announce (publish: Publish, item: StockItem, before: number, actorId: string, extra: { delta: number, reason: string, movementId: string }) {
@@ -54,7 +72,12 @@ export async function stockRoutes (fastify: FastifyInstance) {
       if (await tx.stockItem.findUnique({ where: { companyId_sku: { companyId, sku: body.sku } }, select: { id: true } })) {
         throw new Errors.ALREADY_EXISTS(`SKU ${body.sku}`)
       }
-      const item = await tx.stockItem.create({ data: { ...body, companyId } })
+      // A concurrent create of the same SKU can pass the check above: the unique index
+      // (companyId, sku) refuses all but one, and the others get the same 409. The id is a new
+      // uuid, so a unique violation of this insert is that index.
+      const item = await tx.stockItem.create({ data: { ...body, companyId } }).catch((err: unknown) => {
+        throw sqlErrorOf(err)?.code === '23505' ? new Errors.ALREADY_EXISTS(`SKU ${body.sku}`) : err
+      })
       await fastify.conflicts.snapshot(tx, 'stockItem', item)
       await publish({ stream: companyStream(companyId), type: 'stock:updated', companyId, actorId: userId, data: { item } })
       return item
@@ -71,7 +94,9 @@ export async function stockRoutes (fastify: FastifyInstance) {
   })
 
   // Commutative: the quantity changes by delta in one SQL statement, so concurrent adjustments
-  // all apply and sum exactly; the guard refuses a negative result unless the item allows it.
+  // all apply and sum exactly; the guard refuses a negative result unless the item allows it
+  // (409 INSUFFICIENT_STOCK), and a result beyond ±QUANTITY_LIMIT (400 VALIDATION_FAILED on
+  // delta; computed in bigint, so it never overflows int4 on the way).
   fastify.post('/stock/items/:id/adjustments', async (request, reply) => {
     const { id } = parse(idParams, request.params)
     const { delta, reason } = parse(adjustmentBody, request.body)
@@ -79,11 +104,20 @@ export async function stockRoutes (fastify: FastifyInstance) {
     const result = await fastify.eventLog.transaction(async (tx, publish) => {
       const rows = await tx.$queryRaw<Array<{ id: string }>>`
         UPDATE stock_items SET quantity = quantity + ${delta}, version = version + 1, "updatedAt" = (now() AT TIME ZONE 'UTC')
-        WHERE id = ${id} AND "companyId" = ${companyId} AND ("allowNegative" OR quantity + ${delta} >= 0)
+        WHERE id = ${id} AND "companyId" = ${companyId}
+          AND quantity::bigint + ${delta}::bigint BETWEEN ${-QUANTITY_LIMIT}::bigint AND ${QUANTITY_LIMIT}::bigint
+          AND ("allowNegative" OR quantity::bigint + ${delta}::bigint >= 0)
         RETURNING id`
       const item = await tx.stockItem.findFirst({ where: { id, companyId } })
       if (!item) throw new Errors.NOT_FOUND('Stock item')
-      if (rows.length === 0) throw new Errors.INSUFFICIENT_STOCK(`quantity ${item.quantity}, delta ${delta}`)
+      if (rows.length === 0) {
+        // Refused, nothing changed. Which guard refused is told from the row as read just now.
+        const total = item.quantity + delta
+        if (Math.abs(total) > QUANTITY_LIMIT) {
+          throw invalid('delta', `the quantity would become ${total} (quantity ${item.quantity}, delta ${delta}), outside -${QUANTITY_LIMIT}..${QUANTITY_LIMIT}`)
+        }
+        throw new Errors.INSUFFICIENT_STOCK(`quantity ${item.quantity}, delta ${delta}`)
+      }
       await fastify.conflicts.snapshot(tx, 'stockItem', item)
       const movement = await recordMovement(tx, item, delta, reason, userId)
       await announce(publish, item, item.quantity - delta, userId, { delta, reason, movementId: movement.id })
@@ -93,7 +127,9 @@ export async function stockRoutes (fastify: FastifyInstance) {
     return result
   })
 
-  // An absolute count is versioned like any other update: a stale baseVersion conflicts.
+  // An absolute count is versioned like any other update: a stale baseVersion conflicts. A
+  // negative count of an item that does not allow negative stock is refused (400
+  // VALIDATION_FAILED on quantity) where the item is read, before any version check.
   fastify.put('/stock/items/:id/count', async (request) => {
     const { id } = parse(idParams, request.params)
     const body = parse(countBody, request.body)
@@ -108,7 +144,12 @@ export async function stockRoutes (fastify: FastifyInstance) {
       changes: { quantity: body.quantity },
       // A count is an observation, not an edit of the base value: it conflicts with any change since.
       assertAll: true,
-      read: (tx) => tx.stockItem.findFirst({ where: { id, companyId } }),
+      read: async (tx) => {
+        const item = await tx.stockItem.findFirst({ where: { id, companyId } })
+        // allowNegative is fixed at create; nothing changes it afterwards.
+        if (item && body.quantity < 0 && !item.allowNegative) throw invalid('quantity', NEGATIVE_REFUSED)
+        return item
+      },
       write: (tx, data, version) => tx.stockItem.updateMany({ where: { id, companyId, version }, data: { ...data, version: { increment: 1 } } }),
       applied: async (tx, publish, item, { before }) => {
         const delta = item.quantity - before.quantity
