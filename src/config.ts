@@ -30,6 +30,8 @@ export interface AppConfig {
   syncHeadIntervalMs?: number
   /** pino log level of the server (LOG_LEVEL, case-insensitive). Default 'info'. */
   logLevel: LogLevel
+  /** Whether `npm start` seeds the demo companies and users (published password) into an empty database (SEED_DEMO=1/0). Default: outside production only. */
+  seedDemo: boolean
 }
 
 /** Thrown for bad configuration; its message is one line naming the variable. */
@@ -70,7 +72,9 @@ const variables = {
   PRESENCE_GRACE_MS: integer(0, 3_600_000),
   REDIS_PREFIX: z.string().trim().regex(/^[\w.:-]{1,100}$/, 'must be 1-100 letters, digits, or . : _ -'),
   SYNC_HEAD_INTERVAL_MS: integer(0, 3_600_000),
-  LOG_LEVEL: z.string().trim().toLowerCase().pipe(z.enum(LOG_LEVELS, { error: `must be one of ${LOG_LEVELS.join(', ')}` }))
+  LOG_LEVEL: z.string().trim().toLowerCase().pipe(z.enum(LOG_LEVELS, { error: `must be one of ${LOG_LEVELS.join(', ')}` })),
+  SEED_DEMO: z.string().trim().toLowerCase().pipe(z.enum(['1', '0', 'true', 'false'], { error: 'must be 1 or 0 (or true, false)' }))
+    .transform(value => value === '1' || value === 'true')
 } as const
 
 type Parsed = { [K in keyof typeof variables]?: z.output<(typeof variables)[K]> }
@@ -105,6 +109,8 @@ export function loadConfig (env: NodeJS.ProcessEnv = process.env): AppConfig {
     production,
     redisPrefix: parsed.REDIS_PREFIX,
     syncHeadIntervalMs: parsed.SYNC_HEAD_INTERVAL_MS,
-    logLevel: parsed.LOG_LEVEL ?? 'info'
+    logLevel: parsed.LOG_LEVEL ?? 'info',
+    // The demo users' password is published: never seeded in production unless asked for.
+    seedDemo: parsed.SEED_DEMO ?? !production
   }
 }

@@ -3,7 +3,7 @@ import { buildApp } from './app.ts'
 import { ConfigError, loadConfig } from './config.ts'
 import { openDatabase } from './db/index.ts'
 import { migrate } from './db/migrate.ts'
-import { DEMO_PASSWORD, DEMO_USERS, seedIfEmpty } from './db/seed.ts'
+import { DEMO_PASSWORD, seedOnStart } from './db/seed.ts'
 
 async function main () {
   let config
@@ -23,7 +23,12 @@ async function main () {
   const dataDir = path.join(config.dataDir, 'pglite')
   const db = await openDatabase({ url: config.databaseUrl, dataDir, preparedStatements: config.preparedStatements })
   const migrations = await db.withSession(sql => migrate(sql))
-  const seeded = await seedIfEmpty(db.prisma)
+  // Demo data only where SEED_DEMO allows it (default: not in production); the banner lists the
+  // demo logins only when they exist and still have the published password.
+  const { seeded, logins } = await seedOnStart(db.prisma, config)
+  if (config.production && logins.length > 0) {
+    console.warn(`WARNING: demo users with the published demo password exist in this production database: ${logins.map(u => u.email).join(', ')}. Change their passwords or remove them.`)
+  }
 
   const app = await buildApp({ config, db, logger: { level: config.logLevel } })
   let closing = false
@@ -60,9 +65,13 @@ async function main () {
     `erp-realtime listening on ${base} (HTTP + Socket.IO on the same port)`,
     `  database: ${db.kind === 'pglite' ? `embedded PGlite in ${dataDir}` : 'PostgreSQL (DATABASE_URL)'}; migrations applied: ${migrations.applied.length}, already applied: ${migrations.alreadyApplied.length}${seeded ? '; demo data seeded' : ''}`,
     `  adapter: ${config.redisUrl ? 'Redis (REDIS_URL)' : 'in-memory (single node)'}`,
-    '  log in:',
-    `    curl -s -X POST ${base}/auth/login -H 'content-type: application/json' -d '{"email":"${DEMO_USERS[0].email}","password":"${DEMO_PASSWORD}"}'`,
-    `    demo users (password "${DEMO_PASSWORD}"): ${DEMO_USERS.map(u => `${u.email} (${u.role})`).join(', ')}`,
+    ...(logins.length > 0
+      ? [
+          '  log in:',
+          `    curl -s -X POST ${base}/auth/login -H 'content-type: application/json' -d '{"email":"${logins[0]!.email}","password":"${DEMO_PASSWORD}"}'`,
+          `    demo users (password "${DEMO_PASSWORD}"): ${logins.map(u => `${u.email} (${u.role})`).join(', ')}`
+        ]
+      : [`  log in: POST ${base}/auth/login {"email","password"} (no demo users${config.seedDemo ? '' : '; SEED_DEMO=1 seeds them into an empty database'})`]),
     '  connect a client:',
     `    io('${base}', { auth: { token }, transports: ['websocket'] })`,
     `  health: ${base}/health/websocket`,

@@ -30,10 +30,11 @@ t.test('defaults: an empty environment is a working development setup', async t 
     eventLogMaxLen: 10000,
     presenceGraceMs: 5000,
     production: false,
-    logLevel: 'info'
+    logLevel: 'info',
+    seedDemo: true
   })
   t.ok(DEV_JWT_SECRET.length >= 32, 'the dev secret is itself a valid HS256 key')
-  t.same(loadConfig({ PORT: '', DATABASE_URL: '', JWT_SECRET: '', LOG_LEVEL: '' }), config, 'empty variables count as unset')
+  t.same(loadConfig({ PORT: '', DATABASE_URL: '', JWT_SECRET: '', LOG_LEVEL: '', SEED_DEMO: '' }), config, 'empty variables count as unset')
 })
 
 t.test('every variable is read', async t => {
@@ -50,6 +51,7 @@ t.test('every variable is read', async t => {
     EVENT_LOG_MAXLEN: '500',
     PRESENCE_GRACE_MS: '0',
     LOG_LEVEL: 'debug',
+    SEED_DEMO: '1',
     NODE_ENV: 'production'
   })
   t.match(config, {
@@ -66,7 +68,8 @@ t.test('every variable is read', async t => {
     eventLogMaxLen: 500,
     presenceGraceMs: 0,
     production: true,
-    logLevel: 'debug'
+    logLevel: 'debug',
+    seedDemo: true
   })
   t.equal(loadConfig({ DATABASE_URL: 'postgres://localhost/erp' }).databaseUrl, 'postgres://localhost/erp', 'postgres:// works too')
   t.equal(loadConfig({ REDIS_URL: 'redis://127.0.0.1:6379' }).redisUrl, 'redis://127.0.0.1:6379')
@@ -107,7 +110,9 @@ t.test('each bad variable is refused with one line naming it', async t => {
     ['PRESENCE_GRACE_MS', { PRESENCE_GRACE_MS: '3600001' }, /at most/],
     // Regression: LOG_LEVEL went unchecked to pino, which failed late without naming the variable.
     ['LOG_LEVEL', { LOG_LEVEL: 'verbose' }, /must be one of fatal, error, warn, info, debug, trace, silent/],
-    ['LOG_LEVEL', { LOG_LEVEL: '30' }, /must be one of/]
+    ['LOG_LEVEL', { LOG_LEVEL: '30' }, /must be one of/],
+    ['SEED_DEMO', { SEED_DEMO: 'yes' }, /must be 1 or 0/],
+    ['SEED_DEMO', { SEED_DEMO: '2' }, /must be 1 or 0/]
   ]
   for (const [variable, env, detail] of cases) {
     const err = failure(env)
@@ -117,6 +122,21 @@ t.test('each bad variable is refused with one line naming it', async t => {
     t.match(err.message, new RegExp(`^Invalid configuration: ${variable} `), `${what}: message starts with the variable`)
     t.match(err.message, detail, `${what}: says what is wrong`)
     t.notMatch(err.message, /\n/, `${what}: one line`)
+  }
+})
+
+// Regression: every start seeded the demo users (published password `demo-password`) into any
+// empty database, production PostgreSQL included.
+t.test('SEED_DEMO: demo data is seeded outside production by default, in production only when asked', async t => {
+  const production = { NODE_ENV: 'production', JWT_SECRET: SECRET }
+  t.equal(loadConfig({}).seedDemo, true, 'development: seeds')
+  t.equal(loadConfig({ NODE_ENV: 'test' }).seedDemo, true, 'any NODE_ENV but production: seeds')
+  t.equal(loadConfig(production).seedDemo, false, 'NODE_ENV=production: does not seed')
+  t.equal(loadConfig({ ...production, SEED_DEMO: '' }).seedDemo, false, 'SEED_DEMO empty counts as unset')
+  t.equal(loadConfig({ ...production, SEED_DEMO: '1' }).seedDemo, true, 'NODE_ENV=production SEED_DEMO=1: seeds')
+  t.equal(loadConfig({ SEED_DEMO: '0' }).seedDemo, false, 'SEED_DEMO=0 turns it off in development')
+  for (const [raw, value] of [[' TRUE ', true], ['false', false], ['True', true], ['0', false]] as const) {
+    t.equal(loadConfig({ ...production, SEED_DEMO: raw }).seedDemo, value, `SEED_DEMO=${JSON.stringify(raw)}`)
   }
 })
 

@@ -1,5 +1,5 @@
 import type { PrismaClient } from '../generated/prisma/client.ts'
-import { hashPassword } from '../passwords.ts'
+import { hashPassword, verifyPassword } from '../passwords.ts'
 
 export const DEMO_PASSWORD = 'demo-password'
 
@@ -11,14 +11,26 @@ export const DEMO_USERS = [
   { email: 'member@globex.test', name: 'Gil Member', company: 'Globex Builders', role: 'member' }
 ] as const
 
+// Transaction-level advisory lock the seed takes, so nodes starting together on a fresh database
+// seed one after the other (the migration runner's lock is 72707369).
+export const SEED_LOCK_ID = 72707370
+
 /**
  * Seeds two demo companies with users, projects and stock, once: a database that already has
- * a company is left alone. Returns whether it seeded.
+ * a company is left alone. Returns whether it seeded. Safe for concurrent callers (several nodes
+ * starting on one fresh database): the emptiness check is repeated inside the seed transaction
+ * under an advisory lock, so exactly one seeds and the others return false.
  */
 export async function seedIfEmpty (prisma: PrismaClient): Promise<boolean> {
+  // Cheap check first: a seeded database costs no password hashing and no lock.
   if (await prisma.company.count() > 0) return false
   const hashes = await Promise.all(DEMO_USERS.map(() => hashPassword(DEMO_PASSWORD)))
-  await prisma.$transaction(async (tx) => {
+  // The timeout covers waiting for the lock while another node seeds.
+  return await prisma.$transaction(async (tx) => {
+    await tx.$executeRawUnsafe(`SELECT pg_advisory_xact_lock(${SEED_LOCK_ID})`)
+    // Read after the lock: another node may have seeded since the check above (READ COMMITTED
+    // takes a new snapshot per statement, so its committed rows are visible here).
+    if (await tx.company.count() > 0) return false
     const companies = new Map<string, string>()
     for (const name of new Set(DEMO_USERS.map(u => u.company))) {
       companies.set(name, (await tx.company.create({ data: { name } })).id)
@@ -49,6 +61,25 @@ export async function seedIfEmpty (prisma: PrismaClient): Promise<boolean> {
       const item = await tx.stockItem.create({ data: { companyId, sku, name, quantity, reorderLevel } })
       await tx.revision.create({ data: { entity: 'stockItem', entityId: item.id, version: 1, companyId, data: JSON.parse(JSON.stringify(item)) } })
     }
-  })
-  return true
+    return true
+  }, { maxWait: 10_000, timeout: 60_000 })
+}
+
+/** The demo users present in the database whose password is still the published one. */
+export async function demoLogins (prisma: PrismaClient): Promise<Array<(typeof DEMO_USERS)[number]>> {
+  const users = await prisma.user.findMany({ where: { email: { in: DEMO_USERS.map(u => u.email) } }, select: { email: true, passwordHash: true } })
+  const usable = new Set<string>()
+  await Promise.all(users.map(async (user) => {
+    if (await verifyPassword(DEMO_PASSWORD, user.passwordHash).catch(() => false)) usable.add(user.email)
+  }))
+  return DEMO_USERS.filter(u => usable.has(u.email))
+}
+
+/**
+ * What `npm start` does about demo data: seeds an empty database when `seedDemo` says so
+ * (SEED_DEMO; by default outside production only), then reports which demo logins work.
+ */
+export async function seedOnStart (prisma: PrismaClient, config: { seedDemo: boolean }): Promise<{ seeded: boolean, logins: Array<(typeof DEMO_USERS)[number]> }> {
+  const seeded = config.seedDemo ? await seedIfEmpty(prisma) : false
+  return { seeded, logins: await demoLogins(prisma) }
 }
