@@ -356,3 +356,20 @@ t.test('RedisPresenceStore reports connection errors once per outage', async t =
   t.ok(errors.length >= 1)
   await store.close()
 })
+
+t.test('regression: a presence Redis that stopped answering left presence acks and app.close() waiting', async t => {
+  const redis = await dedicatedRedis(t)
+  const prefix = redisPrefix(t)
+  const { app, url } = await build(t, { realtime: { presence: { ...FAST, store: { redis: redis.url, prefix } } } })
+  const company = await createCompany(app, ['admin', 'member'])
+  const observer = await watch(t, url, company.as('admin').token)
+  await waitFor(async () => (await list(observer.socket)).length === 1, 5000, 'listed')
+  await redis.pause() // connection open, no replies
+  t.teardown(() => redis.resume())
+  const started = Date.now()
+  t.match(await observer.socket.timeout(6000).emitWithAck('presence:set', { status: 'away' }), { ok: false, error: { code: 'SERVICE_UNAVAILABLE' } })
+  t.ok(Date.now() - started < 4000, `answered in ${Date.now() - started} ms`)
+  const closing = Date.now()
+  await app.close()
+  t.ok(Date.now() - closing < 8000, `close resolved in ${Date.now() - closing} ms`)
+})

@@ -194,7 +194,9 @@ export class RedisPresenceStore implements PresenceStore {
     this.prefix = options.prefix ?? 'erp-realtime:presence'
     this.owned = typeof options.redis === 'string'
     this.redis = typeof options.redis === 'string'
-      ? new Redis(options.redis, { maxRetriesPerRequest: 2, ...options.redisOptions })
+      // commandTimeout: a Redis that stops answering (connection open, no replies) fails
+      // presence calls (SERVICE_UNAVAILABLE) instead of leaving acks and the app's close waiting.
+      ? new Redis(options.redis, { maxRetriesPerRequest: 2, commandTimeout: 2000, ...options.redisOptions })
       : options.redis
     // An 'error' event without a listener would crash the process; report each outage once.
     let lastReported = ''
