@@ -103,6 +103,8 @@ export interface ServerToClientEvents extends DomainEmitters {
 // ---- client → server payloads: schema first, type inferred from it ----
 
 const id = z.string().min(1).max(128)
+const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/
+const wellFormed = (schema: z.ZodString) => schema.refine(value => !LONE_SURROGATE.test(value), 'must be well-formed Unicode (no lone surrogate)')
 
 export const syncResumeSchema = z.object({
   streams: z.record(
@@ -114,7 +116,9 @@ export type SyncResume = z.infer<typeof syncResumeSchema>
 
 export const presenceSetSchema = z.object({
   status: z.enum(['online', 'away', 'busy']),
-  viewing: z.object({ type: z.string().min(1).max(64), id }).strict().nullable().optional()
+  // Well-formed Unicode: the Redis store's Lua (cjson) refuses a lone surrogate, which would turn
+  // a bad payload into a retryable SERVICE_UNAVAILABLE.
+  viewing: z.object({ type: wellFormed(z.string().min(1).max(64)), id: wellFormed(id) }).strict().nullable().optional()
 }).strict()
 export type PresenceSet = z.infer<typeof presenceSetSchema>
 

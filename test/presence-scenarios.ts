@@ -160,6 +160,9 @@ export async function badPayloadsChangeNothing (t: Test, url: string, company: T
     { status: 'away', viewing: { type: '', id: '1' } },
     { status: 'away', viewing: { type: 'project', id: 'x'.repeat(129) } },
     { status: 'away', viewing: { type: 'project', id: '1', companyId: 'other' } },
+    // Lone surrogates: the Redis store's Lua refused them, answering a retryable SERVICE_UNAVAILABLE.
+    { status: 'away', viewing: { type: 'project', id: 'a\ud800b' } },
+    { status: 'away', viewing: { type: '\udc00project', id: '1' } },
     { status: 'away', userId: company.as('admin').id },
     { status: ['away'] }
   ]
