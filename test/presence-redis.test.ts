@@ -222,7 +222,8 @@ t.test('redis store: every presence mutation takes a higher rev, also across off
   t.teardown(() => store.close())
   await storeRevisionsOnlyGrow(t, store, 'company-1')
   const other = await store.connect({ companyId: 'company-2', userId: 'u-1', socketId: 's-2' }, 60_000)
-  t.equal(other.after.rev, 1, 'each company counts its own revs (nothing about one company shows in another’s)')
+  t.equal(await store.redis.get(`${prefix}:rev:company-2`), String(other.after.rev), 'each company counts its own revs')
+  t.not(await store.redis.get(`${prefix}:rev:company-1`), String(other.after.rev))
 
   // A counter lost while users are present (deleted by hand, or an eviction) never takes a rev backwards.
   await store.redis.del(`${prefix}:rev:company-2`)
@@ -234,7 +235,26 @@ t.test('redis store: every presence mutation takes a higher rev, also across off
   // Entries written before revisions existed read as rev 0, and the next mutation gives them one.
   await store.redis.hset(`${prefix}:users:company-3`, 'u-1', JSON.stringify({ status: 'away', devices: 1, since: 1 }))
   t.match(await store.list('company-3'), [{ userId: 'u-1', status: 'away', rev: 0 }])
-  t.equal((await store.set('company-3', 'u-1', { status: 'online' }))?.after.rev, 1)
+  t.ok(((await store.set('company-3', 'u-1', { status: 'online' }))?.after.rev ?? 0) > 0)
+})
+
+t.test('regression: after Redis lost its data, revs started again at 1 and every later change was dropped as stale', async t => {
+  const prefix = redisPrefix(t)
+  const store = new RedisPresenceStore({ redis: TEST_REDIS_URL, prefix })
+  t.teardown(() => store.close())
+  const phone = { companyId: 'company-1', userId: 'u-1', socketId: 'phone' }
+  await store.connect(phone, 60_000)
+  let last = 0
+  for (const status of ['busy', 'away', 'online', 'busy'] as const) last = (await store.set('company-1', 'u-1', { status }))!.after.rev
+  // The floor is the clock in ms: it stays ahead as long as a company averages less than one
+  // mutation per ms (five in a row here ran a few revs ahead of it for a few ms).
+  await sleep(20)
+  // A restart without persistence (or a flush): every key is gone.
+  await store.redis.del(await store.redis.keys(`${prefix}:*`))
+  const again = await store.connect(phone, 60_000) // what the node's heartbeat does for a lost entry
+  t.ok(again.after.rev > last, `the rev after the loss (${again.after.rev}) is above the last one given out before it (${last})`)
+  const away = await store.set('company-1', 'u-1', { status: 'away' })
+  t.ok(away!.after.rev > again.after.rev)
 })
 
 /** Sends a presence announcement to the other nodes as node `from` would. */

@@ -36,8 +36,10 @@ export class MemoryPresenceStore implements PresenceStore {
     return users
   }
 
+  // At least the clock in ms, as in the Redis store (where it survives a data loss; here it
+  // keeps both stores' revs alike).
   private nextRev (companyId: string): number {
-    const rev = (this.revs.get(companyId) ?? 0) + 1
+    const rev = Math.max((this.revs.get(companyId) ?? 0) + 1, this.clock())
     this.revs.set(companyId, rev)
     return rev
   }

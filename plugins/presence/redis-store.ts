@@ -19,9 +19,10 @@ export interface RedisPresenceStoreOptions {
  *   users:<companyId>    hash   userId   -> JSON { status, devices, since, rev, viewing? }
  *   sockets:<companyId>  hash   socketId -> userId
  *   rev:<companyId>      string the company's revision counter: every mutation of a user's presence
- *                               takes the next value as the user's `rev`. It is not deleted when the
- *                               company empties (one small key per company), so revs keep growing
- *                               across offline and back and a late, stale announcement never wins.
+ *                               takes the next value (at least the Redis clock in ms) as the user's
+ *                               `rev`. It is not deleted when the company empties (one small key
+ *                               per company), so revs keep growing across offline and back and a
+ *                               late, stale announcement never wins.
  *   expiry               zset   JSON ["s", companyId, userId, socketId] (socket entry) or
  *                               JSON ["g", companyId, userId] (grace period) -> deadline, ms (Redis clock)
  * One expiry set for all companies lets every node find due entries with one ZRANGEBYSCORE; each
@@ -33,12 +34,18 @@ const NOW = `local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 `
 
-// bump(counterKey, user?) -> the next revision, and never one at or below the user's current rev
-// (should the counter have been deleted by hand while the user was present).
+// bump(counterKey, user?) -> the next revision: never at or below the user's current rev (should
+// the counter have been deleted while the user was present), nor below the Redis clock in ms.
+// The clock floor keeps revs growing when Redis loses its data (a restart without persistence, a
+// flush, an older snapshot): nodes and clients still hold the revs given out before, and would
+// drop every change numbered from 1 again. 13 digits: exact in cjson's 14-digit numbers.
 const REV = `local function bump (key, u)
+  local t = redis.call('TIME')
+  local floor = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local rev = redis.call('INCR', key)
-  if u and u.rev and rev <= u.rev then
-    rev = u.rev + 1
+  if u and u.rev and u.rev >= floor then floor = u.rev + 1 end
+  if rev < floor then
+    rev = floor
     redis.call('SET', key, rev)
   end
   return rev
