@@ -204,12 +204,12 @@ t.test('redis store: keys under the prefix, nothing left behind, a client passed
   const member = await connect(t, url, company.as('member').token)
   await waitFor(async () => (await app.presence.list(company.id)).length === 1, 5000, 'listed')
   t.same((await client.keys(`${prefix}:*`)).sort(),
-    [`${prefix}:expiry`, `${prefix}:rev:${company.id}`, `${prefix}:sockets:${company.id}`, `${prefix}:users:${company.id}`])
+    [`${prefix}:epoch`, `${prefix}:expiry`, `${prefix}:rev:${company.id}`, `${prefix}:sockets:${company.id}`, `${prefix}:users:${company.id}`])
 
   member.disconnect()
   await waitFor(async () => (await app.presence.list(company.id)).length === 0, FAST.graceMs + 2000, 'offline')
-  t.same(await client.keys(`${prefix}:*`), [`${prefix}:rev:${company.id}`],
-    'an empty company leaves only its revision counter (so revs keep growing when its users come back)')
+  t.same((await client.keys(`${prefix}:*`)).sort(), [`${prefix}:epoch`, `${prefix}:rev:${company.id}`],
+    'an empty company leaves only its revision counter (so revs keep growing when its users come back), and the store its epoch')
 
   await app.close()
   t.equal(await client.ping(), 'PONG', 'the caller’s client is still open')
@@ -392,4 +392,65 @@ t.test('regression: a presence Redis that stopped answering left presence acks a
   const closing = Date.now()
   await app.close()
   t.ok(Date.now() - closing < 8000, `close resolved in ${Date.now() - closing} ms`)
+})
+
+/** What a Redis restart without persistence (or a flush) does to the store: every key is gone. */
+async function loseStoreData (prefix: string): Promise<void> {
+  const client = new Redis(TEST_REDIS_URL)
+  try {
+    const keys = await client.keys(`${prefix}:*`)
+    if (keys.length > 0) await client.del(keys)
+  } finally {
+    await client.quit()
+  }
+}
+
+t.test('regression: a grace period running when Redis lost its data never ended: the user stayed online', async t => {
+  const prefix = redisPrefix(t)
+  const { app, url } = await build(t, { realtime: { presence: redisPresence(prefix) } })
+  const company = await createCompany(app, ['admin', 'member'])
+  const member = company.as('member')
+  const observer = await watch(t, url, company.as('admin').token)
+  const socket = await connect(t, url, member.token)
+  await waitFor(() => observer.about(member.id).length === 1, 5000, 'online')
+  socket.disconnect()
+  await sleep(FAST.graceMs / 4)
+  await loseStoreData(prefix)
+  await waitFor(() => observer.about(member.id).some(change => change.status === 'offline'), FAST.graceMs + 2000, 'offline when the grace period ends')
+  t.match(observer.about(member.id).at(-1), { status: 'offline', devices: 0 })
+  t.ok(increasing(observer.revs(member.id)))
+})
+
+t.test('regression: a last device that left after Redis lost its data, before the next heartbeat, was never announced offline', async t => {
+  const prefix = redisPrefix(t)
+  // A heartbeat far away: nothing re-records the socket before it leaves.
+  const { app, url } = await build(t, { realtime: { presence: redisPresence(prefix, { heartbeatMs: 30_000, ttlMs: 60_000 }) } })
+  const company = await createCompany(app, ['admin', 'member'])
+  const member = company.as('member')
+  const observer = await watch(t, url, company.as('admin').token)
+  const socket = await connect(t, url, member.token)
+  await waitFor(() => observer.about(member.id).length === 1, 5000, 'online')
+  await loseStoreData(prefix)
+  socket.disconnect()
+  await waitFor(() => observer.about(member.id).some(change => change.status === 'offline'), 3000, 'offline')
+  t.match(observer.about(member.id).at(-1), { status: 'offline', devices: 0 })
+  t.ok(increasing(observer.revs(member.id)))
+})
+
+t.test('without a data loss, a grace period another node’s sweep ended gives its own node no second offline', async t => {
+  // The epoch check must not turn the usual race (the sweep ending the grace first) into a second offline.
+  const prefix = redisPrefix(t)
+  const store = new RedisPresenceStore({ redis: TEST_REDIS_URL, prefix })
+  t.teardown(() => store.close())
+  const ref = { companyId: 'company-1', userId: 'u-1', socketId: 's-1' }
+  const { epoch } = await store.connect(ref, 60_000)
+  t.type(epoch, 'string')
+  const departure = await store.disconnect(ref, 20, epoch)
+  const graceUntil = departure && departure.after !== null ? departure.graceUntil : undefined
+  t.type(graceUntil, 'number')
+  await sleep(40)
+  const swept = await store.sweep(10)
+  t.match(swept, [{ companyId: 'company-1', userId: 'u-1', after: null }], 'the sweep ends the grace period')
+  t.equal(await store.endGrace('company-1', 'u-1', graceUntil!, epoch), null, 'the node that started it announces nothing')
+  t.equal(await store.disconnect(ref, 20, epoch), null, 'nor does a late disconnect of a socket the store no longer has')
 })

@@ -3,7 +3,7 @@
 import type { Test } from 'tap'
 import type { Socket as ClientSocket } from 'socket.io-client'
 import type { PresenceChanged, PresenceEntry } from '../plugins/events.ts'
-import type { PresenceStore } from '../plugins/presence/store.ts'
+import type { Departure, PresenceStore } from '../plugins/presence/store.ts'
 import { connect, request, sleep, waitFor, type TestCompany, type TestLike } from './helpers.ts'
 
 /** Short timings so grace and expiry happen within a test (ttl >= 2 × heartbeat). */
@@ -212,9 +212,14 @@ export async function storeRevisionsOnlyGrow (t: Test, store: PresenceStore, com
   const viewing = await store.set(companyId, 'u-1', { status: 'busy', viewing: { type: 'project', id: 'p-2' } })
   took(viewing?.after.rev, 'a viewing change')
 
-  const oneLeft = await store.disconnect(phone, 60_000)
-  took(oneLeft?.after.rev, 'a device leaving')
-  const lastLeft = await store.disconnect(laptop, 60_000)
+  // A store that keeps its data answers a departure with the user's state.
+  const departed = (departure: Departure | null) => {
+    if (!departure || departure.after === null) throw new Error(`expected a departure, got ${JSON.stringify(departure)}`)
+    return departure
+  }
+  const oneLeft = departed(await store.disconnect(phone, 60_000))
+  took(oneLeft.after.rev, 'a device leaving')
+  const lastLeft = departed(await store.disconnect(laptop, 60_000))
   t.type(lastLeft?.graceUntil, 'number')
   took(lastLeft?.after.rev, 'the last device leaving (grace starts)')
   t.equal(await store.endGrace(companyId, 'u-1', lastLeft!.graceUntil! + 1), null, 'a grace period that is not this one is not ended')

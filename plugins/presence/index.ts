@@ -13,7 +13,7 @@ import { RedisPresenceStore } from './redis-store.ts'
 import { sameViewing, type Expired, type PresenceStore, type SocketRef, type UserPresence } from './store.ts'
 
 export { MemoryPresenceStore, RedisPresenceStore }
-export type { PresenceStore, SocketRef, UserPresence } from './store.ts'
+export type { Change, Departure, Expired, Offline, PresenceStore, SocketRef, Transition, UserPresence } from './store.ts'
 
 export interface RedisPresenceStoreOption {
   /** A `redis://` / `rediss://` URL (the plugin opens and closes its own connection) or an ioredis client you own (never closed). */
@@ -138,6 +138,8 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
     ref: SocketRef
     /** Store operations of one socket run in order (connect before set before disconnect). */
     chain: Promise<unknown>
+    /** The store's epoch when the socket was last recorded (see Transition.epoch). */
+    epoch?: string
   }
   const local = new Map<string, LocalSocket>()
   const graceTimers = new Map<string, NodeJS.Timeout>()
@@ -268,14 +270,14 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
     clearTimeout(graceTimers.get(key))
     graceTimers.delete(key)
   }
-  const startGrace = (ref: SocketRef, graceUntil: number) => {
+  const startGrace = (ref: SocketRef, graceUntil: number, epoch: string | undefined) => {
     if (!active) return
     const key = graceKey(ref)
     clearTimeout(graceTimers.get(key))
     const timer = setTimeout(() => {
       graceTimers.delete(key)
       // Another node's sweep may have claimed it first; endGrace answers with a rev to one caller only.
-      track(store.endGrace(ref.companyId, ref.userId, graceUntil)).then(offline => {
+      track(store.endGrace(ref.companyId, ref.userId, graceUntil, epoch)).then(offline => {
         succeeded()
         if (offline) announce(ref.companyId, ref.userId, null, offline.rev)
       }, failed('ending a grace period'))
@@ -284,25 +286,30 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
     graceTimers.set(key, timer)
   }
 
-  const register = async (ref: SocketRef): Promise<void> => {
-    const { before, after } = await store.connect(ref, ttlMs)
+  const register = async (entry: LocalSocket): Promise<void> => {
+    const { ref } = entry
+    const { before, after, epoch } = await store.connect(ref, ttlMs)
+    entry.epoch = epoch
     cancelGrace(ref)
     // A device back within the grace period (devices 0 → 1) changes nothing the company saw.
     if (before === null || (before.devices > 0 && before.devices !== after.devices)) announce(ref.companyId, ref.userId, after, after.rev)
   }
 
-  const unregister = async (ref: SocketRef): Promise<void> => {
-    const departure = await store.disconnect(ref, graceMs)
+  const unregister = async ({ ref, epoch }: LocalSocket): Promise<void> => {
+    const departure = await store.disconnect(ref, graceMs, epoch)
     if (!departure) return
-    if (departure.graceUntil === undefined) announce(ref.companyId, ref.userId, departure.after, departure.after.rev)
-    else startGrace(ref, departure.graceUntil)
+    // The store lost its data since this socket was recorded: nobody else knows the user left.
+    if (departure.after === null) announce(ref.companyId, ref.userId, null, departure.rev)
+    else if (departure.graceUntil === undefined) announce(ref.companyId, ref.userId, departure.after, departure.after.rev)
+    else startGrace(ref, departure.graceUntil, epoch)
   }
 
-  const setPresence = async (ref: SocketRef, status: UserPresence['status'], viewing: Viewing | null | undefined): Promise<void> => {
+  const setPresence = async (entry: LocalSocket, status: UserPresence['status'], viewing: Viewing | null | undefined): Promise<void> => {
+    const { ref } = entry
     let transition = await store.set(ref.companyId, ref.userId, { status, viewing })
     if (!transition) {
       // The entry expired under us (e.g. this node was cut off from Redis longer than the TTL).
-      await register(ref)
+      await register(entry)
       transition = await store.set(ref.companyId, ref.userId, { status, viewing })
       if (!transition) throw new SocketError('SERVICE_UNAVAILABLE', 'Presence could not be recorded; try again')
     }
@@ -331,7 +338,7 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
   const onSet = listener('presence:set', presenceSetSchema, async (socket, { status, viewing }) => {
     const entry = local.get(socket.id)
     if (!active || !entry) throw new SocketError('SERVICE_UNAVAILABLE', 'This node is shutting down')
-    await enqueue(entry, () => setPresence(entry.ref, status, viewing)).catch(unavailable)
+    await enqueue(entry, () => setPresence(entry, status, viewing)).catch(unavailable)
     return {}
   }, err => fastify.log.error({ err }, 'erp-presence: presence:set failed'))
 
@@ -345,7 +352,7 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
     const entry = local.get(this.id)
     local.delete(this.id)
     if (!active || !entry) return
-    enqueue(entry, () => unregister(entry.ref)).then(succeeded, failed('recording a disconnection'))
+    enqueue(entry, () => unregister(entry)).then(succeeded, failed('recording a disconnection'))
   }
 
   const onConnection = (socket: ErpSocket) => {
@@ -354,7 +361,7 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
     const entry: LocalSocket = { ref: { companyId, userId, socketId: socket.id }, chain: Promise.resolve() }
     local.set(socket.id, entry)
     if (batched.has(companyId)) append(joinedDuringWindow, companyId, { socketId: socket.id, tick: changeTick })
-    enqueue(entry, () => register(entry.ref)).then(succeeded, failed('recording a connection'))
+    enqueue(entry, () => register(entry)).then(succeeded, failed('recording a connection'))
     socket.on('presence:set', onSet)
     socket.on('presence:list', onList)
     socket.on('disconnect', onDisconnect)
@@ -370,7 +377,7 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
       // Entries swept while this node could not refresh them (it was cut off or stalled): re-add.
       for (const ref of missing) {
         const entry = local.get(ref.socketId)
-        if (entry && active) enqueue(entry, () => register(ref)).then(succeeded, failed('re-recording a connection'))
+        if (entry && active) enqueue(entry, () => register(entry)).then(succeeded, failed('re-recording a connection'))
       }
     } finally {
       heartbeatRunning = false

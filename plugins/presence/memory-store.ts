@@ -67,6 +67,7 @@ export class MemoryPresenceStore implements PresenceStore {
     return { before, after: { ...after } }
   }
 
+  // In memory nothing is lost while the process lives: no epoch, and the epoch arguments are unused.
   async disconnect (ref: SocketRef, graceMs: number): Promise<Departure | null> {
     this.deadlines.delete(socketKey(ref))
     if (!this.sockets.delete(ref.socketId)) return null

@@ -23,6 +23,10 @@ export interface RedisPresenceStoreOptions {
  *                               `rev`. It is not deleted when the company empties (one small key
  *                               per company), so revs keep growing across offline and back and a
  *                               late, stale announcement never wins.
+ *   epoch                string the data's epoch (the Redis clock when first written): a store that
+ *                               lost its data (restart without persistence, flush) starts a new
+ *                               one, so a node can tell a user forgotten by that loss from one
+ *                               another node's sweep ended, and announce the offline itself.
  *   expiry               zset   JSON ["s", companyId, userId, socketId] (socket entry) or
  *                               JSON ["g", companyId, userId] (grace period) -> deadline, ms (Redis clock)
  * One expiry set for all companies lets every node find due entries with one ZRANGEBYSCORE; each
@@ -72,8 +76,13 @@ class Script {
   }
 }
 
-// KEYS users, sockets, expiry, rev; ARGV userId, socketId, socketMember, graceMember, ttlMs
+// KEYS users, sockets, expiry, rev, epoch; ARGV userId, socketId, socketMember, graceMember, ttlMs
 const CONNECT = new Script(NOW + REV + `
+local epoch = redis.call('GET', KEYS[5])
+if not epoch then
+  epoch = t[1] .. '.' .. t[2]
+  redis.call('SET', KEYS[5], epoch)
+end
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 local u
 if raw then u = cjson.decode(raw) else u = { status = 'online', devices = 0, since = now } end
@@ -83,13 +92,20 @@ local after = cjson.encode(u)
 redis.call('HSET', KEYS[1], ARGV[1], after)
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[3])
 redis.call('ZREM', KEYS[3], ARGV[4])
-return { raw or '', after }`)
+return { raw or '', after, epoch }`)
 
-// KEYS users, sockets, expiry, rev; ARGV userId, socketId, socketMember, graceMember, graceMs
+// KEYS users, sockets, expiry, rev, epoch; ARGV userId, socketId, socketMember, graceMember, graceMs, epoch
+// { userJSON, graceUntil | '' }; { 'lost', rev } when the data was lost since the socket was
+// recorded and the user is unknown (offline now); false when the socket is unknown otherwise.
 const DISCONNECT = new Script(NOW + DROP_SOCKET + `
 redis.call('ZREM', KEYS[3], ARGV[3])
 local u = dropSocket(KEYS[1], KEYS[2], KEYS[4], ARGV[1], ARGV[2])
-if not u then return false end
+if not u then
+  if ARGV[6] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[6] and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
+    return { 'lost', tostring(bump(KEYS[4], nil)) }
+  end
+  return false
+end
 local after = cjson.encode(u)
 redis.call('HSET', KEYS[1], ARGV[1], after)
 if u.devices > 0 then return { after, '' } end
@@ -119,12 +135,18 @@ local after = cjson.encode(u)
 redis.call('HSET', KEYS[1], ARGV[1], after)
 return { raw, after }`)
 
-// KEYS users, expiry, rev; ARGV userId, graceMember, mode ('exact' | 'due'), deadline
+// KEYS users, expiry, rev, epoch; ARGV userId, graceMember, mode ('exact' | 'due'), deadline, epoch
 // Returns the offline's rev when the user went offline, else 0. 'exact' ends the grace period
-// this node started; 'due' (the sweep) ends any grace period whose deadline has passed.
+// this node started (also when the data it was in has been lost since: the epoch changed and
+// the user is unknown); 'due' (the sweep) ends any grace period whose deadline has passed.
 const END_GRACE = new Script(REV + `
 local score = redis.call('ZSCORE', KEYS[2], ARGV[2])
-if not score then return 0 end
+if not score then
+  if ARGV[3] == 'exact' and ARGV[5] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[5] and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
+    return bump(KEYS[3], nil)
+  end
+  return 0
+end
 if ARGV[3] == 'exact' and tonumber(score) ~= tonumber(ARGV[4]) then return 0 end
 if ARGV[3] == 'due' and tonumber(score) > tonumber(ARGV[4]) then return 0 end
 redis.call('ZREM', KEYS[2], ARGV[2])
@@ -221,6 +243,7 @@ export class RedisPresenceStore implements PresenceStore {
   private socketsKey (companyId: string) { return `${this.prefix}:sockets:${companyId}` }
   private revKey (companyId: string) { return `${this.prefix}:rev:${companyId}` }
   private get expiryKey () { return `${this.prefix}:expiry` }
+  private get epochKey () { return `${this.prefix}:epoch` }
   private socketMember (ref: SocketRef) { return JSON.stringify(['s', ref.companyId, ref.userId, ref.socketId]) }
   private graceMember (companyId: string, userId: string) { return JSON.stringify(['g', companyId, userId]) }
 
@@ -235,17 +258,18 @@ export class RedisPresenceStore implements PresenceStore {
   }
 
   async connect (ref: SocketRef, ttlMs: number): Promise<Transition> {
-    const [before, after] = await this.run<[string, string]>(CONNECT,
-      [this.usersKey(ref.companyId), this.socketsKey(ref.companyId), this.expiryKey, this.revKey(ref.companyId)],
+    const [before, after, epoch] = await this.run<[string, string, string]>(CONNECT,
+      [this.usersKey(ref.companyId), this.socketsKey(ref.companyId), this.expiryKey, this.revKey(ref.companyId), this.epochKey],
       [ref.userId, ref.socketId, this.socketMember(ref), this.graceMember(ref.companyId, ref.userId), ttlMs])
-    return { before: before === '' ? null : parse(before), after: parse(after) }
+    return { before: before === '' ? null : parse(before), after: parse(after), epoch }
   }
 
-  async disconnect (ref: SocketRef, graceMs: number): Promise<Departure | null> {
+  async disconnect (ref: SocketRef, graceMs: number, epoch = ''): Promise<Departure | null> {
     const result = await this.run<[string, string] | null>(DISCONNECT,
-      [this.usersKey(ref.companyId), this.socketsKey(ref.companyId), this.expiryKey, this.revKey(ref.companyId)],
-      [ref.userId, ref.socketId, this.socketMember(ref), this.graceMember(ref.companyId, ref.userId), graceMs])
+      [this.usersKey(ref.companyId), this.socketsKey(ref.companyId), this.expiryKey, this.revKey(ref.companyId), this.epochKey],
+      [ref.userId, ref.socketId, this.socketMember(ref), this.graceMember(ref.companyId, ref.userId), graceMs, epoch])
     if (!result) return null
+    if (result[0] === 'lost') return { after: null, rev: Number(result[1]) }
     const departure: Departure = { after: parse(result[0]) }
     if (result[1] !== '') departure.graceUntil = Number(result[1])
     return departure
@@ -257,9 +281,9 @@ export class RedisPresenceStore implements PresenceStore {
     return result ? { before: parse(result[0]), after: parse(result[1]) } : null
   }
 
-  async endGrace (companyId: string, userId: string, graceUntil: number): Promise<Offline | null> {
-    const rev = await this.run<number>(END_GRACE, [this.usersKey(companyId), this.expiryKey, this.revKey(companyId)],
-      [userId, this.graceMember(companyId, userId), 'exact', graceUntil])
+  async endGrace (companyId: string, userId: string, graceUntil: number, epoch = ''): Promise<Offline | null> {
+    const rev = await this.run<number>(END_GRACE, [this.usersKey(companyId), this.expiryKey, this.revKey(companyId), this.epochKey],
+      [userId, this.graceMember(companyId, userId), 'exact', graceUntil, epoch])
     return rev > 0 ? { rev } : null
   }
 
@@ -290,7 +314,7 @@ export class RedisPresenceStore implements PresenceStore {
       }
       const [kind, companyId, userId, socketId] = parsed as string[]
       if (kind === 'g' && companyId && userId) {
-        const rev = await this.run<number>(END_GRACE, [this.usersKey(companyId), this.expiryKey, this.revKey(companyId)], [userId, member, 'due', now!])
+        const rev = await this.run<number>(END_GRACE, [this.usersKey(companyId), this.expiryKey, this.revKey(companyId), this.epochKey], [userId, member, 'due', now!, ''])
         return rev > 0 ? { companyId, userId, after: null, rev } : null
       }
       if (kind === 's' && companyId && userId && socketId) {

@@ -27,6 +27,12 @@ export interface Transition {
   /** null when the user had no presence (first device). */
   before: UserPresence | null
   after: UserPresence
+  /**
+   * The store's data epoch when the socket was recorded; it changes when the store lost its data
+   * (Redis restarted empty, a flush). Passed back to `disconnect` and `endGrace`. Optional for
+   * stores that cannot lose their data.
+   */
+  epoch?: string
 }
 
 /** A change to a user who was present before it. */
@@ -35,10 +41,14 @@ export interface Change {
   after: UserPresence
 }
 
-export interface Departure {
+export type Departure = {
   after: UserPresence
   /** Set when this was the last device: the grace deadline to pass to `endGrace`. */
   graceUntil?: number
+} | {
+  /** The store lost its data since the socket was recorded and no longer knows the user: offline now. */
+  after: null
+  rev: number
 }
 
 /** The outcome of one expired entry claimed by a sweep; `after: null` means the user went offline. */
@@ -64,12 +74,20 @@ export interface PresenceStore {
   readonly kind: 'memory' | 'redis'
   /** Adds (or re-adds) a socket whose entry expires `ttlMs` from now; cancels a running grace period. */
   connect (ref: SocketRef, ttlMs: number): Promise<Transition>
-  /** Removes a socket; on the last one the user enters a grace period of `graceMs`. null when unknown. */
-  disconnect (ref: SocketRef, graceMs: number): Promise<Departure | null>
+  /**
+   * Removes a socket; on the last one the user enters a grace period of `graceMs`. null when
+   * unknown, unless the store's epoch is no longer `epoch` (its data was lost) and it has no
+   * entry for the user: then the user is offline, with a new rev (`after: null`).
+   */
+  disconnect (ref: SocketRef, graceMs: number, epoch?: string): Promise<Departure | null>
   /** Sets status and viewing (`undefined` keeps it, `null` clears it). null when the user is unknown. */
   set (companyId: string, userId: string, change: { status: UserPresence['status'], viewing?: Viewing | null }): Promise<Change | null>
-  /** Ends the grace period that `disconnect` started at `graceUntil`: the offline's rev when the user is now offline, else null. */
-  endGrace (companyId: string, userId: string, graceUntil: number): Promise<Offline | null>
+  /**
+   * Ends the grace period that `disconnect` started at `graceUntil`: the offline's rev when the
+   * user is now offline, else null. Also an offline when the grace period is gone because the
+   * store lost its data (its epoch is no longer `epoch`) and it has no entry for the user.
+   */
+  endGrace (companyId: string, userId: string, graceUntil: number, epoch?: string): Promise<Offline | null>
   /** Pushes the expiry of live sockets `ttlMs` ahead; returns the ones the store no longer has. */
   refresh (refs: SocketRef[], ttlMs: number): Promise<SocketRef[]>
   /** Claims up to `limit` expired sockets and grace periods, removing them. */
