@@ -1,3 +1,4 @@
+import { AsyncLocalStorage } from 'node:async_hooks'
 import { randomUUID } from 'node:crypto'
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
@@ -121,6 +122,45 @@ const optionsSchema = z.object({
   transactionTimeoutMs: z.number().int().min(1).default(15000)
 })
 
+const STREAM = /^(company|user):[^:\s]+$/
+/** Event names Socket.IO reserves, and the server's own events: never a domain event's type. */
+const RESERVED_TYPES = new Set([
+  'connect', 'connect_error', 'disconnect', 'disconnecting', 'newListener', 'removeListener',
+  'sync:head', 'sync:resume', 'presence:changed', 'presence:set', 'presence:list', 'auth:expired', 'auth:revoked', 'auth:refresh', 'server:shutdown'
+])
+
+/** Envelopes another node relays (`erp:events`): checked before the sequencer believes them. */
+const relayedEventsSchema = z.array(z.object({
+  id: z.string().min(1).max(200),
+  stream: z.string().max(300).regex(STREAM),
+  seq: z.number().int().min(1).max(Number.MAX_SAFE_INTEGER),
+  type: z.string().min(1).max(200).refine(type => !RESERVED_TYPES.has(type)),
+  companyId: z.string().min(1).max(200),
+  at: z.string().max(64),
+  actor: z.object({ userId: z.string().max(200).nullable() }),
+  data: z.unknown()
+}).refine(e => !e.stream.startsWith('company:') || e.stream === `company:${e.companyId}`, 'a company stream carries its own company')).max(10_000)
+
+/**
+ * A publish's own mistakes, refused before anything is written: a company stream of another
+ * company than `companyId`, a type that is a reserved or server event name (it would be emitted
+ * as one, or throw in the emit after the commit), data that is not JSON.
+ */
+function checkEvent (event: PublishInput): void {
+  if (typeof event?.stream !== 'string' || !STREAM.test(event.stream)) {
+    throw new TypeError(`erp-offline-queue: stream must be company:<id> or user:<id>, got ${JSON.stringify(event?.stream)}`)
+  }
+  if (event.stream.startsWith('company:') && event.stream !== `company:${event.companyId}`) {
+    throw new TypeError(`erp-offline-queue: ${event.stream} is not the stream of company ${event.companyId}`)
+  }
+  if (typeof event.type !== 'string' || (event.type as string) === '' || RESERVED_TYPES.has(event.type)) {
+    throw new TypeError(`erp-offline-queue: ${JSON.stringify(event.type)} cannot be an event type (empty, reserved by Socket.IO, or one of the server's own events)`)
+  }
+  if (event.data === undefined || JSON.stringify(event.data) === undefined) {
+    throw new TypeError('erp-offline-queue: event data must be a JSON value')
+  }
+}
+
 interface EventRow {
   id: string
   stream: string
@@ -237,7 +277,27 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     }
   }, read, (err, stream) => fastify.log.warn({ err, stream }, 'erp-offline-queue: could not fill a gap from the event log'), options.pageSize)
 
-  io.on('erp:events', (envelopes) => dispatcher.ingest(envelopes))
+  // What other nodes send is checked before the sequencer believes it: a malformed message
+  // (another version mid-deploy, another app on the prefix) would otherwise throw in the
+  // adapter's async handler (an unhandled rejection ends the process) or, with a high seq,
+  // skip a stream ahead and drop its real events.
+  let lastRelayWarning = 0
+  const onRelayedEvents = (payload: unknown) => {
+    const parsed = relayedEventsSchema.safeParse(payload)
+    if (!parsed.success) {
+      if (Date.now() - lastRelayWarning > 60_000) {
+        lastRelayWarning = Date.now()
+        fastify.log.warn({ issue: parsed.error.issues[0] }, 'erp-offline-queue: ignored malformed erp:events from another node')
+      }
+      return
+    }
+    try {
+      dispatcher.ingest(parsed.data as Envelope[])
+    } catch (err) {
+      fastify.log.error({ err }, 'erp-offline-queue: could not deliver events from another node')
+    }
+  }
+  io.on('erp:events', onRelayedEvents)
 
   const distribute = (envelopes: Envelope[]) => {
     if (envelopes.length === 0) return
@@ -245,16 +305,28 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     fastify.erpSocket.toOtherNodes('erp:events', envelopes)
   }
 
+  // A publish or commit inside a transaction's callback would open a second transaction that waits
+  // for the stream head the first one holds: both stall until the first times out and rolls back,
+  // and the second then commits an event for a change that did not happen.
+  const insideTransaction = new AsyncLocalStorage<true>()
+  const refuseNested = (what: string) => {
+    if (insideTransaction.getStore()) {
+      throw new Error(`erp-offline-queue: eventLog.${what}() inside eventLog.transaction(): use the publish function the transaction passes to its callback`)
+    }
+  }
+
   const transaction = async <T>(fn: (tx: Tx, publish: Publish) => Promise<T>): Promise<T> => {
+    refuseNested('transaction')
     const recorded: Envelope[] = []
     const claim = heldClaims.getStore()
     const result = await prisma.$transaction(async (tx) => {
       const publish = (async (event: PublishInput) => {
+        checkEvent(event)
         const envelope = await record(tx, event)
         recorded.push(envelope)
         return envelope
       }) as Publish
-      const value = await fn(tx, publish)
+      const value = await insideTransaction.run(true, () => fn(tx, publish))
       // Last, so the claim's row lock is held only until the commit that follows.
       if (claim) await tx.$queryRaw`SELECT ${fenceSql(claim)}`
       return value
@@ -266,7 +338,9 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
 
   async function commit (change: StatementChange): Promise<Envelope | null> {
     const { event, guard } = change
+    refuseNested('commit')
     if (!Array.isArray(change.writes) || change.writes.length === 0) throw new TypeError('erp-offline-queue: commit() needs at least one write')
+    checkEvent(event)
     const id = randomUUID()
     // Data-modifying WITH clauses run exactly once, together, in the statement's own transaction.
     const writes = change.writes.map((write, i) => Prisma.sql`${Prisma.raw(`w${i}`)} AS (${write} RETURNING 1)`)

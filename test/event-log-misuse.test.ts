@@ -1,0 +1,57 @@
+import t from 'tap'
+import { build, connect, createCompany, dropRedisPrefix, nextEvent, sleep, TEST_REDIS_URL, testDatabase, uniqueName } from './helpers.ts'
+
+t.test('regression: a malformed erp:events from another node ended the process (unhandled rejection in the adapter)', async t => {
+  const prefix = uniqueName('relay')
+  t.teardown(() => dropRedisPrefix(TEST_REDIS_URL, prefix))
+  const db = await testDatabase(t)
+  const realtime = { socket: { redis: TEST_REDIS_URL, redisPrefix: prefix } }
+  const a = await build(t, { db, realtime })
+  const b = await build(t, { db, realtime })
+  const company = await createCompany(a.app, ['admin'])
+  const socket = await connect(t, a.url, company.as('admin').token)
+  const relay = b.app.io.serverSideEmit.bind(b.app.io) as (event: string, ...args: unknown[]) => boolean
+  for (const payload of [null, [null], 'text', [{ stream: `company:${company.id}`, seq: 'one' }],
+    [{ id: 'x', stream: `company:${company.id}`, seq: 5, type: 'disconnect', companyId: company.id, at: '', actor: { userId: null }, data: {} }],
+    [{ id: 'x', stream: `company:${company.id}`, seq: 5, type: 'project:deleted', companyId: 'another', at: '', actor: { userId: null }, data: {} }]]) {
+    relay('erp:events', payload)
+  }
+  await sleep(200)
+  // Still alive, and the stream is not skipped ahead: the next real event arrives.
+  const received = nextEvent(socket, 'project:deleted')
+  await b.app.eventLog.publish({ stream: `company:${company.id}`, type: 'project:deleted', companyId: company.id, actorId: null, data: { projectId: 'p-1' } })
+  t.match(await received, { seq: 1, data: { projectId: 'p-1' } })
+})
+
+t.test('regression: eventLog.publish inside eventLog.transaction deadlocked until the timeout, then committed an event for a rolled-back change', async t => {
+  const { app } = await build(t)
+  const company = await createCompany(app, ['admin'])
+  const stream = `company:${company.id}` as const
+  const event = { stream, type: 'project:deleted' as const, companyId: company.id, actorId: null, data: { projectId: 'p' } }
+  const started = Date.now()
+  await t.rejects(app.eventLog.transaction(async (_tx, publish) => {
+    await publish(event)
+    await app.eventLog.publish(event)
+  }), /use the publish function the transaction passes to its callback/)
+  await t.rejects(app.eventLog.transaction(async () => { await app.eventLog.transaction(async () => {}) }), /inside eventLog\.transaction/)
+  t.ok(Date.now() - started < 5000, 'refused at once, not after transactionTimeoutMs')
+  t.same(await app.eventLog.read(stream, 0, 10), [], 'nothing recorded: the outer transaction rolled back with the refusal')
+})
+
+t.test('regression: publish accepted a company stream of another company and reserved event names', async t => {
+  const { app } = await build(t)
+  const acme = await createCompany(app, ['admin'])
+  const globex = await createCompany(app, ['admin'])
+  const publish = (event: Record<string, unknown>) => app.eventLog.publish({ actorId: null, data: {}, ...event } as never)
+  await t.rejects(publish({ stream: `company:${globex.id}`, type: 'project:deleted', companyId: acme.id }), /is not the stream of company/)
+  for (const type of ['disconnect', 'auth:expired', 'sync:head', 'server:shutdown', '']) {
+    await t.rejects(publish({ stream: `company:${acme.id}`, type, companyId: acme.id }), /cannot be an event type/, type)
+  }
+  await t.rejects(publish({ stream: 'tenant:1', type: 'project:deleted', companyId: acme.id }), /stream must be/)
+  await t.rejects(publish({ stream: `company:${acme.id}`, type: 'project:deleted', companyId: acme.id, data: undefined }), /JSON value/)
+  t.same(await app.eventLog.read(`company:${globex.id}`, 0, 10), [], 'nothing reached the other company')
+  t.same(await app.eventLog.read(`company:${acme.id}`, 0, 10), [])
+  const user = `user:${acme.as('admin').id}` as const
+  await publish({ stream: user, type: 'notification:new', companyId: globex.id, data: { kind: 'k', message: 'm' } })
+  t.equal((await app.eventLog.read(user, 0, 10)).length, 1, 'a user stream spans companies: any companyId')
+})
