@@ -220,12 +220,15 @@ t.test('regression: a resume on a node whose copies of the events were late (Red
       await publish({ stream: companyOf(company), type: 'project:deleted', companyId: company.id, actorId: member.id, data: { projectId: `p${i}` } })
     })
   }
+  // What node x receives from node y, to know when y's late copies have arrived.
+  const relayed: number[] = []
+  x.app.io.on('erp:events', (envelopes: Array<{ seq: number }>) => { relayed.push(...envelopes.map(e => e.seq)) })
   const ack = await request(socket, 'sync:resume', { streams: { [companyOf(company)]: 0 } })
   t.same(ack.streams[companyOf(company)], { recovered: true, replayed: 3, headSeq: 3 })
   await redis.resume()
-  // Node y's copies now reach node x.
-  await sleep(500)
-  t.same(seqsByStream(seen), { [companyOf(company)]: [1, 2, 3] }, 'each event once, in order')
+  await waitFor(() => [1, 2, 3].every(seq => relayed.includes(seq)), 5000, 'node y\'s late copies to reach node x')
+  await sleep(100)
+  t.same(seqsByStream(seen), { [companyOf(company)]: [1, 2, 3] }, 'each event once, in order, after the copies arrived')
 })
 
 t.test('bad resume payloads are refused with a code and send nothing', async t => {
