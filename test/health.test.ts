@@ -1,7 +1,8 @@
 import t from 'tap'
 import { buildApp } from '../src/app.ts'
 import { openDatabase } from '../src/db/index.ts'
-import { build, connect, createCompany, testConfig, testDatabase, uniqueName, waitFor, TEST_REDIS_URL } from './helpers.ts'
+import { HEALTH_PROBE_REUSE_MS } from '../plugins/health/index.ts'
+import { build, connect, createCompany, sleep, testConfig, testDatabase, uniqueName, waitFor, TEST_REDIS_URL } from './helpers.ts'
 
 t.test('GET /health/websocket reports the node in the contract shape', async t => {
   const { app, url } = await build(t, { realtime: { socket: { nodeId: 'node-under-test' } } })
@@ -49,6 +50,8 @@ t.test('a node whose database is closed answers 503 with status down', async t =
   const { app } = await build(t, { db })
   t.equal((await app.inject({ method: 'GET', url: '/health/websocket' })).statusCode, 200)
   await db.close()
+  // The last probe's result is reused for HEALTH_PROBE_REUSE_MS, never longer.
+  await sleep(HEALTH_PROBE_REUSE_MS + 50)
 
   const res = await app.inject({ method: 'GET', url: '/health/websocket' })
   t.equal(res.statusCode, 503)
@@ -84,6 +87,39 @@ t.test('a database probe slower than databaseTimeoutMs counts as down', async t 
   t.match(res.json(), { status: 'down', database: { status: 'down' } })
   await held
   t.equal((await app.inject({ method: 'GET', url: '/health/websocket' })).statusCode, 200, 'up again once the connection is free')
+})
+
+t.test('probe fan-out: concurrent health requests share one database probe and one node count, reused for HEALTH_PROBE_REUSE_MS only', async t => {
+  const db = await testDatabase(t, { poolSize: 2 })
+  const prisma = db.prisma as unknown as { $queryRaw: (...args: unknown[]) => unknown }
+  let selects = 0
+  const queryRaw = prisma.$queryRaw.bind(prisma)
+  prisma.$queryRaw = (...args: unknown[]) => {
+    if (String((args[0] as string[] | undefined)?.[0] ?? '').includes('SELECT 1')) selects++
+    return queryRaw(...args)
+  }
+  const { app, url } = await build(t, { db })
+  let counts = 0
+  const serverCount = app.erpSocket.serverCount
+  app.erpSocket.serverCount = () => { counts++; return serverCount() }
+  await sleep(HEALTH_PROBE_REUSE_MS + 50)
+  selects = 0
+
+  const statuses = await Promise.all([
+    ...Array.from({ length: 300 }, () => fetch(`${url}/health/websocket`).then(r => r.status)),
+    ...Array.from({ length: 20 }, () => fetch(`${url}/health/ready`).then(r => r.status))
+  ])
+  t.same([...new Set(statuses)], [200], 'every probe answers 200 on a pool of 2')
+  t.equal(selects, 1, 'one SELECT 1 for 320 concurrent requests')
+  t.equal(counts, 1, 'one node count for 300 concurrent requests')
+
+  const again = await app.inject({ method: 'GET', url: '/health/websocket' })
+  t.match(again.json(), { status: 'ok', database: { status: 'up' } })
+  t.equal(selects, 1, 'a request right after reuses the result')
+  await sleep(HEALTH_PROBE_REUSE_MS + 50)
+  await app.inject({ method: 'GET', url: '/health/websocket' })
+  t.equal(selects, 2, 'no result older than HEALTH_PROBE_REUSE_MS is reused')
+  t.equal(counts, 2)
 })
 
 t.test('embedded PGlite reports backend pglite', async t => {

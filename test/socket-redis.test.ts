@@ -6,8 +6,9 @@ import { Redis } from 'ioredis'
 import erpSocket, { guardCommands } from '../plugins/socket/index.ts'
 import { companyStream } from '../plugins/events.ts'
 import { ConfigError, loadConfig } from '../src/config.ts'
-import { authHeader, build, connect, createCompany, record, request, testDatabase, uniqueName, waitFor, TEST_REDIS_URL } from './helpers.ts'
+import { authHeader, build, connect, createCompany, record, request, sleep, testDatabase, uniqueName, waitFor, TEST_REDIS_URL } from './helpers.ts'
 import { dedicatedRedis } from './cluster-helpers.ts'
+import { HEALTH_PROBE_REUSE_MS } from '../plugins/health/index.ts'
 
 const requestChannel = (prefix: string) => `${prefix}-request#/#`
 
@@ -118,10 +119,50 @@ t.test('health never hangs on a stalled Redis: nodes falls back to 1 after redis
   await waitFor(async () => (await app.websocketHealth()).nodes === 2, 5000, 'two nodes')
   // SIGSTOP: the server stops answering while every connection stays open and "ready".
   await redis.pause()
+  await sleep(HEALTH_PROBE_REUSE_MS + 50) // the two-node count is no longer reused
+  let started = performance.now()
   const response = await app.inject({ url: '/health/websocket' })
-  t.match(response.json(), { status: 'ok', nodes: 1, adapter: { status: 'up' } }, 'answered without waiting for Redis')
+  t.ok(performance.now() - started < 700, 'answered after redisTimeoutMs, not Redis')
+  t.match(response.json(), { nodes: 1 }, 'answered without waiting for Redis')
   await redis.resume()
-  t.equal(await app.erpSocket.serverCount(), 2, 'counts again once Redis answers')
+  await waitFor(async () => (await app.erpSocket.serverCount()) === 2, 5000, 'counts again once Redis answers')
+  started = performance.now()
+  await app.inject({ url: '/health/websocket' })
+  t.ok(performance.now() - started < 700)
+})
+
+t.test('a hung Redis (SIGSTOP) is reported down, health says degraded, publishes are not queued without limit', async (t) => {
+  const redis = await dedicatedRedis(t)
+  const db = await testDatabase(t)
+  const { app } = await build(t, { db, realtime: { socket: { redis: redis.url, redisPrefix: uniqueName('erp_hang'), redisTimeoutMs: 200 } } })
+  await waitFor(() => app.erpSocket.adapterStatus() === 'up', 5000, 'adapter up')
+  const adapter = app.io.of('/').adapter as unknown as { pubClient: Redis, subClient: Redis }
+  t.equal(adapter.pubClient.options.commandTimeout, 2000, 'the publisher created from the URL has a command timeout')
+  t.equal(adapter.subClient.options.commandTimeout, undefined, 'the subscriber keeps waiting')
+  const pending = () => {
+    const client = adapter.pubClient as unknown as { commandQueue: { length: number }, offlineQueue: { length: number } }
+    return client.commandQueue.length + client.offlineQueue.length
+  }
+
+  await redis.pause()
+  t.equal(app.erpSocket.adapterStatus(), 'up', 'a hang is not visible before Redis is asked something')
+  const started = performance.now()
+  const first = await app.inject({ url: '/health/websocket' })
+  t.ok(performance.now() - started < 700, 'bounded by redisTimeoutMs')
+  t.match(first.json(), { status: 'degraded', nodes: 1, adapter: { type: 'redis', status: 'down' }, database: { status: 'up' } })
+  t.equal(app.erpSocket.adapterStatus(), 'down', 'down until Redis answers')
+  const quick = performance.now()
+  t.equal(await app.erpSocket.serverCount(), 1)
+  t.ok(performance.now() - quick < 50, 'no more waiting for Redis while it is known down')
+
+  const payload = 'x'.repeat(10_000)
+  for (let i = 0; i < 500; i++) app.erpSocket.toOtherNodes('erp:events', [{ payload } as never])
+  t.ok(pending() < 10, `publishes are refused, not queued with their payloads (${pending()} pending)`)
+
+  await redis.resume()
+  await waitFor(() => app.erpSocket.adapterStatus() === 'up', 5000, 'up again once a PING is answered')
+  t.match((await app.inject({ url: '/health/websocket' })).json(), { status: 'ok', adapter: { status: 'up' } })
+  await waitFor(() => pending() === 0, 5000, 'nothing left queued')
 })
 
 t.test('a publish that fails is handled, never an unhandled rejection', async (t) => {

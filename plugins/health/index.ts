@@ -40,10 +40,32 @@ const optionsSchema = z.object({
   prefix: z.string().regex(/^\/[\w\-/]*$/).default('/health')
 })
 
+/**
+ * How long a probe's result (database, node count) is reused. Requests that arrive while a
+ * probe runs wait for it instead of starting their own, and those within this time after it
+ * settled get its result: one `SELECT 1` and one Redis count per node however many
+ * orchestrators and load balancers ask. A result is never reused longer than this.
+ */
+export const HEALTH_PROBE_REUSE_MS = 500
+
+/** `probe` run at most once at a time, its result reused for `reuseMs` after it settles. */
+function shared<T> (probe: () => Promise<T>, reuseMs: number): () => Promise<T> {
+  let inFlight: Promise<T> | undefined
+  let last: { value: T, at: number } | undefined
+  return () => {
+    if (last && performance.now() - last.at < reuseMs) return Promise.resolve(last.value)
+    inFlight ??= probe().then(value => {
+      last = { value, at: performance.now() }
+      return value
+    }).finally(() => { inFlight = undefined })
+    return inFlight
+  }
+}
+
 async function erpHealth (fastify: FastifyInstance, rawOptions: ErpHealthOptions) {
   const { prisma, eventLogBackend, databaseTimeoutMs, prefix } = parseOptions('erp-health', optionsSchema, rawOptions)
 
-  const probeDatabase = async (): Promise<WebsocketHealth['database']> => {
+  const queryDatabase = async (): Promise<WebsocketHealth['database']> => {
     const started = performance.now()
     let timer: NodeJS.Timeout | undefined
     try {
@@ -61,9 +83,12 @@ async function erpHealth (fastify: FastifyInstance, rawOptions: ErpHealthOptions
     }
   }
 
+  const probeDatabase = shared(queryDatabase, HEALTH_PROBE_REUSE_MS)
+  const countNodes = shared(() => fastify.erpSocket.serverCount().catch(() => 1), HEALTH_PROBE_REUSE_MS)
+
   const report = async (): Promise<WebsocketHealth> => {
     const socket = fastify.erpSocket
-    const [database, nodes] = await Promise.all([probeDatabase(), socket.serverCount().catch(() => 1)])
+    const [database, nodes] = await Promise.all([probeDatabase(), countNodes()])
     const adapter = { type: socket.adapterType, status: socket.adapterStatus() }
     const status = database.status === 'down' ? 'down' : adapter.status === 'down' ? 'degraded' : 'ok'
     return {

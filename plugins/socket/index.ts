@@ -29,14 +29,19 @@ export interface ErpSocketOptions {
    * ioredis options for the connections the plugin creates from a URL (`retryStrategy`, `tls`,
    * `connectTimeout`...). Default `{}`; the publisher then uses `maxRetriesPerRequest: 2` (a
    * publish during an outage fails fast instead of piling up; other nodes fill the gap from
-   * the event log) and the subscriber always uses `maxRetriesPerRequest: null` with the offline
-   * queue on (its subscriptions wait for Redis instead of being lost). Sentinel or cluster:
+   * the event log) and `commandTimeout: 2000` (a Redis that hangs with its connection open
+   * fails a command after 2 s instead of never), and the subscriber always uses
+   * `maxRetriesPerRequest: null` with the offline queue on and no command timeout (its
+   * subscriptions wait for Redis instead of being lost). Sentinel or cluster:
    * create the clients yourself and pass `redis: { pubClient, subClient }`.
    */
   redisOptions?: RedisOptions
   /** Prefix of the adapter's Redis channels, so several apps can share one Redis. Default `'erp-realtime'`. */
   redisPrefix?: string
-  /** How long `serverCount()` (health's `nodes`) waits for Redis before answering 1. Default 1000. */
+  /**
+   * How long `serverCount()` (health's `nodes`) waits for Redis before answering 1 (the adapter
+   * then counts as down until Redis answers again), and how long a recovery PING waits. Default 1000.
+   */
   redisTimeoutMs?: number
   /**
    * Exact origins allowed for CORS on the handshake and for the browser Origin check.
@@ -66,11 +71,16 @@ export interface ErpSocketDecorator {
   adapterType: 'memory' | 'redis'
   /** Key/channel prefix of the Redis adapter (`redisPrefix`), for plugins that share the Redis. */
   redisPrefix: string
-  /** `'down'` while a Redis connection of the adapter is not ready (always `'up'` on the memory adapter). */
+  /**
+   * `'down'` while a Redis connection of the adapter is not ready, or while Redis does not answer
+   * (the last `serverCount()` or a publisher command timed out or failed, until a PING or a
+   * later count succeeds). Always `'up'` on the memory adapter.
+   */
   adapterStatus (): AdapterStatus
   /**
    * Nodes sharing the adapter, this one included (1 on the memory adapter). Never rejects and
-   * never waits longer than `redisTimeoutMs`: answers 1 when Redis is down or slow.
+   * never waits longer than `redisTimeoutMs`: answers 1 when Redis is down or slow, at once
+   * (without asking Redis) while the adapter is down.
    */
   serverCount (): Promise<number>
   corsOrigins: readonly string[]
@@ -140,10 +150,12 @@ async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions
     let pub: Redis
     let sub: Redis
     if (typeof options.redis === 'string') {
-      pub = new Redis(options.redis, { maxRetriesPerRequest: 2, ...(rawOptions.redisOptions ?? {}) })
+      pub = new Redis(options.redis, { maxRetriesPerRequest: 2, commandTimeout: PUBLISHER_COMMAND_TIMEOUT_MS, ...(rawOptions.redisOptions ?? {}) })
       // The subscriber only ever sends (p)subscribe: let them wait for Redis rather than fail,
-      // or the node would stay deaf to other nodes after an outage at start-up.
-      sub = pub.duplicate({ maxRetriesPerRequest: null, enableOfflineQueue: true })
+      // or the node would stay deaf to other nodes after an outage at start-up. No command
+      // timeout either (duplicate() would copy the publisher's): a timed-out subscribe is not
+      // sent again until the next 'ready'.
+      sub = pub.duplicate({ maxRetriesPerRequest: null, enableOfflineQueue: true, commandTimeout: undefined })
       ownedClients = [pub, sub]
     } else {
       pub = options.redis.pubClient
@@ -163,34 +175,72 @@ async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions
       client.on('ready', onReady)
     }
     let closing = false
+    // A Redis that hangs (stopped, overloaded) keeps its connections open and "ready": ioredis
+    // would queue every command behind the ones it waits for. `unresponsive` is set when a count
+    // or a publisher command times out or fails; the adapter is then reported down, its
+    // publishes are refused at once (not queued with their payloads; other nodes fill the gap
+    // from the event log), and a PING bounded by redisTimeoutMs is sent every second until
+    // Redis answers (or a reconnection's ready check succeeds).
+    let unresponsive = false
+    let recovery: Promise<void> | undefined
+    let recoveryTimer: NodeJS.Timeout | undefined
+    let pendingPing: Promise<boolean> | undefined
+    const pingAnswered = (): Promise<boolean> => {
+      // At most one PING in flight: a caller-owned publisher may have no command timeout.
+      pendingPing ??= pub.ping().then(() => true, () => false).finally(() => { pendingPing = undefined })
+      return withTimeout(pendingPing, options.redisTimeoutMs, false)
+    }
+    const markUnresponsive = () => {
+      if (closing) return
+      if (!unresponsive) warn('Redis does not answer', 'Redis adapter unresponsive; reported down until it answers')
+      unresponsive = true
+      recovery ??= (async () => {
+        while (unresponsive && !closing) {
+          if (pub.status === 'ready' && await pingAnswered()) {
+            markResponsive()
+            break
+          }
+          await new Promise<void>(resolve => { recoveryTimer = setTimeout(resolve, RECOVERY_PING_INTERVAL_MS).unref() })
+        }
+      })().finally(() => { recovery = undefined })
+    }
+    const markResponsive = () => {
+      if (unresponsive) lastLogged = ''
+      unresponsive = false
+    }
+    pub.on('ready', markResponsive)
+    const onPublisherFailure = (err: Error) => {
+      if (err.message === 'Command timed out') markUnresponsive()
+      warn(err.message, 'Redis publish failed; other nodes fill the gap from the event log')
+    }
     const adapterClients = {
-      pub: guardCommands(pub, (err) => warn(err.message, 'Redis publish failed; other nodes fill the gap from the event log'), () => closing),
+      pub: guardCommands(pub, onPublisherFailure, () => closing, () => unresponsive),
       sub: guardCommands(sub, (err) => warn(err.message, 'Redis subscribe failed; retrying when Redis is ready'), () => closing)
     }
     io.adapter(createAdapter(adapterClients.pub, adapterClients.sub, { key: options.redisPrefix }))
-    adapterStatus = () => (pub.status === 'ready' && sub.status === 'ready' ? 'up' : 'down')
+    adapterStatus = () => (pub.status === 'ready' && sub.status === 'ready' && !unresponsive ? 'up' : 'down')
     countServers = async () => {
       if (adapterStatus() === 'down') return 1
-      let timer: NodeJS.Timeout | undefined
       try {
-        const count = await Promise.race([
-          io.of('/').adapter.serverCount(),
-          new Promise<number>(resolve => {
-            timer = setTimeout(() => resolve(1), options.redisTimeoutMs)
-            timer.unref()
-          })
-        ])
-        return Math.max(1, Number(count) || 1)
+        const count = await withTimeout(io.of('/').adapter.serverCount().then(Number), options.redisTimeoutMs, undefined)
+        if (count === undefined) {
+          markUnresponsive()
+          return 1
+        }
+        markResponsive()
+        return Math.max(1, count || 1)
       } catch {
+        // Closed or refused while counting: only a hang or a failure of a ready connection counts.
+        if (pub.status === 'ready') markUnresponsive()
         return 1
-      } finally {
-        clearTimeout(timer)
       }
     }
     // Called by the onClose hook below before io.close(): the adapter's unsubscribes then fail
     // quietly instead of being logged as an outage.
     releaseAdapterClients = () => {
       closing = true
+      clearTimeout(recoveryTimer)
+      pub.off('ready', markResponsive)
       for (const client of [pub, sub]) {
         client.off('error', onError)
         client.off('ready', onReady)
@@ -248,6 +298,21 @@ async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions
   })
 }
 
+/** Default `commandTimeout` of the publisher created from a URL. */
+const PUBLISHER_COMMAND_TIMEOUT_MS = 2000
+/** How often an unresponsive Redis is sent a PING. */
+const RECOVERY_PING_INTERVAL_MS = 1000
+
+/** `promise`'s value, or `fallback` after `ms` (the timer does not hold the process). */
+async function withTimeout<T, F> (promise: Promise<T>, ms: number, fallback: F): Promise<T | F> {
+  let timer: NodeJS.Timeout | undefined
+  try {
+    return await Promise.race([promise, new Promise<F>(resolve => { timer = setTimeout(() => resolve(fallback), ms).unref() })])
+  } finally {
+    clearTimeout(timer)
+  }
+}
+
 /**
  * QUIT when Redis answers, bounded by `timeoutMs`; otherwise drop the connection. A QUIT sent
  * during an outage would queue behind the adapter's unsubscribes on the subscriber (which
@@ -298,16 +363,19 @@ async function noticeCollected (io: ErpServer): Promise<void> {
 }
 
 const SUBSCRIBE_COMMANDS = new Set(['subscribe', 'psubscribe', 'ssubscribe'])
+const PUBLISH_COMMANDS = new Set(['publish', 'spublish'])
 
 /**
  * A view of an ioredis client for the Redis adapter. The adapter calls `publish`/`subscribe`
  * without handling the returned promise; while Redis is down ioredis rejects those
  * (maxRetriesPerRequest, enableOfflineQueue: false), and an unhandled rejection ends the
  * process. The view attaches a handler to every command promise; a failed subscribe is sent
- * again once the client is ready, so the node does not stay deaf to the others. The client
+ * again once the client is ready, so the node does not stay deaf to the others. While
+ * `refusePublishes()` is true, publishes are refused at once (a rejected promise, reported
+ * like a failure) instead of being queued behind a Redis that does not answer. The client
  * itself is not modified (it may belong to the caller).
  */
-export function guardCommands (client: Redis, onFailure: (err: Error) => void, closing: () => boolean = () => false): Redis {
+export function guardCommands (client: Redis, onFailure: (err: Error) => void, closing: () => boolean = () => false, refusePublishes: () => boolean = () => false): Redis {
   const wrapped = new Map<PropertyKey, unknown>()
   const view: Redis = new Proxy(client, {
     get (target, property) {
@@ -318,6 +386,11 @@ export function guardCommands (client: Redis, onFailure: (err: Error) => void, c
       if (!wrapper) {
         const name = String(property)
         wrapper = function (this: unknown, ...args: unknown[]) {
+          if (PUBLISH_COMMANDS.has(name) && refusePublishes()) {
+            const refused = Promise.reject(new Error('Redis does not answer: publish refused'))
+            refused.catch((err: Error) => { if (!closing()) onFailure(err) })
+            return refused
+          }
           const result = (Reflect.get(target, property, target) as (...a: unknown[]) => unknown).apply(target, args)
           if (result === target) return this
           if (result instanceof Promise) {
