@@ -14,6 +14,10 @@ export interface AppConfig {
   databaseUrl?: string
   /** Distinct SQL texts prepared once per connection (DATABASE_PREPARED_STATEMENTS; 0: none, for PgBouncer's transaction mode before 1.21). Unset: openDatabase's default. */
   preparedStatements?: number
+  /** How long getting a PostgreSQL connection may take, waiting for a free pool slot included (DATABASE_CONNECT_TIMEOUT_MS; 0: no limit). Unset: openDatabase's default (5000). */
+  databaseConnectTimeoutMs?: number
+  /** How long a PostgreSQL statement may wait for its reply before its connection is closed and it fails (DATABASE_QUERY_TIMEOUT_MS; 0: no limit; migrations are not bounded). Unset: openDatabase's default (30000). */
+  databaseQueryTimeoutMs?: number
   dataDir: string
   redisUrl?: string
   jwtSecret: string
@@ -63,6 +67,8 @@ const variables = {
   HOST: z.string().trim().min(1, 'must not be empty'),
   DATABASE_URL: url(['postgres:', 'postgresql:']),
   DATABASE_PREPARED_STATEMENTS: integer(0, 10_000),
+  DATABASE_CONNECT_TIMEOUT_MS: integer(0, 600_000),
+  DATABASE_QUERY_TIMEOUT_MS: integer(0, 3_600_000),
   DATA_DIR: z.string().trim().min(1, 'must not be empty'),
   REDIS_URL: url(['redis:', 'rediss:']),
   JWT_SECRET: z.string().min(32, 'must be at least 32 characters (HS256 key)'),
@@ -98,6 +104,8 @@ export function loadConfig (env: NodeJS.ProcessEnv = process.env): AppConfig {
     host: parsed.HOST ?? '127.0.0.1',
     databaseUrl: parsed.DATABASE_URL,
     preparedStatements: parsed.DATABASE_PREPARED_STATEMENTS,
+    databaseConnectTimeoutMs: parsed.DATABASE_CONNECT_TIMEOUT_MS,
+    databaseQueryTimeoutMs: parsed.DATABASE_QUERY_TIMEOUT_MS,
     dataDir: parsed.DATA_DIR ?? '.data',
     redisUrl: parsed.REDIS_URL,
     jwtSecret: parsed.JWT_SECRET ?? DEV_JWT_SECRET,

@@ -21,7 +21,13 @@ async function main () {
   }
 
   const dataDir = path.join(config.dataDir, 'pglite')
-  const db = await openDatabase({ url: config.databaseUrl, dataDir, preparedStatements: config.preparedStatements })
+  const db = await openDatabase({
+    url: config.databaseUrl,
+    dataDir,
+    preparedStatements: config.preparedStatements,
+    connectTimeoutMs: config.databaseConnectTimeoutMs,
+    queryTimeoutMs: config.databaseQueryTimeoutMs
+  })
   const migrations = await db.withSession(sql => migrate(sql))
   // Demo data only where SEED_DEMO allows it (default: not in production); the banner lists the
   // demo logins only when they exist and still have the published password.

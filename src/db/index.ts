@@ -31,6 +31,24 @@ export interface DatabaseOptions {
    * mode needs before 1.21.
    */
   preparedStatements?: number
+  /**
+   * PostgreSQL only: how long getting a connection may take, waiting for a free pool slot
+   * included (pg's `connectionTimeoutMillis`); past it the query fails with pg-pool's "timeout
+   * exceeded when trying to connect" (503 through `databaseUnreachable`). Default 5000; 0 waits
+   * without limit.
+   */
+  connectTimeoutMs?: number
+  /**
+   * PostgreSQL only: how long one statement may wait for PostgreSQL's reply, counted from when it
+   * is handed to its connection. Past it the connection is closed (a server or network that stopped
+   * answering leaves it unusable) and the statement fails with an `ETIMEDOUT` socket error, which
+   * `@prisma/adapter-pg` maps to `SocketTimeout` (503 through `databaseUnreachable`). Client-side,
+   * so it also covers a black-holed network; the statement itself may still run on the server.
+   * `withSession` (migrations: long DDL, waiting for another node's migration lock) is not
+   * bounded. Default 30000, above the interactive transactions' own limits (offline-queue 15 s
+   * per transaction); 0 waits without limit.
+   */
+  queryTimeoutMs?: number
 }
 
 /**
@@ -52,10 +70,63 @@ export function statementNames (max: number): (query: { sql: string }) => string
   }
 }
 
+/** Thrown (through the statement's callbacks) when PostgreSQL did not answer within the query bound. */
+export function queryTimeoutError (timeoutMs: number): Error & { code: 'ETIMEDOUT' } {
+  return Object.assign(new Error(`PostgreSQL sent no reply within ${timeoutMs} ms (DATABASE_QUERY_TIMEOUT_MS); connection closed`), { code: 'ETIMEDOUT' as const })
+}
+
+type Callback = (err: Error | null, result?: unknown) => void
+
+/**
+ * A pg client whose statements are bounded: a statement without a reply after `queryTimeoutMs`
+ * destroys the connection with `queryTimeoutError`, so pg fails it and every statement queued
+ * behind it, and the pool drops the client. pg's own `query_timeout` is not used: it rejects
+ * with a code-less "Query read timeout" that `@prisma/adapter-pg` does not map (no 503), and it
+ * leaves the hung statement on the connection, which an interactive transaction then returns to
+ * the pool (`release()` without an error), so the next user queues behind it.
+ */
+function boundedClient (queryTimeoutMs: number): typeof pg.Client {
+  return class BoundedClient extends pg.Client {
+    /** 0 while `withSession` holds the client (migrations are not bounded). */
+    queryTimeoutMs = queryTimeoutMs
+
+    override query (...args: unknown[]): any {
+      const timeoutMs = this.queryTimeoutMs
+      // Submittables (cursors, streams) report on their own; they are not used here.
+      if (!(timeoutMs > 0) || typeof (args[0] as { submit?: unknown } | null)?.submit === 'function') {
+        return (super.query as (...a: unknown[]) => unknown)(...args)
+      }
+      const timer = setTimeout(() => {
+        (this as unknown as { connection: { stream: { destroy (err: Error): void } } }).connection.stream.destroy(queryTimeoutError(timeoutMs))
+      }, timeoutMs)
+      const last = args.length - 1
+      if (typeof args[last] === 'function') {
+        const callback = args[last] as Callback
+        args[last] = (err: Error | null, result?: unknown) => { clearTimeout(timer); callback(err, result) }
+        return (super.query as (...a: unknown[]) => unknown)(...args)
+      }
+      try {
+        return ((super.query as (...a: unknown[]) => Promise<unknown>)(...args)).finally(() => clearTimeout(timer))
+      } catch (err) {
+        clearTimeout(timer)
+        throw err
+      }
+    }
+  }
+}
+
 /** Opens PostgreSQL through @prisma/adapter-pg, or embedded PGlite when no URL is given. */
 export async function openDatabase (options: DatabaseOptions = {}): Promise<Database> {
   if (options.url) {
-    const pool = new pg.Pool({ connectionString: options.url, max: options.poolSize ?? 10 })
+    const pool = new pg.Pool({
+      connectionString: options.url,
+      max: options.poolSize ?? 10,
+      // Without these a hung server or a black-holed network left requests waiting without limit.
+      connectionTimeoutMillis: options.connectTimeoutMs ?? 5000,
+      keepAlive: true,
+      keepAliveInitialDelayMillis: 10_000,
+      Client: boundedClient(options.queryTimeoutMs ?? 30_000)
+    })
     // An idle client's error (server restart) must not crash the process; the next query fails instead.
     pool.on('error', () => {})
     const preparedStatements = options.preparedStatements ?? 200
@@ -66,12 +137,20 @@ export async function openDatabase (options: DatabaseOptions = {}): Promise<Data
       prisma,
       async withSession (fn) {
         const client = await pool.connect()
+        const bounded = client as unknown as { queryTimeoutMs: number }
+        const timeoutMs = bounded.queryTimeoutMs
+        bounded.queryTimeoutMs = 0
+        // A connection lost mid-session fails the running statement; the event must not crash the process.
+        const onError = () => {}
+        client.on('error', onError)
         try {
           return await fn({
             exec: async (script) => { await client.query(script) },
             query: async (text, params) => (await client.query(text, params as unknown[])).rows
           })
         } finally {
+          bounded.queryTimeoutMs = timeoutMs
+          client.removeListener('error', onError)
           client.release()
         }
       },
