@@ -88,8 +88,10 @@ async function erpHealth (fastify: FastifyInstance, rawOptions: ErpHealthOptions
 
   const report = async (): Promise<WebsocketHealth> => {
     const socket = fastify.erpSocket
-    const [database, nodes] = await Promise.all([probeDatabase(), countNodes()])
+    const [database, counted] = await Promise.all([probeDatabase(), countNodes()])
     const adapter = { type: socket.adapterType, status: socket.adapterStatus() }
+    // A count reused from before the adapter went down is not this node's view any more.
+    const nodes = adapter.status === 'down' ? 1 : counted
     const status = database.status === 'down' ? 'down' : adapter.status === 'down' ? 'degraded' : 'ok'
     return {
       status,
