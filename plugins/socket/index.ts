@@ -319,14 +319,7 @@ async function withTimeout<T, F> (promise: Promise<T>, ms: number, fallback: F):
  * waits for Redis without limit) and never settle, holding the app's close.
  */
 async function closeOwnedClient (client: Redis, timeoutMs: number): Promise<void> {
-  if (client.status === 'ready') {
-    let timer: NodeJS.Timeout | undefined
-    await Promise.race([
-      client.quit().catch(() => {}),
-      new Promise<void>(resolve => { timer = setTimeout(resolve, timeoutMs) })
-    ])
-    clearTimeout(timer)
-  }
+  if (client.status === 'ready') await withTimeout(client.quit().catch(() => {}), timeoutMs, undefined)
   client.disconnect()
 }
 
