@@ -43,6 +43,7 @@ const ratioOf = (row: Row) => row.ours / row.baseline
 function verdict (row: Row): { text: string, met?: boolean } {
   const t = row.target
   if (!t) return { text: '' }
+  if (row.noVerdict) return { text: t.maxRatio !== undefined ? `≤ ${t.maxRatio}x` : t.minRatio !== undefined ? `≥ ${t.minRatio}x` : `< ${t.maxOurs} ${row.unit}` }
   const ratio = ratioOf(row)
   if (t.maxRatio !== undefined) return { text: `≤ ${t.maxRatio}x`, met: ratio <= t.maxRatio }
   if (t.minRatio !== undefined) return { text: `≥ ${t.minRatio}x`, met: ratio >= t.minRatio }
@@ -52,7 +53,7 @@ function verdict (row: Row): { text: string, met?: boolean } {
 
 function summaryLine (row: Row): string {
   const v = verdict(row)
-  const target = v.text ? ` (target ${v.text}: ${v.met ? 'met' : 'MISSED'})` : ''
+  const target = v.text ? ` (target ${v.text}: ${row.noVerdict ? `no verdict, ${row.noVerdict}` : v.met ? 'met' : 'MISSED'})` : ''
   return `${row.label}: ${row.metric} ${fmt(row.ours)} ${row.unit} vs ${fmt(row.baseline)} ${row.unit} ${row.baselineName ?? 'raw'} = ${round(ratioOf(row), 2)}x${target}`
 }
 
@@ -60,7 +61,7 @@ function table (rows: Row[]): string {
   const header = ['scenario', 'metric', 'ours', 'baseline', 'ratio', 'target', '']
   const body = rows.map(row => {
     const v = verdict(row)
-    return [row.label, row.metric, `${fmt(row.ours)} ${row.unit}`, `${fmt(row.baseline)} ${row.unit} (${row.baselineName ?? 'raw'})`, `${round(ratioOf(row), 2)}x`, v.text, v.met === undefined ? '' : v.met ? 'met' : 'MISSED']
+    return [row.label, row.metric, `${fmt(row.ours)} ${row.unit}`, `${fmt(row.baseline)} ${row.unit} (${row.baselineName ?? 'raw'})`, `${round(ratioOf(row), 2)}x`, v.text, row.noVerdict ? 'no verdict' : v.met === undefined ? '' : v.met ? 'met' : 'MISSED']
   })
   const widths = header.map((h, i) => Math.max(h.length, ...body.map(r => r[i]!.length)))
   const line = (cells: string[]) => `| ${cells.map((c, i) => c.padEnd(widths[i]!)).join(' | ')} |`

@@ -24,6 +24,8 @@ export interface Row {
   summary?: boolean
   /** Target on the ratio (ours / baseline) or on our absolute figure. */
   target?: { maxRatio?: number, minRatio?: number, maxOurs?: number }
+  /** Why this run gives the target no verdict (e.g. the baseline saturated): neither met nor missed. */
+  noVerdict?: string
   /** Per-repetition figures the medians come from. */
   reps: { ours: number[], baseline: number[] }
 }

@@ -145,6 +145,7 @@ export const fanout: Scenario = {
 
     const rows: Row[] = []
     const notes: string[] = []
+    if (!sizes.includes(5000)) notes.push('fanout 5000 is not in this run (opt in with --sizes 100,1000,5000: connecting 5,000 clients of one company takes many minutes here)')
     const raws: Record<string, unknown> = {}
     for (const size of sizes) {
       const rate = rateFor(size)
@@ -181,12 +182,33 @@ export const fanout: Scenario = {
       const pick = (bursts: Burst[], series: string, key: keyof Percentiles) => bursts.map(b => b.latency[series]?.[key] ?? NaN)
       const label = `fanout ${size}`
       const target = size === 1000 ? { maxRatio: 1.25 } : undefined
-      const lat = (metric: 'p50' | 'p99' | 'max', summary: boolean, t?: Row['target']): Row => ({
-        label, metric, unit: 'ms', better: 'lower', summary, target: t, baselineName: 'raw emit',
+      const lat = (metric: 'p50' | 'p95' | 'p99' | 'max', summary: boolean): Row => ({
+        label, metric, unit: 'ms', better: 'lower', summary, baselineName: 'raw emit',
         ...medians(pick(reps.ours, 'request', metric), pick(reps.raw, 'emit', metric))
       })
+      // The target's verdict counts only repetitions in which the baseline kept up: when its
+      // requests queue before the emit (request → emit p99 above the interval between changes),
+      // its emit → receipt leaves the queue out and flatters the ratio. The p99 row then comes
+      // from the valid repetitions' pairs; with fewer than 3 the run gives no verdict.
+      const interval = 1000 / rate
+      const valid = reps.raw.map((b, i) => (b.latency.route?.p99 ?? Infinity) <= interval && reps.ours[i] !== undefined)
+      const validCount = valid.filter(Boolean).length
+      const p99 = lat('p99', true)
+      if (target) {
+        p99.target = target
+        if (validCount < 3) {
+          p99.noVerdict = `the baseline kept up in ${validCount} of ${reps.raw.length} repetitions (its request → emit p99 above ${round(interval)} ms)`
+        } else if (validCount < reps.raw.length) {
+          Object.assign(p99, medians(pick(reps.ours.filter((_, i) => valid[i]), 'request', 'p99'), pick(reps.raw.filter((_, i) => valid[i]), 'emit', 'p99')))
+          notes.push(`${label}: the p99 row and its verdict use the ${validCount} repetitions in which the baseline kept up (its request → emit p99 at most ${round(interval)} ms); all are in the JSON`)
+        }
+        // With ~100 changes per repetition one slow change decides a repetition's p99: the median
+        // of the paired per-repetition ratios is a second view of the same figures.
+        const paired = reps.ours.map((b, i) => (b.latency.request?.p99 ?? NaN) / (reps.raw[i]?.latency.emit?.p99 ?? NaN)).filter((_, i) => valid[i] || validCount < 3)
+        notes.push(`${label}: median of the per-repetition p99 ratios ${round(median(paired), 2)}x (${paired.map(r => round(r, 2)).join(', ')})`)
+      }
       const perBurst = (fn: (b: Burst) => number) => medians(reps.ours.map(fn), reps.raw.map(fn))
-      rows.push(lat('p50', false), lat('p99', true, target), {
+      rows.push(lat('p50', false), lat('p95', false), p99, lat('max', false), {
         // The realtime layer alone: our broadcast (after the commit) → receipt vs raw emit → receipt.
         label, metric: 'p99 broadcast → receipt', unit: 'ms', better: 'lower', summary: true, baselineName: 'raw emit',
         ...medians(pick(reps.ours, 'emit', 'p99'), pick(reps.raw, 'emit', 'p99'))
