@@ -50,7 +50,11 @@ export function zodIssues (err: ZodError): Array<{ path: string, message: string
 
 /** Builds a VALIDATION_FAILED error from a ZodError, keeping the first issues for the client. */
 export function validationError (err: ZodError): ErrorWithBody {
-  const issues = zodIssues(err)
+  return validationFailed(zodIssues(err))
+}
+
+/** A VALIDATION_FAILED error naming its issues (the first in the message), as zod's are answered. */
+export function validationFailed (issues: Array<{ path: string, message: string }>): ErrorWithBody {
   const first = issues[0]
   const error: ErrorWithBody = new Errors.VALIDATION_FAILED(first ? `${first.path || 'body'}: ${first.message}` : 'malformed')
   error.issues = issues

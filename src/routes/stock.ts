@@ -1,6 +1,6 @@
 import type { FastifyInstance } from 'fastify'
 import { z } from 'zod'
-import { Errors, type ErrorWithBody } from '../../plugins/errors.ts'
+import { Errors, validationFailed } from '../../plugins/errors.ts'
 import { companyStream } from '../../plugins/events.ts'
 import type { Publish, Tx } from '../../plugins/offline-queue/index.ts'
 import { sqlErrorOf } from '../../plugins/support.ts'
@@ -26,7 +26,7 @@ const createBody = z.object({
   if (body.quantity < 0 && !body.allowNegative) ctx.addIssue({ code: 'custom', path: ['quantity'], message: NEGATIVE_REFUSED })
 })
 const adjustmentBody = z.object({
-  delta: z.number().int().min(-1_000_000_000).max(1_000_000_000).refine(d => d !== 0, 'must not be 0'),
+  delta: z.number().int().min(-QUANTITY_LIMIT).max(QUANTITY_LIMIT).refine(d => d !== 0, 'must not be 0'),
   reason: text(500)
 }).strict()
 const countBody = z.object({
@@ -34,13 +34,6 @@ const countBody = z.object({
   baseVersion: z.number().int().min(1).optional(),
   reason: text(500).optional()
 }).strict()
-
-/** A 400 VALIDATION_FAILED naming one field, shaped like the ones zod's issues give. */
-function invalid (path: string, message: string): ErrorWithBody {
-  const error: ErrorWithBody = new Errors.VALIDATION_FAILED(`${path}: ${message}`)
-  error.issues = [{ path, message }]
-  return error
-}
 
 /** Publishes stock:updated, and stock:low when the quantity fell to or below the reorder level. */
 async function announce (publish: Publish, item: StockItem, before: number, actorId: string, extra: { delta: number, reason: string, movementId: string }) {
@@ -114,7 +107,7 @@ export async function stockRoutes (fastify: FastifyInstance) {
         // Refused, nothing changed. Which guard refused is told from the row as read just now.
         const total = item.quantity + delta
         if (Math.abs(total) > QUANTITY_LIMIT) {
-          throw invalid('delta', `the quantity would become ${total} (quantity ${item.quantity}, delta ${delta}), outside -${QUANTITY_LIMIT}..${QUANTITY_LIMIT}`)
+          throw validationFailed([{ path: 'delta', message: `the quantity would become ${total} (quantity ${item.quantity}, delta ${delta}), outside -${QUANTITY_LIMIT}..${QUANTITY_LIMIT}` }])
         }
         throw new Errors.INSUFFICIENT_STOCK(`quantity ${item.quantity}, delta ${delta}`)
       }
@@ -147,7 +140,7 @@ export async function stockRoutes (fastify: FastifyInstance) {
       read: async (tx) => {
         const item = await tx.stockItem.findFirst({ where: { id, companyId } })
         // allowNegative is fixed at create; nothing changes it afterwards.
-        if (item && body.quantity < 0 && !item.allowNegative) throw invalid('quantity', NEGATIVE_REFUSED)
+        if (item && body.quantity < 0 && !item.allowNegative) throw validationFailed([{ path: 'quantity', message: NEGATIVE_REFUSED }])
         return item
       },
       write: (tx, data, version) => tx.stockItem.updateMany({ where: { id, companyId, version }, data: { ...data, version: { increment: 1 } } }),
