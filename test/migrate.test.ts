@@ -171,6 +171,56 @@ t.test('a failed migration is rolled back, recorded with its logs, and refuses t
   t.ok(final.some(r => r.finished_at !== null && r.rolled_back_at === null))
 })
 
+/** Holds the migration lock in a session of its own until `release()`. */
+async function holdMigrationLock (db: Database) {
+  let release!: () => void
+  const released = new Promise<void>(resolve => { release = resolve })
+  let locked!: () => void
+  const taken = new Promise<void>(resolve => { locked = resolve })
+  const session = db.withSession(async sql => {
+    await sql.query('SELECT pg_advisory_lock(72707369)')
+    locked()
+    await released
+    await sql.query('SELECT pg_advisory_unlock(72707369)')
+  })
+  await taken
+  return { release: async () => { release(); await session } }
+}
+
+// Regression: the runner blocked in pg_advisory_lock, so a session left holding the lock (a
+// migration stuck or killed without its connection closing) hung every later start for good.
+t.test('a migration lock held past lockTimeoutMs fails the run with the holder named, and migrates nothing', async t => {
+  const db = await emptyDatabase(t)
+  const holder = await holdMigrationLock(db)
+  t.teardown(holder.release)
+  const started = Date.now()
+  const err = await db.withSession(sql => migrate(sql, DEFAULT_MIGRATIONS_DIR, { lockTimeoutMs: 300 })).catch((e: unknown) => e)
+  t.ok(Date.now() - started >= 300, 'waited the timeout out')
+  t.type(err, MigrationError)
+  t.match((err as Error).message, /could not take the migration lock \(advisory lock 72707369\) within 300 ms: session pid \d+ \(application "[^"]*", [a-z ]+, connected \d+ s\) holds it/)
+  const tables = await db.withSession(sql => sql.query("SELECT count(*)::int AS n FROM information_schema.tables WHERE table_name = '_prisma_migrations'"))
+  t.equal(tables[0]!.n, 0, 'nothing was created')
+  await holder.release()
+  t.same((await db.withSession(sql => migrate(sql))).alreadyApplied, [], 'once the lock is free the run goes through')
+})
+
+t.test('a runner waiting for the lock takes it as soon as the holder lets go', async t => {
+  const db = await emptyDatabase(t)
+  const holder = await holdMigrationLock(db)
+  const run = db.withSession(sql => migrate(sql, DEFAULT_MIGRATIONS_DIR, { lockTimeoutMs: 30_000 }))
+  await new Promise(resolve => setTimeout(resolve, 250))
+  await holder.release()
+  t.same((await run).applied, await migrationNames(DEFAULT_MIGRATIONS_DIR))
+})
+
+t.test('lockTimeoutMs is validated', async t => {
+  const db = await emptyDatabase(t)
+  for (const lockTimeoutMs of [-1, 1.5, Number.NaN, Infinity]) {
+    await t.rejects(db.withSession(sql => migrate(sql, DEFAULT_MIGRATIONS_DIR, { lockTimeoutMs })), /lockTimeoutMs must be a whole number of ms ≥ 0/)
+  }
+  t.same((await db.withSession(sql => migrate(sql, DEFAULT_MIGRATIONS_DIR, { lockTimeoutMs: 0 }))).alreadyApplied, [], 'a free lock is taken at once with 0')
+})
+
 t.test('the lock is released after a failure, so another session can migrate', async t => {
   const db = await emptyDatabase(t)
   const dir = await migrationsCopy(t)
@@ -193,7 +243,7 @@ t.test('the runner works over any SqlRunner (the embedded database uses the same
     return migrate(spy)
   })
   t.ok(result.applied.length >= 1)
-  t.match(statements[0], /pg_advisory_lock/, 'takes the lock first')
+  t.match(statements[0], /pg_try_advisory_lock/, 'takes the lock first')
   t.match(statements.at(-1), /pg_advisory_unlock/, 'releases it last')
   const begins = statements.flatMap((s, i) => s === 'BEGIN' ? [i] : [])
   t.equal(begins.length, result.applied.length, 'each migration runs in a transaction')

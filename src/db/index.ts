@@ -44,8 +44,8 @@ export interface DatabaseOptions {
    * answering leaves it unusable) and the statement fails with an `ETIMEDOUT` socket error, which
    * `@prisma/adapter-pg` maps to `SocketTimeout` (503 through `databaseUnreachable`). Client-side,
    * so it also covers a black-holed network; the statement itself may still run on the server.
-   * `withSession` (migrations: long DDL, waiting for another node's migration lock) is not
-   * bounded. Default 30000, above the interactive transactions' own limits (offline-queue 15 s
+   * `withSession` (migrations: long DDL) is not bounded; the wait for another node's
+   * migration lock is bounded by the runner (`lockTimeoutMs`). Default 30000, above the interactive transactions' own limits (offline-queue 15 s
    * per transaction); 0 waits without limit.
    */
   queryTimeoutMs?: number

@@ -31,6 +31,18 @@ export interface MigrationResult {
   alreadyApplied: string[]
 }
 
+export interface MigrateOptions {
+  /**
+   * How long to wait for the migration lock another session holds, in ms (default 10000, as
+   * `prisma migrate deploy`). Past it the run fails with a MigrationError naming the holder,
+   * instead of hanging behind a session that will never let go.
+   */
+  lockTimeoutMs?: number
+}
+
+export const DEFAULT_MIGRATION_LOCK_TIMEOUT_MS = 10_000
+const LOCK_POLL_MS = 100
+
 export class MigrationError extends Error {
   constructor (message: string, public readonly migration?: string) {
     super(message)
@@ -43,12 +55,16 @@ export class MigrationError extends Error {
  * each in its own transaction, recording them in `_prisma_migrations` with the SHA-256
  * checksum Prisma uses. Idempotent; refuses to continue past a failed or edited migration.
  */
-export async function migrate (sql: SqlRunner, dir = DEFAULT_MIGRATIONS_DIR): Promise<MigrationResult> {
+export async function migrate (sql: SqlRunner, dir = DEFAULT_MIGRATIONS_DIR, options: MigrateOptions = {}): Promise<MigrationResult> {
+  const { lockTimeoutMs = DEFAULT_MIGRATION_LOCK_TIMEOUT_MS } = options
+  if (!Number.isSafeInteger(lockTimeoutMs) || lockTimeoutMs < 0) {
+    throw new TypeError(`migrate: lockTimeoutMs must be a whole number of ms ≥ 0, got ${String(lockTimeoutMs)}`)
+  }
   const names = (await readdir(dir, { withFileTypes: true }))
     .filter(entry => entry.isDirectory())
     .map(entry => entry.name)
     .sort()
-  await sql.query('SELECT pg_advisory_lock($1)', [ADVISORY_LOCK_ID])
+  await acquireLock(sql, lockTimeoutMs)
   try {
     await sql.exec(CREATE_MIGRATIONS_TABLE)
     const rows = await sql.query(
@@ -104,4 +120,37 @@ export async function migrate (sql: SqlRunner, dir = DEFAULT_MIGRATIONS_DIR): Pr
   } finally {
     await sql.query('SELECT pg_advisory_unlock($1)', [ADVISORY_LOCK_ID])
   }
+}
+
+/**
+ * Takes the migration lock, polling `pg_try_advisory_lock` rather than blocking in
+ * `pg_advisory_lock`: a blocked call cannot be bounded without changing the session's
+ * `lock_timeout`, and a session left holding the lock (a runner stuck or killed without its
+ * connection closing) would otherwise hang every later start.
+ */
+async function acquireLock (sql: SqlRunner, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    const [row] = await sql.query('SELECT pg_try_advisory_lock($1) AS locked', [ADVISORY_LOCK_ID])
+    if (row?.locked === true) return
+    if (Date.now() >= deadline) break
+    await new Promise(resolve => setTimeout(resolve, Math.min(LOCK_POLL_MS, Math.max(1, deadline - Date.now()))))
+  }
+  // Advisory locks on one bigint key have classid = its high 32 bits and objid = its low ones.
+  const holders = await sql.query(
+    `SELECT a.pid, a.application_name, a.state, floor(extract(epoch FROM now() - a.backend_start))::int AS connected_s
+     FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+     WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 AND l.objid = $1 AND l.objsubid = 1
+       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())`,
+    [ADVISORY_LOCK_ID]
+  )
+  // The holder may have let go since the last try: then there is no one to name.
+  const holder = holders[0]
+  const who = holder === undefined
+    ? 'another session'
+    : `session pid ${String(holder.pid)} (application ${JSON.stringify(holder.application_name ?? '')}, ${String(holder.state)}, connected ${String(holder.connected_s)} s)`
+  throw new MigrationError(
+    `could not take the migration lock (advisory lock ${ADVISORY_LOCK_ID}) within ${timeoutMs} ms: ${who} holds it. ` +
+    'Another deploy may be migrating; if that session is stuck, end it with SELECT pg_terminate_backend(<pid>)'
+  )
 }
