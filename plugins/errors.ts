@@ -16,6 +16,7 @@ export const Errors = {
   AUTH_INVALID_CREDENTIALS: createError('AUTH_INVALID_CREDENTIALS', 'Invalid email or password', 401),
   FORBIDDEN: createError('FORBIDDEN', 'Role %s may not do this', 403),
   AUTH_MEMBERSHIP_UNCHECKED: createError('AUTH_MEMBERSHIP_UNCHECKED', 'The route answered without checking membership', 500),
+  CONFLICT_RESOLVER_INVALID: createError('CONFLICT_RESOLVER_INVALID', 'The %s conflict resolver returned fields the update refuses: %s', 500),
   VALIDATION_FAILED: createError('VALIDATION_FAILED', 'Invalid input: %s', 400),
   NOT_FOUND: createError('NOT_FOUND', '%s not found', 404),
   ALREADY_EXISTS: createError('ALREADY_EXISTS', '%s already exists', 409),

@@ -322,3 +322,61 @@ t.test('invalid options stop the registration with a message naming the option',
     /erp-conflicts: invalid option revisionTtlSeconds/
   )
 })
+
+/** An app whose error log lines are kept, with the given conflict strategies. */
+async function setupLogged (t: Test, strategies: ErpConflictsOptions['strategies']) {
+  const db = await testDatabase(t)
+  const logged: Array<{ msg: string, err?: { code?: string, message?: string } }> = []
+  const app = await buildApp({
+    config: testConfig(),
+    db,
+    logger: { level: 'error', stream: { write: (line: string) => { logged.push(JSON.parse(line)) } } },
+    realtime: { conflicts: { strategies }, eventLog: { headIntervalMs: 0, pruneIntervalMs: 0 } }
+  })
+  t.teardown(() => app.close())
+  const company = await createCompany(app, ['manager', 'member'])
+  return { app, logged, estimator: company.as('manager'), siteManager: company.as('member') }
+}
+
+// Regression: a custom resolver's fields were written as returned, past the route's own rules (a
+// negative budget, a field the route does not let anyone change, a negative count of an item that
+// does not allow negative stock).
+t.test('a custom resolver that returns fields the route refuses writes nothing and answers 500 CONFLICT_RESOLVER_INVALID (logged)', async t => {
+  const returned: Array<Record<string, unknown>> = [{ budgetMinor: -5 }, { name: 'ok', archivedBy: 'x' }, { name: '' }]
+  const { app, logged, estimator, siteManager } = await setupLogged(t, { project: () => returned.shift() ?? null })
+  const project = await createProject(app, estimator)
+  await patch(app, estimator, project.id, { baseVersion: 1, name: 'Web' })
+  for (const reason of [/budgetMinor: Too small/, /Unrecognized key: "archivedBy"/, /name: /]) {
+    const res = await patch(app, siteManager, project.id, { baseVersion: 1, name: 'Mobile' })
+    t.equal(res.statusCode, 500)
+    t.same(res.json(), { error: { code: 'INTERNAL', message: 'Internal server error' } })
+    const last = logged.at(-1)
+    t.equal(last?.err?.code, 'CONFLICT_RESOLVER_INVALID', 'the log names the resolver')
+    t.match(last?.err?.message, /^The project conflict resolver returned fields the update refuses: /)
+    t.match(last?.err?.message, reason)
+  }
+  const row = await app.prisma.project.findUniqueOrThrow({ where: { id: project.id } })
+  t.match(row, { name: 'Web', budgetMinor: 1000, version: 2 }, 'nothing written')
+  t.equal((await eventsOf(app, { type: 'project:updated' })).length, 1, 'and nothing published but the first edit')
+  t.equal((await eventsOf(app, { type: 'conflict:detected' })).length, 0)
+})
+
+t.test('a custom stock resolver may not make a count negative on an item without allowNegative, nor write another field', async t => {
+  const returned: Array<Record<string, unknown>> = [{ quantity: -3 }, { quantity: 4, allowNegative: true }, { quantity: 4 }]
+  const { app, logged, estimator, siteManager } = await setupLogged(t, { stockItem: () => returned.shift() ?? null })
+  const created = await app.inject({ method: 'POST', url: '/stock/items', headers: authHeader(estimator), payload: { sku: 'CEM-25', name: 'Cement 25kg', quantity: 10 } })
+  const item = created.json().item as { id: string }
+  const count = (user: TestUser, quantity: number) =>
+    app.inject({ method: 'PUT', url: `/stock/items/${item.id}/count`, headers: authHeader(user), payload: { quantity, baseVersion: 1 } })
+  t.equal((await count(estimator, 8)).statusCode, 200)
+  for (const reason of [/quantity must not be negative/, /Unrecognized key: "allowNegative"/]) {
+    const res = await count(siteManager, 9)
+    t.equal(res.statusCode, 500)
+    t.equal(logged.at(-1)?.err?.code, 'CONFLICT_RESOLVER_INVALID')
+    t.match(logged.at(-1)?.err?.message, reason)
+  }
+  t.match(await app.prisma.stockItem.findUniqueOrThrow({ where: { id: item.id } }), { quantity: 8, allowNegative: false, version: 2 }, 'nothing written')
+  const resolved = await count(siteManager, 9)
+  t.equal(resolved.statusCode, 200, 'a resolver result within the rules is applied')
+  t.match(resolved.json(), { merged: true, item: { quantity: 4, version: 3 } })
+})

@@ -63,6 +63,13 @@ export interface VersionedUpdate<Row extends { version: number }, Result> {
   read (tx: Tx): Promise<Row | null>
   /** Writes `data` only if the row still has `version` (and bumps it); returns the match count. */
   write (tx: Tx, data: Fields, version: number): Promise<{ count: number }>
+  /**
+   * Checks the fields a custom resolver returned against the rules of the fields this update may
+   * change, and returns what to write; throw to refuse. A refusal writes nothing and answers 500
+   * CONFLICT_RESOLVER_INVALID (a bug in the resolver, logged with its reason). Without it the
+   * resolver's fields are written as returned, bookkeeping columns excepted.
+   */
+  accept? (fields: Fields, current: Row): Fields
   /** Runs in the same transaction once the write applied: publish its events, record side rows. */
   applied (tx: Tx, publish: Publish, row: Row, info: { before: Row, changed: string[], merged: boolean }): Promise<void>
   respond (row: Row, merged: boolean): Result
@@ -114,6 +121,18 @@ function plain (row: object): Fields {
 }
 
 const withoutMeta = (fields: Fields): Fields => Object.fromEntries(Object.entries(fields).filter(([field]) => !META.has(field)))
+
+function accepted<Row extends { version: number }> (u: VersionedUpdate<Row, unknown>, fields: Fields, current: Row): Fields {
+  if (!u.accept) return fields
+  try {
+    return u.accept(fields, current)
+  } catch (err) {
+    const reason = err instanceof z.ZodError
+      ? err.issues.map(issue => `${issue.path.join('.') || '(fields)'}: ${issue.message}`).join('; ')
+      : err instanceof Error ? err.message : String(err)
+    throw new Errors.CONFLICT_RESOLVER_INVALID(u.entity, reason, { cause: err })
+  }
+}
 
 class ConflictRejected extends Error {
   constructor (public readonly context: ConflictContext) {
@@ -195,7 +214,7 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
               if (strategy !== 'last-write-wins') {
                 const resolved = await strategy(context)
                 if (!resolved) throw new ConflictRejected(context)
-                data = withoutMeta(resolved)
+                data = accepted(u, withoutMeta(resolved), current)
               }
               resolution = typeof strategy === 'string' ? strategy : 'custom'
             }

@@ -21,12 +21,15 @@ const createBody = z.object({
   status: projectFields.status.default('active'),
   budgetMinor: projectFields.budgetMinor.default(0)
 }).strict()
-const updateBody = z.object({
-  baseVersion: z.number().int().min(1).optional(),
+// What an update may change: also what a custom conflict resolver may write.
+const updatableFields = z.object({
   name: projectFields.name.optional(),
   description: projectFields.description.optional(),
   status: projectFields.status.optional(),
   budgetMinor: projectFields.budgetMinor.optional()
+}).strict()
+const updateBody = updatableFields.extend({
+  baseVersion: z.number().int().min(1).optional()
 }).strict().refine(body => Object.keys(body).some(key => key !== 'baseVersion'), 'name at least one field to change')
 
 export async function projectRoutes (fastify: FastifyInstance) {
@@ -80,6 +83,7 @@ export async function projectRoutes (fastify: FastifyInstance) {
       baseVersion,
       changes,
       read: (tx) => tx.project.findFirst({ where: { id, companyId } }),
+      accept: (fields) => updatableFields.parse(fields),
       write: (tx, data, version) => tx.project.updateMany({ where: { id, companyId, version }, data: { ...data, version: { increment: 1 } } }),
       applied: async (_tx, publish, project, { changed, merged }) => {
         await publish({ stream: companyStream(companyId), type: 'project:updated', companyId, actorId: userId, data: { project, changed, merged } })

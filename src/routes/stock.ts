@@ -143,6 +143,12 @@ export async function stockRoutes (fastify: FastifyInstance) {
         if (item && body.quantity < 0 && !item.allowNegative) throw validationFailed([{ path: 'quantity', message: NEGATIVE_REFUSED }])
         return item
       },
+      // A custom resolver may write the quantity only, under the count's own rules.
+      accept: (fields, item) => {
+        const resolved = z.object({ quantity }).strict().parse(fields)
+        if (resolved.quantity < 0 && !item.allowNegative) throw new Error(`quantity ${NEGATIVE_REFUSED}`)
+        return resolved
+      },
       write: (tx, data, version) => tx.stockItem.updateMany({ where: { id, companyId, version }, data: { ...data, version: { increment: 1 } } }),
       applied: async (tx, publish, item, { before }) => {
         const delta = item.quantity - before.quantity
