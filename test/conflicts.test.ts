@@ -380,3 +380,29 @@ t.test('a custom stock resolver may not make a count negative on an item without
   t.equal(resolved.statusCode, 200, 'a resolver result within the rules is applied')
   t.match(resolved.json(), { merged: true, item: { quantity: 4, version: 3 } })
 })
+
+// Regression: the per-row queue and advisory lock were keyed by entity and id only, so a member
+// of another company who knew the id could queue requests (each answered 404 in the end) in front
+// of the row's own company's updates and stall them.
+t.test('updates of a row queue only behind its own company\'s: another company\'s request for the id answers 404 at once', async t => {
+  let release!: () => void
+  const held = new Promise<void>(resolve => { release = resolve })
+  let entered!: () => void
+  const resolving = new Promise<void>(resolve => { entered = resolve })
+  const { app, estimator, siteManager } = await setup(t, { strategies: { project: async (context) => { entered(); await held; return context.merged } } })
+  const outsider = (await createCompany(app, ['admin'])).as('admin')
+  const project = await createProject(app, estimator)
+  await patch(app, estimator, project.id, { baseVersion: 1, name: 'Web' })
+  // The company's own conflicting edit holds the row's queue and lock inside its resolver.
+  const own = patch(app, siteManager, project.id, { baseVersion: 1, name: 'Mobile' })
+  await resolving
+  const answer = await Promise.race([
+    patch(app, outsider, project.id, { baseVersion: 1, name: 'Stolen' }),
+    new Promise<'queued'>(resolve => setTimeout(() => resolve('queued'), 5000).unref())
+  ])
+  t.not(answer, 'queued', 'not queued behind the other company\'s update')
+  if (answer !== 'queued') t.equal(answer.statusCode, 404)
+  release()
+  t.equal((await own).statusCode, 200)
+  t.match(await app.prisma.project.findUniqueOrThrow({ where: { id: project.id } }), { name: 'Mobile', version: 3 })
+})

@@ -171,7 +171,9 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
   }
 
   function update<Row extends { version: number }, Result> (u: VersionedUpdate<Row, Result>): Promise<Result> {
-    return serialised(`${u.entity}:${u.id}`, () => apply(u))
+    // Keyed by company too: a caller of another company who knows the id gets its 404 without
+    // queueing behind (or holding up) the row's own company's updates.
+    return serialised(`${u.companyId}:${u.entity}:${u.id}`, () => apply(u))
   }
 
   async function apply<Row extends { version: number }, Result> (u: VersionedUpdate<Row, Result>): Promise<Result> {
@@ -182,7 +184,7 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
         // Updates of one row through update() queue here until the previous one commits, so each
         // reads the version its predecessor wrote (READ COMMITTED: every statement sees the latest
         // commit). The conditional write still guards against writers that bypass the lock.
-        await tx.$executeRaw`SELECT pg_advisory_xact_lock(hashtextextended(${`erp-conflicts:${u.entity}:${u.id}`}, 0))`
+        await tx.$executeRaw`SELECT pg_advisory_xact_lock(hashtextextended(${`erp-conflicts:${u.companyId}:${u.entity}:${u.id}`}, 0))`
         for (let attempt = 0; attempt < MAX_ATTEMPTS; attempt++) {
           const current = await u.read(tx)
           if (!current) throw new Errors.NOT_FOUND(u.entity)
