@@ -231,6 +231,29 @@ t.test('regression: a resume on a node whose copies of the events were late (Red
   t.same(seqsByStream(seen), { [companyOf(company)]: [1, 2, 3] }, 'each event once, in order, after the copies arrived')
 })
 
+// Regression: sync:resume replayed the whole retained company log to a socket whose user had been
+// removed from the company since its handshake, until the periodic re-check (a minute) cut it.
+t.test('a resume from a socket whose membership was removed since its last check replays nothing and revokes it', async t => {
+  const { app, url, prisma } = await build(t)
+  const company = await createCompany(app)
+  const member = company.as('member')
+  await publishBoth(app, company, 3)
+  const socket = await connect(t, url, member.token)
+  const seen = record(socket)
+  // Past the window in which a passed check is taken as current, so the resume asks the database.
+  await sleep(5200)
+  t.same(await request(socket, 'sync:resume', { streams: { [companyOf(company)]: 0 } }),
+    { ok: true, streams: { [companyOf(company)]: { recovered: true, replayed: 3, headSeq: 3 } } }, 'still a member: replayed')
+  await prisma.membership.deleteMany({ where: { userId: member.id, companyId: company.id } })
+  await sleep(5200)
+  const revoked = nextEvent(socket, 'auth:revoked')
+  const disconnected = new Promise(resolve => socket.once('disconnect', resolve))
+  socket.emit('sync:resume', { streams: { [companyOf(company)]: 0, [userOf(member)]: 0 } }, () => t.fail('no ack reaches a revoked socket'))
+  t.same(await revoked, { code: 'AUTH_NOT_A_MEMBER', message: 'No longer an active member of this company; this connection is closed' })
+  t.equal(await disconnected, 'io server disconnect')
+  t.equal(seen.length, 3, 'nothing replayed after the removal')
+})
+
 t.test('bad resume payloads are refused with a code and send nothing', async t => {
   const { app, url } = await build(t)
   const company = await createCompany(app)
@@ -378,7 +401,11 @@ t.test('regression: a beacon run by its timer went through all its slices during
 })
 
 t.test('a socket that announced a resume but never sends it gets its held events after the window', async t => {
-  const { app, url } = await build(t, { realtime: { eventLog: { resumeWindowMs: 300 } } })
+  // The window runs from the connection event: it must outlast the publishes and the check
+  // below even on a loaded machine (with 300 ms, two slow transactions plus the 100 ms sleep
+  // ended it before the check, and the released events were seen as not held).
+  const resumeWindowMs = 1500
+  const { app, url } = await build(t, { realtime: { eventLog: { resumeWindowMs } } })
   const company = await createCompany(app)
   const member = company.as('member')
   const socket: ClientSocket = await connect(t, url, member.token, { auth: { token: member.token, resume: true } })
@@ -386,12 +413,16 @@ t.test('a socket that announced a resume but never sends it gets its held events
   await publishBoth(app, company, 2)
   await sleep(100)
   t.same(seen, [], 'held while the client may still resume')
-  await waitFor(() => seen.length === 4, 2000, 'held events released')
+  await waitFor(() => seen.length === 4, resumeWindowMs + 5000, 'held events released')
   t.same(seqsByStream(seen), { [companyOf(company)]: [1, 2], [userOf(member)]: [1, 2] })
 })
 
 t.test('regression: a socket held past the window whose hold overflowed was told nothing until the next event', async t => {
-  const { app, url } = await build(t, { realtime: { eventLog: { resumeWindowMs: 300, maxHeldEvents: 2, headIntervalMs: 0 } } })
+  // All four transactions must commit inside the window (which runs from the connection event):
+  // with 300 ms, slow commits on a loaded machine let it end early, and the later events then went
+  // out live (seen not empty, heads short of 4).
+  const resumeWindowMs = 1500
+  const { app, url } = await build(t, { realtime: { eventLog: { resumeWindowMs, maxHeldEvents: 2, headIntervalMs: 0 } } })
   const company = await createCompany(app)
   const member = company.as('member')
   const socket: ClientSocket = await connect(t, url, member.token, { auth: { token: member.token, resume: true } })
@@ -399,7 +430,7 @@ t.test('regression: a socket held past the window whose hold overflowed was told
   socket.on('sync:head', (head: { stream: string, seq: number }) => heads.push(head))
   const seen = record(socket)
   await publishBoth(app, company, 4)
-  await waitFor(() => heads.length === 2, 2000, 'sync:head for both streams once the window ends')
+  await waitFor(() => heads.length === 2, resumeWindowMs + 5000, 'sync:head for both streams once the window ends')
   t.same(heads.sort((a, b) => a.stream.localeCompare(b.stream)), [
     { stream: companyOf(company), seq: 4 }, { stream: userOf(member), seq: 4 }
   ].sort((a, b) => a.stream.localeCompare(b.stream)), 'the client learns the heads and sees its gap')

@@ -76,6 +76,14 @@ export interface ErpAuthDecorator {
    * deactivating a user. Resolves with the number of sockets cut on this node.
    */
   recheck (userId?: string): Promise<number>
+  /**
+   * Whether a connected socket's user is still an active member of its company: answered at
+   * once when its membership passed a check in the last 5 s (its handshake, a re-check),
+   * otherwise checked now (one query, shared with checks in the same turn). A lost membership
+   * revokes the socket (`auth:revoked`, disconnect) and resolves false. erp-offline-queue asks
+   * before a `sync:resume` replays a stream's history.
+   */
+  confirmSocket (socket: ErpSocket): Promise<boolean>
 }
 
 /** When a route's membership check runs (route option `config.erpAuth.membership`). */
@@ -129,6 +137,9 @@ const optionsSchema = z.object({
 const MAX_TIMER_MS = 2 ** 31 - 1
 // Sockets re-checked per membership query; handshakes' lookups go in between.
 const RECHECK_SLICE = 500
+// A membership that passed a check this recently is taken as current by confirmSocket: a
+// reconnect's resume, right after its handshake's check, costs no second query.
+const MEMBERSHIP_FRESH_MS = 5000
 
 function codedError (code: ErrorCode, message?: string): Error & { code: string } {
   const Ctor = Errors[code]
@@ -253,7 +264,8 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     },
     writeGuard,
     checkMembership,
-    recheck: (userId) => recheck(userId)
+    recheck: (userId) => recheck(userId),
+    confirmSocket: (socket) => confirmSocket(socket)
   }
   fastify.decorate('erpAuth', decorator)
   fastify.decorate('authenticate', async function (request: FastifyRequest) {
@@ -303,7 +315,9 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     const token = typeof auth?.token === 'string' && auth.token !== '' ? auth.token : bearer(headers.authorization)
     if (!token) return refuse('AUTH_MISSING_TOKEN')
     handshakeGeneration.set(socket, recheckGeneration)
+    const started = Date.now()
     check(token).then(({ user, heads }) => {
+      checkedAt.set(socket, started)
       // The membership query can outlast the token: refuse it here rather than connect a socket
       // that is already due to be cut.
       if (user.exp * 1000 <= Date.now()) return refuse('AUTH_TOKEN_EXPIRED')
@@ -357,16 +371,20 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     socket.emit('auth:revoked', { code: 'AUTH_NOT_A_MEMBER', message: 'No longer an active member of this company; this connection is closed' })
     socket.disconnect()
   }
+  /** When each socket's membership last passed a check (its handshake's, or a re-check's start). */
+  const checkedAt = new WeakMap<ErpSocket, number>()
   /** Re-checks the given sockets, a slice per query; returns how many were cut. */
   const recheckSockets = async (list: ErpSocket[]): Promise<number> => {
     let cut = 0
     for (let i = 0; i < list.length; i += RECHECK_SLICE) {
       const slice = list.slice(i, i + RECHECK_SLICE).filter(socket => socket.connected)
+      const started = Date.now()
       const found = await Promise.all(slice.map(socket => lookups({ userId: socket.data.userId, companyId: socket.data.companyId })))
       slice.forEach((socket, j) => {
         const role = found[j]?.role
         if (role) {
           socket.data.role = role
+          checkedAt.set(socket, started)
         } else if (socket.connected) {
           revoke(socket)
           cut++
@@ -374,6 +392,11 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
       })
     }
     return cut
+  }
+  const confirmSocket = async (socket: ErpSocket): Promise<boolean> => {
+    if (Date.now() - (checkedAt.get(socket) ?? 0) < MEMBERSHIP_FRESH_MS) return socket.connected
+    await recheckSockets([socket])
+    return socket.connected
   }
   /** This node's sockets (of one user, or all). */
   const localSockets = (userId?: string): ErpSocket[] => {

@@ -506,6 +506,11 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     }
     const results: Record<string, ResumeStreamResult> = {}
     try {
+      // A replay hands over up to the whole retained log: not to a socket whose user has left the
+      // company since its last membership check (the periodic re-check may be a minute away).
+      if (!await fastify.erpAuth.confirmSocket(socket)) {
+        throw new SocketError('AUTH_NOT_A_MEMBER', 'No longer an active member of this company')
+      }
       for (const [stream, lastSeq] of requested) results[stream] = await replay(socket, stream, lastSeq)
     } finally {
       for (const [stream] of requested) {
