@@ -1,3 +1,4 @@
+import path from 'node:path'
 import { z } from 'zod'
 
 /** Dev-only signing key used when JWT_SECRET is unset outside production. */
@@ -76,7 +77,8 @@ const variables = {
   EVENT_LOG_TTL_SECONDS: integer(1, 365 * 24 * 3600),
   EVENT_LOG_MAXLEN: integer(1, 10_000_000),
   PRESENCE_GRACE_MS: integer(0, 3_600_000),
-  REDIS_PREFIX: z.string().trim().regex(/^[\w.:-]{1,100}$/, 'must be 1-100 letters, digits, or . : _ -'),
+  // 91: the app derives `<REDIS_PREFIX>:presence`, and Redis prefixes are at most 100 characters.
+  REDIS_PREFIX: z.string().trim().regex(/^[\w.:-]{1,91}$/, 'must be 1-91 letters, digits, or . : _ -'),
   SYNC_HEAD_INTERVAL_MS: integer(0, 3_600_000),
   LOG_LEVEL: z.string().trim().toLowerCase().pipe(z.enum(LOG_LEVELS, { error: `must be one of ${LOG_LEVELS.join(', ')}` })),
   SEED_DEMO: z.string().trim().toLowerCase().pipe(z.enum(['1', '0', 'true', 'false'], { error: 'must be 1 or 0 (or true, false)' }))
@@ -85,8 +87,11 @@ const variables = {
 
 type Parsed = { [K in keyof typeof variables]?: z.output<(typeof variables)[K]> }
 
-/** Reads the configuration from an environment; throws ConfigError on the first bad variable. */
-export function loadConfig (env: NodeJS.ProcessEnv = process.env): AppConfig {
+/**
+ * Reads the configuration from an environment; throws ConfigError on the first bad variable.
+ * `requireSecret: false` (the database scripts) lets production run without JWT_SECRET.
+ */
+export function loadConfig (env: NodeJS.ProcessEnv = process.env, { requireSecret = true }: { requireSecret?: boolean } = {}): AppConfig {
   const parsed: Parsed = {}
   for (const [name, schema] of Object.entries(variables)) {
     const raw = env[name]
@@ -96,7 +101,7 @@ export function loadConfig (env: NodeJS.ProcessEnv = process.env): AppConfig {
     ;(parsed as Record<string, unknown>)[name] = result.data
   }
   const production = env.NODE_ENV === 'production'
-  if ((parsed.JWT_SECRET === undefined || parsed.JWT_SECRET === DEV_JWT_SECRET) && production) {
+  if ((parsed.JWT_SECRET === undefined || parsed.JWT_SECRET === DEV_JWT_SECRET) && production && requireSecret) {
     throw new ConfigError('JWT_SECRET', 'must be set to your own secret when NODE_ENV=production')
   }
   return {
@@ -122,3 +127,12 @@ export function loadConfig (env: NodeJS.ProcessEnv = process.env): AppConfig {
     seedDemo: parsed.SEED_DEMO ?? !production
   }
 }
+
+/** The database options of a configuration (`openDatabase`), shared by `npm start` and the database scripts. */
+export const databaseOptions = (config: AppConfig) => ({
+  url: config.databaseUrl,
+  dataDir: path.join(config.dataDir, 'pglite'),
+  preparedStatements: config.preparedStatements,
+  connectTimeoutMs: config.databaseConnectTimeoutMs,
+  queryTimeoutMs: config.databaseQueryTimeoutMs
+})

@@ -1,6 +1,6 @@
 import path from 'node:path'
 import { buildApp } from './app.ts'
-import { ConfigError, loadConfig } from './config.ts'
+import { ConfigError, databaseOptions, loadConfig } from './config.ts'
 import { openDatabase } from './db/index.ts'
 import { migrate } from './db/migrate.ts'
 import { DEMO_PASSWORD, seedOnStart } from './db/seed.ts'
@@ -21,13 +21,7 @@ async function main () {
   }
 
   const dataDir = path.join(config.dataDir, 'pglite')
-  const db = await openDatabase({
-    url: config.databaseUrl,
-    dataDir,
-    preparedStatements: config.preparedStatements,
-    connectTimeoutMs: config.databaseConnectTimeoutMs,
-    queryTimeoutMs: config.databaseQueryTimeoutMs
-  })
+  const db = await openDatabase(databaseOptions(config))
   const migrations = await db.withSession(sql => migrate(sql))
   // Demo data only where SEED_DEMO allows it (default: not in production); the banner lists the
   // demo logins only when they exist and still have the published password.

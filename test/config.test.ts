@@ -121,6 +121,9 @@ t.test('each bad variable is refused with one line naming it', async t => {
     // Regression: LOG_LEVEL went unchecked to pino, which failed late without naming the variable.
     ['LOG_LEVEL', { LOG_LEVEL: 'verbose' }, /must be one of fatal, error, warn, info, debug, trace, silent/],
     ['LOG_LEVEL', { LOG_LEVEL: '30' }, /must be one of/],
+    // Regression: a prefix of 92-100 characters passed here, then failed erp-presence's option
+    // check on `<prefix>:presence` without naming the variable.
+    ['REDIS_PREFIX', { REDIS_PREFIX: 'p'.repeat(92) }, /must be 1-91 letters/],
     ['SEED_DEMO', { SEED_DEMO: 'yes' }, /must be 1 or 0/],
     ['SEED_DEMO', { SEED_DEMO: '2' }, /must be 1 or 0/]
   ]
@@ -157,4 +160,10 @@ t.test('the first bad variable is reported, and a secret never appears in the me
   t.notMatch(secret.message, /super-secret-value/)
   const database = failure({ DATABASE_URL: 'mysql://user:hunter2@db/erp' })
   t.notMatch(database.message, /hunter2/, 'a password in a bad URL is not echoed')
+})
+
+t.test('REDIS_PREFIX of 91 characters is accepted; the database scripts need no JWT_SECRET in production', async t => {
+  t.equal(loadConfig({ REDIS_PREFIX: 'p'.repeat(91) }).redisPrefix, 'p'.repeat(91))
+  t.throws(() => loadConfig({ NODE_ENV: 'production' }), /JWT_SECRET/)
+  t.equal(loadConfig({ NODE_ENV: 'production' }, { requireSecret: false }).production, true)
 })

@@ -1,0 +1,22 @@
+import { ConfigError, databaseOptions, loadConfig } from '../config.ts'
+import { type Database, openDatabase } from '../db/index.ts'
+import { MigrationError } from '../db/migrate.ts'
+
+/**
+ * Runs a database script (`npm run db:migrate`, `db:seed`): the database settings of the
+ * environment, no JWT_SECRET needed (a release step may not have the app's secret); a bad
+ * variable or a refused migration prints one line and exits 1.
+ */
+export async function runDatabaseScript (fn: (db: Database) => Promise<string>): Promise<void> {
+  let db: Database | undefined
+  try {
+    db = await openDatabase(databaseOptions(loadConfig(process.env, { requireSecret: false })))
+    console.log(await fn(db))
+  } catch (err) {
+    if (!(err instanceof ConfigError) && !(err instanceof MigrationError)) throw err
+    console.error(err.message)
+    process.exitCode = 1
+  } finally {
+    await db?.close()
+  }
+}

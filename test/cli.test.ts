@@ -1,0 +1,47 @@
+import { execFile } from 'node:child_process'
+import { tmpdir } from 'node:os'
+import path from 'node:path'
+import { fileURLToPath } from 'node:url'
+import t from 'tap'
+import { emptyTestDatabase, uniqueName } from './helpers.ts'
+
+const ROOT = fileURLToPath(new URL('..', import.meta.url))
+
+/** Runs a database script the way `npm run db:*` does, with a clean environment plus `env`. */
+function script (name: 'migrate' | 'seed', env: Record<string, string>) {
+  const clean: NodeJS.ProcessEnv = { ...process.env }
+  for (const variable of ['DATABASE_URL', 'REDIS_URL', 'JWT_SECRET', 'NODE_ENV', 'DATA_DIR', 'SEED_DEMO']) delete clean[variable]
+  // The child runs through tsx, whose coverage would not merge with tap's (see startup.test.ts).
+  const childEnv = { ...clean, _TAPJS_PROCESSINFO_COVERAGE_: '0', DATA_DIR: path.join(tmpdir(), uniqueName('never-created')), ...env }
+  return new Promise<{ code: number | null, stdout: string, stderr: string }>(resolve => {
+    execFile(process.execPath, ['--import', 'tsx', `src/cli/${name}.ts`], { cwd: ROOT, env: childEnv, timeout: 60_000 }, (err, stdout, stderr) => {
+      resolve({ code: err ? (typeof err.code === 'number' ? err.code : null) : 0, stdout, stderr })
+    })
+  })
+}
+
+// Regression: the scripts read the whole app configuration, so in production they refused to run
+// without the app's JWT_SECRET (a key they never use) and died with a stack trace.
+t.test('db:migrate and db:seed run in production without JWT_SECRET, with the database settings of the environment', async t => {
+  const db = await emptyTestDatabase(t, { prefix: 'erp_cli' })
+  const env = { NODE_ENV: 'production', DATABASE_URL: db.url }
+  const migrated = await script('migrate', env)
+  t.equal(migrated.code, 0, migrated.stderr)
+  t.match(migrated.stdout, /^applied: \d{14}_\w+(, \d{14}_\w+)*; already applied: 0\n$/)
+  const again = await script('migrate', env)
+  t.match(again.stdout, /^applied: none; already applied: [1-9]\d*\n$/, 'a second run applies nothing')
+  t.equal((await script('seed', env)).stdout, 'seeded demo data\n')
+  t.equal((await script('seed', env)).stdout, 'database already has data: nothing seeded\n')
+})
+
+t.test('a bad variable stops a database script with one line naming it and exit code 1', async t => {
+  for (const [name, env, variable] of [
+    ['migrate', { DATABASE_URL: 'mysql://localhost/db' }, 'DATABASE_URL'],
+    ['seed', { DATABASE_CONNECT_TIMEOUT_MS: 'soon' }, 'DATABASE_CONNECT_TIMEOUT_MS']
+  ] as const) {
+    const result = await script(name, env)
+    t.equal(result.code, 1, `${name}: exit code 1`)
+    t.match(result.stderr, new RegExp(`^Invalid configuration: ${variable} [^\\n]*\\n$`), `${name}: one line naming ${variable}`)
+    t.equal(result.stdout, '')
+  }
+})
