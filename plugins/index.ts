@@ -1,5 +1,6 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
+import { z } from 'zod'
 import type { PrismaClient } from '../src/generated/prisma/client.ts'
 import erpSocket, { type ErpSocketOptions } from './socket/index.ts'
 import erpAuth, { type ErpAuthOptions } from './auth/index.ts'
@@ -8,6 +9,7 @@ import erpConflicts, { type ErpConflictsOptions } from './conflict-resolution/in
 import erpHealth, { type ErpHealthOptions } from './health/index.ts'
 import erpPresence, { type ErpPresenceOptions } from './presence/index.ts'
 import erpIdempotency, { type ErpIdempotencyOptions } from './idempotency/index.ts'
+import { parseOptions } from './support.ts'
 
 export { erpSocket, erpAuth, erpOfflineQueue, erpConflicts, erpHealth }
 export { erpIdempotency }
@@ -32,7 +34,21 @@ export interface ErpRealtimeOptions {
   idempotency?: Omit<ErpIdempotencyOptions, 'prisma'>
 }
 
+// The plugins check their own options; here only that no section is misspelled (it would be ignored).
+const sectionsSchema = z.object({
+  prisma: z.unknown(),
+  jwtSecret: z.unknown(),
+  socket: z.unknown().optional(),
+  auth: z.unknown().optional(),
+  eventLog: z.unknown().optional(),
+  conflicts: z.unknown().optional(),
+  health: z.unknown().optional(),
+  presence: z.unknown().optional(),
+  idempotency: z.unknown().optional()
+}).strict()
+
 async function erpRealtime (fastify: FastifyInstance, options: ErpRealtimeOptions) {
+  parseOptions('erp-realtime', sectionsSchema, options)
   const { prisma, jwtSecret } = options
   await fastify.register(erpSocket, options.socket ?? {})
   await fastify.register(erpAuth, { ...options.auth, prisma, secret: jwtSecret })

@@ -1,15 +1,27 @@
 import DataLoader from 'dataloader'
 import type { FastifyInstance } from 'fastify'
-import type { z, ZodType } from 'zod'
+import { z, type ZodType } from 'zod'
 
 /** Validates a plugin's options at registration; a failure names the plugin and the option. */
 export function parseOptions<S extends ZodType> (plugin: string, schema: S, raw: unknown): z.output<S> {
-  const parsed = schema.safeParse(raw)
+  const parsed = schema.safeParse(withoutRegisterOptions(schema, raw))
   if (!parsed.success) {
     const issue = parsed.error.issues[0]
-    throw new Error(`${plugin}: invalid option ${issue?.path.join('.')}: ${issue?.message}`)
+    // An unknown (misspelled) option has no path of its own: zod names it in the message.
+    const where = issue?.path.length ? `option ${issue.path.join('.')}` : 'options'
+    throw new Error(`${plugin}: invalid ${where}: ${issue?.message}`)
   }
   return parsed.data
+}
+
+// Fastify hands a plugin its own register options too; the plugins' schemas refuse unknown keys.
+const REGISTER_OPTIONS = ['prefix', 'logLevel', 'logSerializers']
+function withoutRegisterOptions (schema: ZodType, raw: unknown): unknown {
+  if (typeof raw !== 'object' || raw === null || !(schema instanceof z.ZodObject)) return raw
+  const own = new Set(Object.keys(schema.shape))
+  const drop = REGISTER_OPTIONS.filter(key => key in raw && !own.has(key))
+  if (drop.length === 0) return raw
+  return Object.fromEntries(Object.entries(raw).filter(([key]) => !drop.includes(key)))
 }
 
 /** How long close waits for a periodic job under way (a database that stopped answering must not hold it). */

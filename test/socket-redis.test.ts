@@ -211,7 +211,7 @@ t.test('REDIS_PREFIX and SYNC_HEAD_INTERVAL_MS are read from the environment', a
   t.equal(config.redisPrefix, 'tenant-a:erp')
   t.equal(config.syncHeadIntervalMs, 2500)
   t.equal(loadConfig({}).redisPrefix, undefined)
-  t.throws(() => loadConfig({ REDIS_PREFIX: 'has space' }), new ConfigError('REDIS_PREFIX', 'must be 1-100 letters, digits, or . : _ -'))
+  t.throws(() => loadConfig({ REDIS_PREFIX: 'has space' }), new ConfigError('REDIS_PREFIX', 'must be 1-91 letters, digits, or . : _ -'))
   t.throws(() => loadConfig({ SYNC_HEAD_INTERVAL_MS: '-1' }), ConfigError)
 
   // The env reaches the plugins: prefix on the adapter, interval on the beacon.

@@ -131,7 +131,7 @@ const optionsSchema = z.object({
   tokenTtlSeconds: z.number().int().min(1).max(30 * 24 * 3600).default(3600),
   membershipRecheckMs: z.number().int().max(24 * 3600 * 1000)
     .refine(ms => ms === 0 || ms >= 100, 'must be 0 (off) or at least 100').default(60_000)
-})
+}).strict()
 
 // setTimeout's upper bound (about 24.8 days); longer expiries are re-armed when reached.
 const MAX_TIMER_MS = 2 ** 31 - 1

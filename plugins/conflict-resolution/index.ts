@@ -108,7 +108,7 @@ const optionsSchema = z.object({
   revisionTtlSeconds: z.number().int().min(60).default(30 * 24 * 3600),
   pruneIntervalMs: z.number().int().min(0).default(3_600_000),
   pruneBatchSize: z.number().int().min(1).max(100_000).default(5000)
-})
+}).strict()
 
 // Bookkeeping columns never take part in a merge, and a resolver cannot write them.
 const META = new Set(['id', 'companyId', 'version', 'createdAt', 'updatedAt'])

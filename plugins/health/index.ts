@@ -38,7 +38,7 @@ const optionsSchema = z.object({
   eventLogBackend: z.enum(['postgresql', 'pglite']).default('postgresql'),
   databaseTimeoutMs: z.number().int().min(1).default(2000),
   prefix: z.string().regex(/^\/[\w\-/]*$/).default('/health')
-})
+}).strict()
 
 /**
  * How long a probe's result (database, node count) is reused. Requests that arrive while a

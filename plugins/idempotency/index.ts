@@ -80,7 +80,7 @@ const optionsSchema = z.object({
   recoverAfterMs: z.number().int().min(0).max(24 * 3600 * 1000).default(0),
   pruneIntervalMs: z.number().int().min(0).default(600_000),
   pruneBatchSize: z.number().int().min(1).max(100_000).default(5000)
-})
+}).strict()
 
 const METHODS = new Set<string>(['POST', 'PATCH', 'PUT'])
 const KEY = /^[\x21-\x7e]{1,255}$/

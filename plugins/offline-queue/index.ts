@@ -120,7 +120,7 @@ const optionsSchema = z.object({
   maxHeldEvents: z.number().int().min(1).default(10000),
   transactionMaxWaitMs: z.number().int().min(1).default(10000),
   transactionTimeoutMs: z.number().int().min(1).default(15000)
-})
+}).strict()
 
 const STREAM = /^(company|user):[^:\s]+$/
 /** Event names Socket.IO reserves, and the server's own events: never a domain event's type. */

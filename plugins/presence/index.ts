@@ -105,7 +105,7 @@ const optionsSchema = z.object({
   sweepBatchSize: z.number().int().min(1).max(10000).default(500),
   revCacheSize: z.number().int().min(1).max(10_000_000).default(100_000),
   batchMs: z.number().int().min(0).max(10_000).default(50)
-}).refine(o => o.ttlMs >= 2 * o.heartbeatMs, { message: 'must be at least twice heartbeatMs', path: ['ttlMs'] })
+}).strict().refine(o => o.ttlMs >= 2 * o.heartbeatMs, { message: 'must be at least twice heartbeatMs', path: ['ttlMs'] })
 
 /** Sweep batches per run, so a backlog after an outage drains without one run monopolising the node. */
 const MAX_SWEEP_BATCHES = 20

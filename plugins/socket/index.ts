@@ -114,7 +114,7 @@ const optionsSchema = z.object({
   }).default({}),
   nodeId: z.string().min(1).max(200).optional(),
   coalesceWrites: z.union([z.boolean(), z.object({ sliceSize: z.number().int().min(1).max(1_000_000).optional() }).strict()]).default(true)
-})
+}).strict()
 
 function originAllowedFor (allowed: readonly string[]) {
   return (origin: string | undefined, host: string | undefined): boolean => {
