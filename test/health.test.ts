@@ -1,3 +1,4 @@
+import type { IncomingMessage } from 'node:http'
 import t from 'tap'
 import { buildApp } from '../src/app.ts'
 import { openDatabase } from '../src/db/index.ts'
@@ -92,34 +93,67 @@ t.test('a database probe slower than databaseTimeoutMs counts as down', async t 
 t.test('probe fan-out: concurrent health requests share one database probe and one node count, reused for HEALTH_PROBE_REUSE_MS only', async t => {
   const db = await testDatabase(t, { poolSize: 2 })
   const prisma = db.prisma as unknown as { $queryRaw: (...args: unknown[]) => unknown }
+  // The 320 requests below reach the server over a few hundred ms (320 new connections; over
+  // 1 s from a cold HTTP client or on a loaded machine), while the node count settles at once
+  // and the SELECT 1 within ms: a request arriving more than HEALTH_PROBE_REUSE_MS after the
+  // first one's probe settled started a second probe. So the probes they start are held until
+  // all 320 have arrived: each request then meets the one probe in flight.
+  let hold: Promise<void> | undefined
   let selects = 0
   const queryRaw = prisma.$queryRaw.bind(prisma)
   prisma.$queryRaw = (...args: unknown[]) => {
-    if (String((args[0] as string[] | undefined)?.[0] ?? '').includes('SELECT 1')) selects++
+    if (String((args[0] as string[] | undefined)?.[0] ?? '').includes('SELECT 1')) {
+      selects++
+      if (hold) return hold.then(() => queryRaw(...args))
+    }
     return queryRaw(...args)
   }
-  const { app, url } = await build(t, { db })
+  // A probe held that long must not count as a slow database.
+  const { app, url } = await build(t, { db, realtime: { health: { databaseTimeoutMs: 60_000 } } })
   let counts = 0
   const serverCount = app.erpSocket.serverCount
-  app.erpSocket.serverCount = () => { counts++; return serverCount() }
+  app.erpSocket.serverCount = () => {
+    counts++
+    return hold ? hold.then(() => serverCount()) : serverCount()
+  }
   await sleep(HEALTH_PROBE_REUSE_MS + 50)
   selects = 0
 
+  const requests = 320
+  let arrived = 0
+  let allArrived!: () => void
+  hold = new Promise<void>(resolve => { allArrived = resolve })
+  // Counted as it reaches the server; its handler asks for the probes in that turn or just after,
+  // while the released probe is still in flight or its result fresh.
+  const onRequest = (request: IncomingMessage) => {
+    if (request.url?.startsWith('/health/') && ++arrived === requests) allArrived()
+  }
+  app.server.on('request', onRequest)
   const statuses = await Promise.all([
     ...Array.from({ length: 300 }, () => fetch(`${url}/health/websocket`).then(r => r.status)),
     ...Array.from({ length: 20 }, () => fetch(`${url}/health/ready`).then(r => r.status))
   ])
+  app.server.off('request', onRequest)
+  hold = undefined
   t.same([...new Set(statuses)], [200], 'every probe answers 200 on a pool of 2')
   t.equal(selects, 1, 'one SELECT 1 for 320 concurrent requests')
   t.equal(counts, 1, 'one node count for 300 concurrent requests')
 
-  const again = await app.inject({ method: 'GET', url: '/health/websocket' })
-  t.match(again.json(), { status: 'ok', database: { status: 'up' } })
-  t.equal(selects, 1, 'a request right after reuses the result')
+  // Reuse after a probe settled, one request at a time: the fan-out's own 320 answers can take
+  // longer than HEALTH_PROBE_REUSE_MS to go out on a loaded machine, so a request after them is
+  // not "right after" its probe.
   await sleep(HEALTH_PROBE_REUSE_MS + 50)
   await app.inject({ method: 'GET', url: '/health/websocket' })
-  t.equal(selects, 2, 'no result older than HEALTH_PROBE_REUSE_MS is reused')
+  t.equal(selects, 2, 'the fan-out\'s result is not reused once older than HEALTH_PROBE_REUSE_MS')
   t.equal(counts, 2)
+  const again = await app.inject({ method: 'GET', url: '/health/websocket' })
+  t.match(again.json(), { status: 'ok', database: { status: 'up' } })
+  t.equal(selects, 2, 'a request right after reuses the result')
+  t.equal(counts, 2)
+  await sleep(HEALTH_PROBE_REUSE_MS + 50)
+  await app.inject({ method: 'GET', url: '/health/websocket' })
+  t.equal(selects, 3, 'no result older than HEALTH_PROBE_REUSE_MS is reused')
+  t.equal(counts, 3)
 })
 
 t.test('embedded PGlite reports backend pglite', async t => {
