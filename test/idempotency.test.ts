@@ -247,10 +247,16 @@ t.test('regression: at shutdown a retry waiting for the first request held the H
   const post = () => fetch(`${url}/test/blocked`, {
     method: 'POST', headers: { ...authHeader(user), ...key('held'), 'content-type': 'application/json' }, body: '{}'
   })
+  let received = 0
+  app.server.on('request', () => { received++ })
   const first = post()
-  await sleep(100)
+  // Conditions, not fixed sleeps: had the retry claimed the key first (the first request slower
+  // than 100 ms to its claim), it would run the blocked handler itself; and a retry not yet
+  // received when close starts is answered 503 by fastify instead of waiting.
+  await waitFor(async () => (await app.prisma.idempotencyRecord.count({ where: { userId: user.id, key: 'held' } })) === 1, 10_000, 'the first request to claim the key')
   const retry = post()
-  await sleep(100)
+  await waitFor(() => received === 2, 10_000, 'the retry to reach the server')
+  await sleep(100) // on its way to waiting for the first request's answer
   const closing = app.close()
   const started = Date.now()
   const answer = await retry
@@ -272,7 +278,11 @@ t.test('a retry during the first request waits for its response; with waitMs 0 i
   t.equal(waiting.calls.slow, 1)
 
   const impatient = await appWithTestRoutes(t, { waitMs: 0 })
-  const [c, d] = await Promise.all([post(impatient.app, impatient.user), sleep(50).then(() => post(impatient.app, impatient.user))])
+  // The second request once the first holds the key (its handler runs only after the claim):
+  // after a fixed 50 ms, a first request slow to its claim let the second claim it, and the
+  // answers came swapped (c 409, d 200).
+  const [c, d] = await Promise.all([post(impatient.app, impatient.user),
+    waitFor(() => impatient.calls.slow === 1, 10_000, 'the first request in its handler').then(() => post(impatient.app, impatient.user))])
   t.equal(c.statusCode, 200)
   t.equal(d.statusCode, 409)
   t.equal(d.json().error.code, 'IDEMPOTENCY_KEY_IN_PROGRESS')
