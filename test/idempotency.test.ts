@@ -252,7 +252,7 @@ t.test('regression: at shutdown a retry waiting for the first request held the H
   const first = post()
   // Conditions, not fixed sleeps: had the retry claimed the key first (the first request slower
   // than 100 ms to its claim), it would run the blocked handler itself; and a retry not yet
-  // received when close starts is answered 503 by fastify instead of waiting.
+  // received when close starts gets no answer at all instead of waiting.
   await waitFor(async () => (await app.prisma.idempotencyRecord.count({ where: { userId: user.id, key: 'held' } })) === 1, 10_000, 'the first request to claim the key')
   const retry = post()
   await waitFor(() => received === 2, 10_000, 'the retry to reach the server')

@@ -1,4 +1,4 @@
-import { Agent, request } from 'node:http'
+import { Agent, request, type ServerResponse } from 'node:http'
 import { PassThrough } from 'node:stream'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t from 'tap'
@@ -92,10 +92,14 @@ t.test('a request still running when drainTimeoutMs ends is cut off, and close r
 
 t.test('a response already streaming when close starts: its connection is closed once idle, not after keepAliveTimeout', async (t) => {
   const body = new PassThrough()
+  let response: ServerResponse | undefined
   const { app, url } = await build(t, {
     drainTimeoutMs: 30_000,
     routes: async (app) => {
-      app.get('/test/stream', async (_request, reply) => reply.type('text/plain').send(body))
+      app.get('/test/stream', async (_request, reply) => {
+        response = reply.raw
+        return reply.type('text/plain').send(body)
+      })
     }
   })
   // The client keeps the connection open after the answer: only the server can close it.
@@ -103,7 +107,10 @@ t.test('a response already streaming when close starts: its connection is closed
   t.teardown(() => agent.destroy())
   const answer = send(url, 'GET', '/test/stream', {}, undefined, agent)
   body.write('first ')
-  await sleep(100)
+  // Close starts once the headers went out: after a fixed 100 ms, a request not yet handled on a
+  // loaded machine was cut when close started (no answer at all).
+  await waitFor(() => response?.headersSent === true, 10_000, 'the response headers to go out')
+  await sleep(50) // and the first chunk with them
   const closing = app.close()
   t.equal(await settledWithin(closing, 200), 'waiting', 'close waits for the response')
   body.end('last')
