@@ -24,7 +24,7 @@ export interface TestLike {
 export const uniqueName = (prefix: string) => `${prefix}_${Date.now().toString(36)}_${randomBytes(4).toString('hex')}`
 
 /** A fresh, empty (not migrated) PostgreSQL database for one test, dropped at teardown. */
-export async function emptyTestDatabase (t: TestLike, options: { poolSize?: number, prefix?: string } = {}): Promise<Database & { url: string }> {
+export async function emptyTestDatabase (t: TestLike, options: { poolSize?: number, prefix?: string, connectTimeoutMs?: number } = {}): Promise<Database & { url: string }> {
   const name = uniqueName(options.prefix ?? 'erp_test')
   const admin = new pg.Client({ connectionString: TEST_POSTGRES_URL })
   await admin.connect()
@@ -35,7 +35,7 @@ export async function emptyTestDatabase (t: TestLike, options: { poolSize?: numb
   }
   const url = new URL(TEST_POSTGRES_URL)
   url.pathname = `/${name}`
-  const db = await openDatabase({ url: url.toString(), poolSize: options.poolSize })
+  const db = await openDatabase({ url: url.toString(), poolSize: options.poolSize, connectTimeoutMs: options.connectTimeoutMs })
   t.teardown(async () => {
     await db.close()
     const cleanup = new pg.Client({ connectionString: TEST_POSTGRES_URL })
@@ -50,14 +50,14 @@ export async function emptyTestDatabase (t: TestLike, options: { poolSize?: numb
  * A fresh, migrated PostgreSQL database for one test (dropped at teardown), or an in-memory
  * PGlite one with `{ embedded: true }`.
  */
-export async function testDatabase (t: TestLike, options: { embedded?: boolean, poolSize?: number } = {}): Promise<Database & { url?: string }> {
+export async function testDatabase (t: TestLike, options: { embedded?: boolean, poolSize?: number, connectTimeoutMs?: number } = {}): Promise<Database & { url?: string }> {
   if (options.embedded) {
     const db = await openDatabase({ dataDir: 'memory://' })
     t.teardown(() => db.close())
     await db.withSession(sql => migrate(sql))
     return db
   }
-  const db = await emptyTestDatabase(t, { poolSize: options.poolSize })
+  const db = await emptyTestDatabase(t, { poolSize: options.poolSize, connectTimeoutMs: options.connectTimeoutMs })
   await db.withSession(sql => migrate(sql))
   return db
 }
