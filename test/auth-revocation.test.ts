@@ -79,6 +79,28 @@ t.test('erpAuth.recheck(userId) cuts at once only the sockets of companies the u
   t.equal(await app.erpAuth.recheck(), 0, 'a re-check of every socket finds nothing more to cut')
 })
 
+// Regression (review of confirmSocket): a socket whose handshake check was under 5 s old was
+// trusted by confirmSocket even while a re-check asked for after the membership's removal was
+// still querying, so a sync:resume in that window replayed the company's history.
+t.test('confirmSocket trusts no earlier check once a re-check was asked for, and a fresh check otherwise', async t => {
+  const { app, url } = await build(t, { realtime: { auth: { membershipRecheckMs: 0 } } })
+  const company = await createCompany(app, ['member'])
+  const member = company.as('member')
+  const client = await connect(t, url, member.token)
+  const socket = app.io.of('/').sockets.get(client.id!)!
+  t.equal(await app.erpAuth.confirmSocket(socket), true, 'a member whose handshake just passed')
+
+  await app.prisma.membership.deleteMany({ where: { userId: member.id } })
+  t.equal(await app.erpAuth.confirmSocket(socket), true, 'within 5 s of a passed check and no re-check asked: no query (so not yet noticed)')
+  const cut = revoked(client)
+  const recheck = app.erpAuth.recheck(member.id)
+  t.equal(await app.erpAuth.confirmSocket(socket), false, 'with a re-check under way it asks the database itself')
+  await recheck
+  const [notice] = await cut
+  t.equal(notice.code, 'AUTH_NOT_A_MEMBER', 'cut once, by whichever check answered first')
+  t.equal(socket.connected, false)
+})
+
 t.test('erpAuth.recheck on one node cuts the user’s sockets on the other nodes too', async t => {
   const prefix = uniqueName('revoke')
   t.teardown(() => dropRedisPrefix(TEST_REDIS_URL, prefix))

@@ -315,9 +315,9 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     const token = typeof auth?.token === 'string' && auth.token !== '' ? auth.token : bearer(headers.authorization)
     if (!token) return refuse('AUTH_MISSING_TOKEN')
     handshakeGeneration.set(socket, recheckGeneration)
-    const started = Date.now()
+    const started = performance.now()
     check(token).then(({ user, heads }) => {
-      checkedAt.set(socket, started)
+      passedCheck(socket, started)
       // The membership query can outlast the token: refuse it here rather than connect a socket
       // that is already due to be cut.
       if (user.exp * 1000 <= Date.now()) return refuse('AUTH_TOKEN_EXPIRED')
@@ -371,20 +371,33 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     socket.emit('auth:revoked', { code: 'AUTH_NOT_A_MEMBER', message: 'No longer an active member of this company; this connection is closed' })
     socket.disconnect()
   }
-  /** When each socket's membership last passed a check (its handshake's, or a re-check's start). */
+  // When each socket's membership last passed a check (when that check's query started;
+  // performance.now(), which a wall-clock step cannot move), and when a re-check was last asked
+  // for it. A re-check may be the answer to a membership just removed: from the moment it is
+  // asked for, confirmSocket trusts no earlier check, and a check that started before it (still
+  // in flight) does not count once it passes.
   const checkedAt = new WeakMap<ErpSocket, number>()
+  const recheckAskedAt = new WeakMap<ErpSocket, number>()
+  const passedCheck = (socket: ErpSocket, started: number): void => {
+    if (started > (recheckAskedAt.get(socket) ?? -Infinity)) checkedAt.set(socket, started)
+  }
   /** Re-checks the given sockets, a slice per query; returns how many were cut. */
   const recheckSockets = async (list: ErpSocket[]): Promise<number> => {
+    const asked = performance.now()
+    for (const socket of list) {
+      checkedAt.delete(socket)
+      recheckAskedAt.set(socket, asked)
+    }
     let cut = 0
     for (let i = 0; i < list.length; i += RECHECK_SLICE) {
       const slice = list.slice(i, i + RECHECK_SLICE).filter(socket => socket.connected)
-      const started = Date.now()
+      const started = performance.now()
       const found = await Promise.all(slice.map(socket => lookups({ userId: socket.data.userId, companyId: socket.data.companyId })))
       slice.forEach((socket, j) => {
         const role = found[j]?.role
         if (role) {
           socket.data.role = role
-          checkedAt.set(socket, started)
+          passedCheck(socket, started)
         } else if (socket.connected) {
           revoke(socket)
           cut++
@@ -394,7 +407,8 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     return cut
   }
   const confirmSocket = async (socket: ErpSocket): Promise<boolean> => {
-    if (Date.now() - (checkedAt.get(socket) ?? 0) < MEMBERSHIP_FRESH_MS) return socket.connected
+    const checked = checkedAt.get(socket)
+    if (checked !== undefined && performance.now() - checked < MEMBERSHIP_FRESH_MS) return socket.connected
     await recheckSockets([socket])
     return socket.connected
   }
