@@ -19,6 +19,8 @@ export interface AppConfig {
   databaseConnectTimeoutMs?: number
   /** How long a PostgreSQL statement may wait for its reply before its connection is closed and it fails (DATABASE_QUERY_TIMEOUT_MS; 0: no limit; migrations are not bounded). Unset: openDatabase's default (30000). */
   databaseQueryTimeoutMs?: number
+  /** How long the migrations of `npm start` and `npm run db:migrate` wait for another session's migration lock (DATABASE_MIGRATION_LOCK_TIMEOUT_MS). Unset: the runner's default (10000, as prisma migrate deploy). */
+  migrationLockTimeoutMs?: number
   dataDir: string
   redisUrl?: string
   jwtSecret: string
@@ -70,6 +72,7 @@ const variables = {
   DATABASE_PREPARED_STATEMENTS: integer(0, 10_000),
   DATABASE_CONNECT_TIMEOUT_MS: integer(0, 600_000),
   DATABASE_QUERY_TIMEOUT_MS: integer(0, 3_600_000),
+  DATABASE_MIGRATION_LOCK_TIMEOUT_MS: integer(0, 3_600_000),
   DATA_DIR: z.string().trim().min(1, 'must not be empty'),
   REDIS_URL: url(['redis:', 'rediss:']),
   JWT_SECRET: z.string().min(32, 'must be at least 32 characters (HS256 key)'),
@@ -111,6 +114,7 @@ export function loadConfig (env: NodeJS.ProcessEnv = process.env, { requireSecre
     preparedStatements: parsed.DATABASE_PREPARED_STATEMENTS,
     databaseConnectTimeoutMs: parsed.DATABASE_CONNECT_TIMEOUT_MS,
     databaseQueryTimeoutMs: parsed.DATABASE_QUERY_TIMEOUT_MS,
+    migrationLockTimeoutMs: parsed.DATABASE_MIGRATION_LOCK_TIMEOUT_MS,
     dataDir: parsed.DATA_DIR ?? '.data',
     redisUrl: parsed.REDIS_URL,
     jwtSecret: parsed.JWT_SECRET ?? DEV_JWT_SECRET,

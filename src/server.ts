@@ -22,7 +22,7 @@ async function main () {
 
   const dataDir = path.join(config.dataDir, 'pglite')
   const db = await openDatabase(databaseOptions(config))
-  const migrations = await db.withSession(sql => migrate(sql))
+  const migrations = await db.withSession(sql => migrate(sql, undefined, { lockTimeoutMs: config.migrationLockTimeoutMs }))
   // Demo data only where SEED_DEMO allows it (default: not in production); the banner lists the
   // demo logins only when they exist and still have the published password.
   const { seeded, logins } = await seedOnStart(db.prisma, config)

@@ -2,6 +2,7 @@ import { execFile } from 'node:child_process'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
+import pg from 'pg'
 import t from 'tap'
 import { emptyTestDatabase, uniqueName } from './helpers.ts'
 
@@ -44,4 +45,17 @@ t.test('a bad variable stops a database script with one line naming it and exit 
     t.match(result.stderr, new RegExp(`^Invalid configuration: ${variable} [^\\n]*\\n$`), `${name}: one line naming ${variable}`)
     t.equal(result.stdout, '')
   }
+})
+
+t.test('db:migrate waits DATABASE_MIGRATION_LOCK_TIMEOUT_MS for a held migration lock, then prints one line naming the holder and exits 1', async t => {
+  const db = await emptyTestDatabase(t, { prefix: 'erp_cli' })
+  const holder = new pg.Client({ connectionString: db.url, application_name: 'stuck-deploy' })
+  await holder.connect()
+  t.teardown(() => holder.end())
+  await holder.query('SELECT pg_advisory_lock(72707369)')
+  const result = await script('migrate', { DATABASE_URL: db.url, DATABASE_MIGRATION_LOCK_TIMEOUT_MS: '300' })
+  t.equal(result.code, 1)
+  t.match(result.stderr, /^could not take the migration lock \(advisory lock 72707369\) within 300 ms: session pid \d+ \(user "postgres", application "stuck-deploy", idle, connected \d+ s\) holds it[^\n]*\n$/)
+  await holder.query('SELECT pg_advisory_unlock(72707369)')
+  t.equal((await script('migrate', { DATABASE_URL: db.url })).code, 0, 'runs once the lock is free')
 })

@@ -197,7 +197,7 @@ t.test('a migration lock held past lockTimeoutMs fails the run with the holder n
   const err = await db.withSession(sql => migrate(sql, DEFAULT_MIGRATIONS_DIR, { lockTimeoutMs: 300 })).catch((e: unknown) => e)
   t.ok(Date.now() - started >= 300, 'waited the timeout out')
   t.type(err, MigrationError)
-  t.match((err as Error).message, /could not take the migration lock \(advisory lock 72707369\) within 300 ms: session pid \d+ \(application "[^"]*", [a-z ]+, connected \d+ s\) holds it/)
+  t.match((err as Error).message, /could not take the migration lock \(advisory lock 72707369\) within 300 ms: session pid \d+ \(user "postgres", application "[^"]*", [a-z ]+, connected \d+ s\) holds it/)
   const tables = await db.withSession(sql => sql.query("SELECT count(*)::int AS n FROM information_schema.tables WHERE table_name = '_prisma_migrations'"))
   t.equal(tables[0]!.n, 0, 'nothing was created')
   await holder.release()

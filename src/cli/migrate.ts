@@ -2,7 +2,7 @@
 import { migrate } from '../db/migrate.ts'
 import { runDatabaseScript } from './run.ts'
 
-await runDatabaseScript(async db => {
-  const result = await db.withSession(sql => migrate(sql))
+await runDatabaseScript(async (db, config) => {
+  const result = await db.withSession(sql => migrate(sql, undefined, { lockTimeoutMs: config.migrationLockTimeoutMs }))
   return `applied: ${result.applied.join(', ') || 'none'}; already applied: ${result.alreadyApplied.length}`
 })

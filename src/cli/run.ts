@@ -1,4 +1,4 @@
-import { ConfigError, databaseOptions, loadConfig } from '../config.ts'
+import { type AppConfig, ConfigError, databaseOptions, loadConfig } from '../config.ts'
 import { type Database, openDatabase } from '../db/index.ts'
 import { MigrationError } from '../db/migrate.ts'
 
@@ -7,11 +7,12 @@ import { MigrationError } from '../db/migrate.ts'
  * environment, no JWT_SECRET needed (a release step may not have the app's secret); a bad
  * variable or a refused migration prints one line and exits 1.
  */
-export async function runDatabaseScript (fn: (db: Database) => Promise<string>): Promise<void> {
+export async function runDatabaseScript (fn: (db: Database, config: AppConfig) => Promise<string>): Promise<void> {
   let db: Database | undefined
   try {
-    db = await openDatabase(databaseOptions(loadConfig(process.env, { requireSecret: false })))
-    console.log(await fn(db))
+    const config = loadConfig(process.env, { requireSecret: false })
+    db = await openDatabase(databaseOptions(config))
+    console.log(await fn(db, config))
   } catch (err) {
     if (!(err instanceof ConfigError) && !(err instanceof MigrationError)) throw err
     console.error(err.message)

@@ -131,14 +131,17 @@ export async function migrate (sql: SqlRunner, dir = DEFAULT_MIGRATIONS_DIR, opt
 async function acquireLock (sql: SqlRunner, timeoutMs: number): Promise<void> {
   const deadline = Date.now() + timeoutMs
   for (;;) {
-    const [row] = await sql.query('SELECT pg_try_advisory_lock($1) AS locked', [ADVISORY_LOCK_ID])
-    if (row?.locked === true) return
+    // As an int: any SqlRunner answers that the same way (a boolean may come back as 't').
+    const [row] = await sql.query('SELECT pg_try_advisory_lock($1)::int AS locked', [ADVISORY_LOCK_ID])
+    if (Number(row?.locked) === 1) return
     if (Date.now() >= deadline) break
     await new Promise(resolve => setTimeout(resolve, Math.min(LOCK_POLL_MS, Math.max(1, deadline - Date.now()))))
   }
   // Advisory locks on one bigint key have classid = its high 32 bits and objid = its low ones.
   const holders = await sql.query(
-    `SELECT a.pid, a.application_name, a.state, floor(extract(epoch FROM now() - a.backend_start))::int AS connected_s
+    // Another role's session shows no state or start without pg_read_all_stats: said so, not "null".
+    `SELECT a.pid, a.usename, a.application_name, coalesce(a.state, 'state not visible') AS state,
+            coalesce(floor(extract(epoch FROM now() - a.backend_start))::int::text || ' s', 'for an unknown time') AS connected
      FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
      WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 AND l.objid = $1 AND l.objsubid = 1
        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())`,
@@ -148,7 +151,7 @@ async function acquireLock (sql: SqlRunner, timeoutMs: number): Promise<void> {
   const holder = holders[0]
   const who = holder === undefined
     ? 'another session'
-    : `session pid ${String(holder.pid)} (application ${JSON.stringify(holder.application_name ?? '')}, ${String(holder.state)}, connected ${String(holder.connected_s)} s)`
+    : `session pid ${String(holder.pid)} (user ${JSON.stringify(holder.usename ?? '')}, application ${JSON.stringify(holder.application_name ?? '')}, ${String(holder.state)}, connected ${String(holder.connected)})`
   throw new MigrationError(
     `could not take the migration lock (advisory lock ${ADVISORY_LOCK_ID}) within ${timeoutMs} ms: ${who} holds it. ` +
     'Another deploy may be migrating; if that session is stuck, end it with SELECT pg_terminate_backend(<pid>)'
