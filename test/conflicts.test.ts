@@ -362,8 +362,14 @@ t.test('a custom resolver that returns fields the route refuses writes nothing a
 })
 
 t.test('a custom stock resolver may not make a count negative on an item without allowNegative, nor write another field', async t => {
-  const returned: Array<Record<string, unknown>> = [{ quantity: -3 }, { quantity: 4, allowNegative: true }, { quantity: 4 }]
-  const { app, logged, estimator, siteManager } = await setupLogged(t, { stockItem: () => returned.shift() ?? null })
+  const returned: Array<Record<string, unknown> | 'whole row'> = [{ quantity: -3 }, { quantity: 4, allowNegative: true }, 'whole row']
+  const { app, logged, estimator, siteManager } = await setupLogged(t, {
+    stockItem: (context) => {
+      const next = returned.shift()
+      // The whole current row with a new quantity: its unchanged fields are no edits, so it passes.
+      return next === 'whole row' ? { ...context.current, quantity: 4 } : next ?? null
+    }
+  })
   const created = await app.inject({ method: 'POST', url: '/stock/items', headers: authHeader(estimator), payload: { sku: 'CEM-25', name: 'Cement 25kg', quantity: 10 } })
   const item = created.json().item as { id: string }
   const count = (user: TestUser, quantity: number) =>
@@ -377,7 +383,7 @@ t.test('a custom stock resolver may not make a count negative on an item without
   }
   t.match(await app.prisma.stockItem.findUniqueOrThrow({ where: { id: item.id } }), { quantity: 8, allowNegative: false, version: 2 }, 'nothing written')
   const resolved = await count(siteManager, 9)
-  t.equal(resolved.statusCode, 200, 'a resolver result within the rules is applied')
+  t.equal(resolved.statusCode, 200, 'a resolver result within the rules is applied (a whole row whose other fields are unchanged)')
   t.match(resolved.json(), { merged: true, item: { quantity: 4, version: 3 } })
 })
 

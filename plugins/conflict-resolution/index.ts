@@ -124,8 +124,12 @@ const withoutMeta = (fields: Fields): Fields => Object.fromEntries(Object.entrie
 
 function accepted<Row extends { version: number }> (u: VersionedUpdate<Row, unknown>, fields: Fields, current: Row): Fields {
   if (!u.accept) return fields
+  // A resolver may return a whole row (`{ ...current, quantity }`): fields it leaves as they are
+  // change nothing, and are not held to the rules of what an update may change.
+  const row = plain(current)
+  const changes = Object.fromEntries(Object.entries(fields).filter(([field, value]) => !same(value, row[field])))
   try {
-    return u.accept(fields, current)
+    return u.accept(changes, current)
   } catch (err) {
     const reason = err instanceof z.ZodError
       ? err.issues.map(issue => `${issue.path.join('.') || '(fields)'}: ${issue.message}`).join('; ')

@@ -145,8 +145,8 @@ export async function stockRoutes (fastify: FastifyInstance) {
       },
       // A custom resolver may write the quantity only, under the count's own rules.
       accept: (fields, item) => {
-        const resolved = z.object({ quantity }).strict().parse(fields)
-        if (resolved.quantity < 0 && !item.allowNegative) throw new Error(`quantity ${NEGATIVE_REFUSED}`)
+        const resolved = z.object({ quantity: quantity.optional() }).strict().parse(fields)
+        if (resolved.quantity !== undefined && resolved.quantity < 0 && !item.allowNegative) throw new Error(`quantity ${NEGATIVE_REFUSED}`)
         return resolved
       },
       write: (tx, data, version) => tx.stockItem.updateMany({ where: { id, companyId, version }, data: { ...data, version: { increment: 1 } } }),
