@@ -31,7 +31,9 @@ t.test('db:migrate and db:seed run in production without JWT_SECRET, with the da
   t.match(migrated.stdout, /^applied: \d{14}_\w+(, \d{14}_\w+)*; already applied: 0\n$/)
   const again = await script('migrate', env)
   t.match(again.stdout, /^applied: none; already applied: [1-9]\d*\n$/, 'a second run applies nothing')
-  t.equal((await script('seed', env)).stdout, 'seeded demo data\n')
+  const seeded = await script('seed', env)
+  t.equal(seeded.stdout, 'seeded demo data\n')
+  t.match(seeded.stderr, /^WARNING: NODE_ENV=production: the demo users now in this database have the published password/, 'warned, as npm start warns')
   t.equal((await script('seed', env)).stdout, 'database already has data: nothing seeded\n')
 })
 

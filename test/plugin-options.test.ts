@@ -1,5 +1,6 @@
 import t from 'tap'
 import Fastify from 'fastify'
+import { Redis } from 'ioredis'
 import { buildApp } from '../src/app.ts'
 import erpSocket from '../plugins/socket/index.ts'
 import type { ErpRealtimeOptions } from '../plugins/index.ts'
@@ -38,4 +39,16 @@ t.test('Fastify\'s own register options are not taken for unknown plugin options
   await app.register(erpSocket, { logLevel: 'warn', nodeId: 'node-a' })
   await app.ready()
   t.equal(app.erpSocket.nodeId, 'node-a')
+})
+
+t.test('the caller-owned Redis clients option refuses an unknown key too', async t => {
+  const pubClient = new Redis({ lazyConnect: true })
+  const subClient = new Redis({ lazyConnect: true })
+  t.teardown(() => { pubClient.disconnect(); subClient.disconnect() })
+  const app = Fastify()
+  t.teardown(() => app.close())
+  await t.rejects(
+    async () => { await app.register(erpSocket, { redis: { pubClient, subClient, subscriberClient: subClient } as never }) },
+    /^erp-socket: invalid option redis/
+  )
 })

@@ -100,7 +100,7 @@ declare module 'fastify' {
 const optionsSchema = z.object({
   redis: z.union([
     z.string().regex(/^rediss?:\/\//, 'must be a redis:// or rediss:// URL'),
-    z.object({ pubClient: z.custom<Redis>(v => v instanceof Redis), subClient: z.custom<Redis>(v => v instanceof Redis) })
+    z.object({ pubClient: z.custom<Redis>(v => v instanceof Redis), subClient: z.custom<Redis>(v => v instanceof Redis) }).strict()
   ]).optional(),
   redisOptions: z.record(z.string(), z.unknown()).optional(),
   redisPrefix: z.string().min(1).max(100).default('erp-realtime'),
