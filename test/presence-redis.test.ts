@@ -5,6 +5,7 @@ import t from 'tap'
 import type { PresenceChanged } from '../plugins/events.ts'
 import type { ErpPresenceOptions } from '../plugins/presence/index.ts'
 import { RedisPresenceStore } from '../plugins/presence/redis-store.ts'
+import { PartialSweepError } from '../plugins/presence/store.ts'
 import { dedicatedRedis } from './cluster-helpers.ts'
 import {
   dropRedisPrefix,
@@ -456,4 +457,31 @@ t.test('without a data loss, a grace period another node’s sweep ended gives i
   t.match(swept, [{ companyId: 'company-1', userId: 'u-1', after: null }], 'the sweep ends the grace period')
   t.equal(await store.endGrace('company-1', 'u-1', graceUntil!, epoch), null, 'the node that started it announces nothing')
   t.equal(await store.disconnect(ref, 20, epoch), null, 'nor does a late disconnect of a socket the store no longer has')
+})
+
+// Regression (review): the sweep sent its claims together and awaited them with Promise.all, so
+// one failed claim (a command timeout, a script error) rejected the whole batch, and the offlines
+// of the claims that had succeeded (their entries already removed from Redis) were never announced.
+t.test('redis store: a sweep whose claims partly fail still announces the ones that succeeded', async t => {
+  const prefix = redisPrefix(t)
+  const { app, url } = await build(t, { realtime: { presence: redisPresence(prefix, { sweepIntervalMs: 60_000, heartbeatMs: 60_000, ttlMs: 120_000 }) } })
+  const company = await createCompany(app, ['admin', 'member'])
+  const member = company.as('member')
+  const observer = await watch(t, url, company.as('admin').token)
+  const store = app.presence.store as RedisPresenceStore
+  // Two crashed sockets (recorded, never heartbeated): one of this company, one of another
+  // company whose users hash was replaced by a string, so its claim fails with WRONGTYPE.
+  await store.connect({ companyId: company.id, userId: member.id, socketId: 'crashed-1' }, 20)
+  await store.connect({ companyId: 'other-company', userId: 'u-9', socketId: 'crashed-2' }, 20)
+  await store.redis.del(`${prefix}:users:other-company`)
+  await store.redis.set(`${prefix}:users:other-company`, 'not a hash')
+  await sleep(60)
+
+  const err = await app.presence.sweep().catch((e: unknown) => e)
+  t.type(err, PartialSweepError, 'the failure is still reported')
+  t.match((err as PartialSweepError).claimed, [{ companyId: company.id, userId: member.id, after: null }])
+  t.match((err as PartialSweepError).errors, [/WRONGTYPE/])
+  await waitFor(() => observer.about(member.id).length === 1, 5000, 'the offline of the claim that succeeded')
+  t.same(observer.about(member.id), [{ userId: member.id, status: 'offline', devices: 0 }])
+  t.same((await store.list(company.id)).map(entry => entry.userId), [company.as('admin').id], 'its entry is gone (the observer stays)')
 })

@@ -10,10 +10,11 @@ import {
 import { listener, SocketError, type ErpSocket } from '../socket/handle.ts'
 import { MemoryPresenceStore } from './memory-store.ts'
 import { RedisPresenceStore } from './redis-store.ts'
-import { sameViewing, type Expired, type PresenceStore, type SocketRef, type UserPresence } from './store.ts'
+import { PartialSweepError, sameViewing, type Expired, type PresenceStore, type SocketRef, type UserPresence } from './store.ts'
 
 export { MemoryPresenceStore, RedisPresenceStore }
 export type { Change, Departure, Expired, Offline, PresenceStore, SocketRef, Transition, UserPresence } from './store.ts'
+export { PartialSweepError } from './store.ts'
 
 export interface RedisPresenceStoreOption {
   /** A `redis://` / `rediss://` URL (the plugin opens and closes its own connection) or an ioredis client you own (never closed). */
@@ -384,6 +385,15 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
     }
   }
 
+  const announceExpired = (expired: Expired[]): void => {
+    // Several sockets of one user may expire together: announce only where they ended up.
+    const last = new Map<string, Expired>()
+    for (const item of expired) {
+      const key = graceKey(item)
+      if (item.rev > (last.get(key)?.rev ?? -1)) last.set(key, item)
+    }
+    for (const item of last.values()) announce(item.companyId, item.userId, item.after, item.rev)
+  }
   let sweepRunning = false
   const sweep = async (): Promise<number> => {
     if (sweepRunning || !active) return 0
@@ -391,15 +401,16 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
     let claimed = 0
     try {
       for (let batch = 0; batch < MAX_SWEEP_BATCHES && active; batch++) {
-        const expired = await track(store.sweep(sweepBatchSize))
-        claimed += expired.length
-        // Several sockets of one user may expire together: announce only where they ended up.
-        const last = new Map<string, Expired>()
-        for (const item of expired) {
-          const key = graceKey(item)
-          if (item.rev > (last.get(key)?.rev ?? -1)) last.set(key, item)
+        let expired: Expired[]
+        try {
+          expired = await track(store.sweep(sweepBatchSize))
+        } catch (err) {
+          // The claims that did succeed removed their entries: announce them, then report.
+          if (err instanceof PartialSweepError) announceExpired(err.claimed)
+          throw err
         }
-        for (const item of last.values()) announce(item.companyId, item.userId, item.after, item.rev)
+        claimed += expired.length
+        announceExpired(expired)
         if (expired.length < sweepBatchSize) break
       }
     } finally {

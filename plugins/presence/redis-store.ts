@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto'
 import { Redis, type RedisOptions } from 'ioredis'
 import type { Viewing } from '../events.ts'
-import type { Change, Departure, Expired, Offline, PresenceStore, SocketRef, Transition, UserPresence } from './store.ts'
+import { PartialSweepError, type Change, type Departure, type Expired, type Offline, type PresenceStore, type SocketRef, type Transition, type UserPresence } from './store.ts'
 
 export interface RedisPresenceStoreOptions {
   /** A `redis://` / `rediss://` URL (the store opens and closes its own connection) or a client you own. */
@@ -328,7 +328,12 @@ export class RedisPresenceStore implements PresenceStore {
       await this.redis.zrem(this.expiryKey, member)
       return null
     })
-    return (await Promise.all(claims)).filter((claim): claim is Expired => claim !== null)
+    // Each claim removes its entry when it succeeds: one failure must not hide the others.
+    const settled = await Promise.allSettled(claims)
+    const claimed = settled.flatMap(result => result.status === 'fulfilled' && result.value !== null ? [result.value] : [])
+    const errors = settled.flatMap(result => result.status === 'rejected' ? [result.reason] : [])
+    if (errors.length > 0) throw new PartialSweepError(errors, claimed)
+    return claimed
   }
 
   async list (companyId: string): Promise<Array<UserPresence & { userId: string }>> {

@@ -60,6 +60,17 @@ export interface Expired {
   rev: number
 }
 
+/**
+ * A sweep whose claims partly failed. Claims remove their entries as they succeed, so the
+ * successful ones (`claimed`) must still be announced: nobody else will.
+ */
+export class PartialSweepError extends AggregateError {
+  constructor (errors: unknown[], public readonly claimed: Expired[]) {
+    super(errors, `presence sweep: ${errors.length} of ${errors.length + claimed.length} claims failed`)
+    this.name = 'PartialSweepError'
+  }
+}
+
 /** A user who went offline: the revision of that change. */
 export interface Offline {
   rev: number
