@@ -123,6 +123,9 @@ const optionsSchema = z.object({
 }).strict()
 
 const STREAM = /^(company|user):[^:\s]+$/
+// A resume's catch-up read that fails is tried this many times, waiting 100, 200... ms between.
+const CATCH_UP_ATTEMPTS = 3
+const CATCH_UP_RETRY_MS = 100
 /** Event names Socket.IO reserves, and the server's own events: never a domain event's type. */
 const RESERVED_TYPES = new Set([
   'connect', 'connect_error', 'disconnect', 'disconnecting', 'newListener', 'removeListener',
@@ -411,6 +414,34 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     })
   }
 
+  /** How far the held events reach from `cursor` without a hole (null: a hole right after it or further on). */
+  const heldRunEnd = (buffer: readonly Envelope[], cursor: number): number | null => {
+    let last = cursor
+    for (const envelope of buffer) {
+      if (envelope.seq <= last) continue
+      if (envelope.seq !== last + 1) return null
+      last = envelope.seq
+    }
+    return last
+  }
+
+  /**
+   * Brings this node's delivery of `stream` up to `cursor` from the log (the other nodes' copies
+   * may be late), so events the replay sent are not delivered to the socket a second time when
+   * those copies arrive. A read that fails is tried again; if it keeps failing the resume fails
+   * (the socket would otherwise get the replayed events again from the next gap fill).
+   */
+  const catchUpTo = async (stream: string, cursor: number): Promise<void> => {
+    for (let attempt = 0; ; attempt++) {
+      await dispatcher.catchUp(stream, cursor, { skipUnread: false })
+      if ((dispatcher.lastDelivered(stream) ?? cursor) >= cursor) return
+      if (attempt === CATCH_UP_ATTEMPTS - 1) {
+        throw new SocketError('SERVICE_UNAVAILABLE', `Could not bring ${stream} up to date from the event log; resume again (drop events whose seq you already applied)`)
+      }
+      await new Promise(resolve => setTimeout(resolve, CATCH_UP_RETRY_MS * (attempt + 1)))
+    }
+  }
+
   const replay = async (socket: ErpSocket, stream: string, lastSeq: number): Promise<ResumeStreamResult> => {
     const state = hold(socket, stream)
     let cursor = lastSeq
@@ -430,6 +461,7 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
       }
       let page = lastSeq < head ? await reads.run(() => read(stream, cursor, options.pageSize)) : []
       if (lastSeq < head && page.length === 0) return gap()
+      let holeBeforeRead = false
       for (;;) {
         for (const envelope of page) {
           if (!socket.connected) return { recovered: true, replayed, headSeq: cursor }
@@ -442,14 +474,26 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
         }
         await waitForDrain(socket)
         if (page.length < options.pageSize && !state.overflowed) {
-          // Caught up with the log. Bring this node's live delivery to the cursor (from the log
-          // if the other nodes' copies are late: Redis slow or down), so events just replayed
-          // are not delivered to this socket a second time when those copies arrive. Should
-          // that read fail, the copies still go out (to the other sockets here too).
-          await dispatcher.catchUp(stream, cursor, { skipUnread: false })
-          if (!state.overflowed) break
+          // The held events had a hole before this read, and the log has nothing after the
+          // cursor: the missing events were pruned.
+          if (holeBeforeRead && page.length === 0) return gap()
+          // Caught up with the log. Bring this node's live delivery to the cursor first.
+          await catchUpTo(stream, cursor)
+          // The held events must continue the cursor without a hole: a gap fill of this node
+          // that failed skips events, and live delivery goes on after them. Then read on from
+          // the log instead of handing over a hole.
+          const end = heldRunEnd(state.buffer, cursor)
+          if (!state.overflowed && end !== null) {
+            // The log and the held events together must reach the head read at the start; what
+            // is missing below it was pruned between two pages.
+            if (end < head) return gap()
+            break
+          }
+          holeBeforeRead = end === null
+        } else {
+          holeBeforeRead = false
         }
-        // More in the log than one page, or too many live events held: read on from the log.
+        // More in the log than one page, too many live events held, or a hole in them: read on from the log.
         state.overflowed = false
         state.buffer = []
         page = await reads.run(() => read(stream, cursor, options.pageSize))
