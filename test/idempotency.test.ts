@@ -41,6 +41,16 @@ async function appWithTestRoutes (t: Test, idempotency: Omit<ErpIdempotencyOptio
       reply.type('text/plain; charset=utf-8')
       return `call ${calls.text}`
     })
+    scope.post('/test/binary', async (_request, reply) => {
+      count('binary')
+      reply.type('application/octet-stream')
+      return Buffer.from([0x25, 0x50, 0x44, 0x46, 0xe2, 0xe3, 0xcf, 0xd3, 0xff, 0x00, calls.binary!])
+    })
+    scope.post('/test/nul-text', async (_request, reply) => {
+      count('nul-text')
+      reply.type('text/plain; charset=utf-8')
+      return `a\u0000b call ${calls['nul-text']}`
+    })
     scope.post('/test/empty', async (_request, reply) => {
       count('empty')
       return reply.code(204).send()
@@ -311,6 +321,26 @@ t.test('non-JSON responses: text and empty bodies replay exactly; streams releas
   await post('/test/exempt')
   t.equal(calls.exempt, 2)
   t.equal(await app.prisma.idempotencyRecord.count({ where: { key: { in: ['/test/stream', '/test/exempt'] } } }), 0)
+})
+
+// Regression (review): a Buffer was stored as UTF-8 text (invalid bytes replaced, so the replay
+// differed), and text with a NUL failed the jsonb write, leaving the key IN_PROGRESS for its TTL.
+t.test('binary bodies and text with a NUL replay byte for byte', async t => {
+  const { app, calls, user } = await appWithTestRoutes(t)
+  const post = (url: string) => app.inject({ method: 'POST', url, headers: { ...authHeader(user), ...key(url) }, payload: {} })
+  const binary = await post('/test/binary')
+  const binaryAgain = await post('/test/binary')
+  t.equal(binaryAgain.headers['idempotent-replayed'], 'true')
+  t.equal(binaryAgain.rawPayload.toString('hex'), binary.rawPayload.toString('hex'))
+  t.equal(binary.rawPayload.toString('hex'), '25504446e2e3cfd3ff0001')
+  t.equal(binaryAgain.headers['content-type'], 'application/octet-stream')
+  const text = await post('/test/nul-text')
+  const textAgain = await post('/test/nul-text')
+  t.equal(textAgain.statusCode, 200)
+  t.equal(textAgain.headers['idempotent-replayed'], 'true')
+  t.equal(textAgain.body, 'a\u0000b call 1')
+  t.equal(textAgain.headers['content-type'], text.headers['content-type'])
+  t.same([calls.binary, calls['nul-text']], [1, 1], 'each ran once')
 })
 
 t.test('a response that cannot be stored keeps the claim: the retry is not run a second time', async t => {

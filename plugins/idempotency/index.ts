@@ -97,8 +97,17 @@ function canonical (value: unknown): string {
   return JSON.stringify(value) ?? 'null'
 }
 
-/** What is stored in `body`: the payload exactly as sent, and its content type. */
-interface StoredBody { contentType: string | null, payload: string }
+/**
+ * What is stored in `body`: the payload exactly as sent, and its content type. A Buffer, or text
+ * with a NUL (which jsonb cannot hold), is stored as base64 so it replays byte for byte.
+ */
+interface StoredBody { contentType: string | null, payload: string, encoding?: 'base64' }
+
+function storedPayload (payload: string | Buffer | null | undefined): Pick<StoredBody, 'payload' | 'encoding'> {
+  if (payload === undefined || payload === null) return { payload: '' }
+  if (typeof payload === 'string' && !payload.includes('\u0000')) return { payload }
+  return { payload: (Buffer.isBuffer(payload) ? payload : Buffer.from(payload, 'utf8')).toString('base64'), encoding: 'base64' }
+}
 
 type Claim = Omit<HeldClaim, 'token'>
 
@@ -183,7 +192,8 @@ async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempote
   const replay = (reply: FastifyReply, statusCode: number, body: StoredBody) => {
     reply.code(statusCode).header('idempotent-replayed', 'true')
     if (body.contentType) reply.header('content-type', body.contentType)
-    return reply.send(body.payload === '' ? undefined : body.payload)
+    if (body.payload === '') return reply.send()
+    return reply.send(body.encoding === 'base64' ? Buffer.from(body.payload, 'base64') : body.payload)
   }
 
   const preHandler: preHandlerHookHandler = async function (request, reply) {
@@ -235,18 +245,14 @@ async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempote
         await release(c)
         return payload
       }
-      let text: string
-      if (payload === undefined || payload === null) text = ''
-      else if (typeof payload === 'string') text = payload
-      else if (Buffer.isBuffer(payload)) text = payload.toString('utf8')
-      else {
+      if (payload !== undefined && payload !== null && typeof payload !== 'string' && !Buffer.isBuffer(payload)) {
         // A stream cannot be stored without buffering it: release the key instead.
         request.log.warn('erp-idempotency: streamed response not stored; the Idempotency-Key was released (or, if its change committed, answers RESPONSE_LOST)')
         await release(c)
         return payload
       }
       const contentType = reply.getHeader('content-type')
-      await store(c, reply.statusCode, { contentType: typeof contentType === 'string' ? contentType : null, payload: text })
+      await store(c, reply.statusCode, { contentType: typeof contentType === 'string' ? contentType : null, ...storedPayload(payload) })
     } catch (err) {
       // The change may have committed: keep the claim (retries answer IN_PROGRESS until it expires).
       request.log.error({ err }, 'erp-idempotency: could not store the response')
