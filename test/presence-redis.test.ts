@@ -1,3 +1,4 @@
+import net from 'node:net'
 import { isDeepStrictEqual } from 'node:util'
 import type { FastifyInstance } from 'fastify'
 import { Redis } from 'ioredis'
@@ -204,13 +205,25 @@ t.test('redis store: keys under the prefix, nothing left behind, a client passed
   const company = await createCompany(app, ['admin', 'member'])
   const member = await connect(t, url, company.as('member').token)
   await waitFor(async () => (await app.presence.list(company.id)).length === 1, 5000, 'listed')
-  t.same((await client.keys(`${prefix}:*`)).sort(),
+  // Mutations keep their reply under an op key for 60 s (a re-sent script answers it): those expire.
+  const keys = async () => {
+    const all = await client.keys(`${prefix}:*`)
+    const ops = all.filter(key => key.startsWith(`${prefix}:op:`))
+    for (const op of ops) {
+      const ttl = await client.pttl(op)
+      if (ttl <= 0 || ttl > 60_000) t.fail(`op key ${op} expires in ${ttl} ms`)
+    }
+    return { ops: ops.length, others: all.filter(key => !ops.includes(key)).sort() }
+  }
+  const online = await keys()
+  t.ok(online.ops >= 1, 'the connect kept its reply')
+  t.same(online.others,
     [`${prefix}:epoch`, `${prefix}:expiry`, `${prefix}:rev:${company.id}`, `${prefix}:sockets:${company.id}`, `${prefix}:users:${company.id}`])
 
   member.disconnect()
   await waitFor(async () => (await app.presence.list(company.id)).length === 0, FAST.graceMs + 2000, 'offline')
-  t.same((await client.keys(`${prefix}:*`)).sort(), [`${prefix}:epoch`, `${prefix}:rev:${company.id}`],
-    'an empty company leaves only its revision counter (so revs keep growing when its users come back), and the store its epoch')
+  t.same((await keys()).others, [`${prefix}:epoch`, `${prefix}:rev:${company.id}`],
+    'an empty company leaves only its revision counter (so revs keep growing when its users come back), and the store its epoch (and op keys, expiring)')
 
   await app.close()
   t.equal(await client.ping(), 'PONG', 'the caller’s client is still open')
@@ -484,4 +497,59 @@ t.test('redis store: a sweep whose claims partly fail still announces the ones t
   await waitFor(() => observer.about(member.id).length === 1, 5000, 'the offline of the claim that succeeded')
   t.same(observer.about(member.id), [{ userId: member.id, status: 'offline', devices: 0 }])
   t.same((await store.list(company.id)).map(entry => entry.userId), [company.as('admin').id], 'its entry is gone (the observer stays)')
+})
+
+/** A TCP proxy to the test Redis that can lose the next reply with its connection (the client then reconnects). */
+async function replyLosingProxy (t: TestLike) {
+  const target = new URL(TEST_REDIS_URL)
+  let lose = 0 // lose the lose-th reply from now (0: none)
+  const pairs = new Set<net.Socket>()
+  const server = net.createServer(client => {
+    const upstream = net.connect(Number(target.port || 6379), target.hostname)
+    pairs.add(client).add(upstream)
+    client.on('data', chunk => upstream.write(chunk))
+    upstream.on('data', chunk => {
+      if (lose === 0 || --lose > 0) return void client.write(chunk)
+      // Redis ran the command; its reply goes nowhere and the connection drops.
+      client.destroy()
+      upstream.destroy()
+    })
+    const close = () => { client.destroy(); upstream.destroy() }
+    client.on('close', close).on('error', close)
+    upstream.on('close', close).on('error', close)
+  })
+  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => {
+    for (const socket of pairs) socket.destroy()
+    return new Promise(resolve => server.close(resolve))
+  })
+  return { url: `redis://127.0.0.1:${(server.address() as net.AddressInfo).port}`, loseReply: (nth = 1) => { lose = nth } }
+}
+
+// Regression (review): ioredis re-sends a command whose reply was lost with its connection, and a
+// presence script run a second time found its own work done: the first device of a user came back
+// as "already connected" (no online announced), an expired socket as "already gone" (no offline).
+t.test('redis store: a script whose reply was lost and that ioredis re-sends answers its first reply', async t => {
+  const prefix = redisPrefix(t)
+  const proxy = await replyLosingProxy(t)
+  const store = new RedisPresenceStore({ redis: proxy.url, prefix })
+  t.teardown(() => store.close())
+  // Loads the scripts (NOSCRIPT → EVAL), so the lost reply below is the EVALSHA's own.
+  await store.connect({ companyId: 'company-1', userId: 'u-0', socketId: 's-0' }, 60_000)
+
+  proxy.loseReply()
+  const first = await store.connect({ companyId: 'company-1', userId: 'u-1', socketId: 's-1' }, 20)
+  t.equal(first.before, null, 'the re-sent connect still says the user was offline before')
+  t.match(first.after, { devices: 1 })
+
+  await sleep(60)
+  // The sweep reads what is due, then claims it: the claim's reply is the one lost.
+  proxy.loseReply(2)
+  const swept = await store.sweep(10)
+  t.match(swept, [{ companyId: 'company-1', userId: 'u-1', after: null }], 'the expired socket is still claimed as an offline')
+
+  await store.connect({ companyId: 'company-1', userId: 'u-2', socketId: 's-2' }, 60_000)
+  proxy.loseReply()
+  const departure = await store.disconnect({ companyId: 'company-1', userId: 'u-2', socketId: 's-2' }, 60_000)
+  t.match(departure, { after: { devices: 0 } }, 'the re-sent disconnect still reports the last device leaving')
 })

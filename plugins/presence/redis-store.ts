@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto'
+import { createHash, randomUUID } from 'node:crypto'
 import { Redis, type RedisOptions } from 'ioredis'
 import type { Viewing } from '../events.ts'
 import { PartialSweepError, type Change, type Departure, type Expired, type Offline, type PresenceStore, type SocketRef, type Transition, type UserPresence } from './store.ts'
@@ -69,10 +69,33 @@ const DROP_SOCKET = REV + `local function dropSocket (users, sockets, revKey, us
 end
 `
 
+// How long a mutating script's reply is kept under its op key (see Script): longer than any
+// reconnect after which ioredis re-sends the commands whose replies it did not get.
+const OP_REPLY_TTL_MS = 60_000
+
 class Script {
   readonly sha: string
-  constructor (readonly source: string) {
-    this.sha = createHash('sha1').update(source).digest('hex')
+  readonly source: string
+  /**
+   * `once`: the script is safe to run twice. ioredis re-sends a command whose reply was lost with
+   * the connection (autoResendUnfulfilledCommands); a mutating script run again would find its
+   * own work done and answer "nothing changed", and its announcement would be lost (a user left
+   * online for good). Such a script gets a unique op key as its last KEY: the first run keeps its
+   * reply there, and a second run answers that reply without doing anything.
+   */
+  constructor (body: string, readonly once = false) {
+    this.source = once
+      ? `local opKey = KEYS[#KEYS]
+local done = redis.call('GET', opKey)
+if done then return cjson.decode(done)[1] end
+local function body ()
+${body}
+end
+local reply = body()
+redis.call('SET', opKey, cjson.encode({ reply }), 'PX', ${OP_REPLY_TTL_MS})
+return reply`
+      : body
+    this.sha = createHash('sha1').update(this.source).digest('hex')
   }
 }
 
@@ -92,7 +115,7 @@ local after = cjson.encode(u)
 redis.call('HSET', KEYS[1], ARGV[1], after)
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[3])
 redis.call('ZREM', KEYS[3], ARGV[4])
-return { raw or '', after, epoch }`)
+return { raw or '', after, epoch }`, true)
 
 // KEYS users, sockets, expiry, rev, epoch; ARGV userId, socketId, socketMember, graceMember, graceMs, epoch
 // { userJSON, graceUntil | '' }; { 'lost', rev } when the data was lost since the socket was
@@ -111,7 +134,7 @@ redis.call('HSET', KEYS[1], ARGV[1], after)
 if u.devices > 0 then return { after, '' } end
 local graceUntil = now + tonumber(ARGV[5])
 redis.call('ZADD', KEYS[3], graceUntil, ARGV[4])
-return { after, tostring(graceUntil) }`)
+return { after, tostring(graceUntil) }`, true)
 
 // KEYS users, rev; ARGV userId, status, viewing ('' keeps, 'null' clears, else JSON)
 // A set that changes nothing writes nothing (and takes no revision).
@@ -133,7 +156,7 @@ if not changed then return { raw, raw } end
 u.rev = bump(KEYS[2], u)
 local after = cjson.encode(u)
 redis.call('HSET', KEYS[1], ARGV[1], after)
-return { raw, after }`)
+return { raw, after }`, true)
 
 // KEYS users, expiry, rev, epoch; ARGV userId, graceMember, mode ('exact' | 'due'), deadline, epoch
 // Returns the offline's rev when the user went offline, else 0. 'exact' ends the grace period
@@ -155,7 +178,7 @@ if not raw then return 0 end
 local u = cjson.decode(raw)
 if u.devices > 0 then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
-return bump(KEYS[3], u)`)
+return bump(KEYS[3], u)`, true)
 
 // KEYS users, sockets, expiry, rev; ARGV userId, socketId, socketMember, now
 // Claims an expired socket entry: { 'offline', rev } or { 'devices', userJSON }, false when not due or gone.
@@ -171,7 +194,7 @@ if u.devices == 0 then
 end
 local after = cjson.encode(u)
 redis.call('HSET', KEYS[1], ARGV[1], after)
-return { 'devices', after }`)
+return { 'devices', after }`, true)
 
 // KEYS expiry; ARGV limit -> { now, member... }
 const DUE = new Script(NOW + `
@@ -248,6 +271,7 @@ export class RedisPresenceStore implements PresenceStore {
   private graceMember (companyId: string, userId: string) { return JSON.stringify(['g', companyId, userId]) }
 
   private async run<T> (script: Script, keys: string[], args: Array<string | number>): Promise<T> {
+    if (script.once) keys = [...keys, `${this.prefix}:op:${randomUUID()}`]
     try {
       return await this.redis.evalsha(script.sha, keys.length, ...keys, ...args) as T
     } catch (err) {
