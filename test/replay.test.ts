@@ -2,7 +2,7 @@ import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import type { Socket as ClientSocket } from 'socket.io-client'
 import { dedicatedRedis } from './cluster-helpers.ts'
-import { authHeader, build, connect, createCompany, dropRedisPrefix, nextEvent, request, sleep, testDatabase, uniqueName, waitFor, type TestCompany } from './helpers.ts'
+import { authHeader, build, connect, createCompany, dropRedisPrefix, nextEvent, request, sleep, TEST_REDIS_URL, testDatabase, uniqueName, waitFor, type TestCompany } from './helpers.ts'
 import type { FastifyInstance } from 'fastify'
 
 const companyOf = (c: TestCompany) => `company:${c.id}` as const
@@ -508,4 +508,51 @@ t.test('a storm of clients resuming at once is served completely with bounded co
     t.same(seqsByStream(seen[i]!)[companyOf(company)], range(1, 300), `client ${i} got every event once, in order`)
   }
   t.ok(peak >= 1 && peak <= 2, `at most maxConcurrentReads log reads at once (peak ${peak})`)
+})
+
+// Regression (review): a transaction that published more than 10,000 events relayed them in one
+// erp:events message, which every other node refused whole as malformed (at most 10,000), so its
+// events reached them only through their next gap fill.
+t.test('a transaction with more than 10,000 events is relayed to the other nodes in chunks they accept', async t => {
+  const prefix = uniqueName('relay')
+  t.teardown(() => dropRedisPrefix(TEST_REDIS_URL, prefix).catch(() => {}))
+  const db = await testDatabase(t)
+  const realtime = { socket: { redis: TEST_REDIS_URL, redisPrefix: prefix }, eventLog: { headIntervalMs: 0 } }
+  const x = await build(t, { db, realtime })
+  const y = await build(t, { db, realtime })
+  const company = await createCompany(x.app)
+  const relayed: number[] = []
+  x.app.io.on('erp:events', (envelopes: Array<{ seq: number }>) => { relayed.push(envelopes.length) })
+  await waitFor(async () => (await y.app.erpSocket.serverCount()) === 2, 5000, 'both nodes on the adapter')
+  const stream = `user:${company.as('member').id}` as const
+  await y.app.eventLog.transaction(async (_tx, publish) => {
+    for (let i = 0; i < 10_001; i++) {
+      await publish({ stream, type: 'notification:new', companyId: company.id, actorId: company.as('admin').id, data: { kind: 'bulk', message: `n${i}` } })
+    }
+  })
+  await waitFor(() => relayed.reduce((a, b) => a + b, 0) === 10_001, 15_000, 'all 10,001 relayed')
+  t.same(relayed, [10_000, 1], 'two messages, each within what a receiver accepts')
+})
+
+// Regression (review): a node kept following a stream after its last listener left, missed the
+// other node's copies (no Redis here), and a socket joining later started from that stale
+// position: the next event's gap fill sent it events committed before it connected.
+t.test('a socket joining a stream its node followed without listeners gets only events from its connection on', async t => {
+  const db = await testDatabase(t)
+  const a = await build(t, { db })
+  const b = await build(t, { db })
+  const company = await createCompany(a.app)
+  const member = company.as('member')
+  const publishOn = (app: FastifyInstance, n: number) => publishBoth(app, company, n)
+  const first = await connect(t, a.url, member.token)
+  await publishOn(a.app, 1)
+  first.disconnect()
+  await waitFor(() => !a.app.io.of('/').adapter.rooms.has(companyOf(company)), 5000, 'the stream has no listener on node a')
+  await publishOn(b.app, 2) // node a does not hear of seqs 2 and 3
+  const socket = await connect(t, a.url, member.token)
+  const seen = record(socket)
+  await publishOn(a.app, 1)
+  await waitFor(() => seqsByStream(seen)[companyOf(company)]?.length === 1, 5000, 'the new event')
+  await sleep(200)
+  t.same(seqsByStream(seen), { [companyOf(company)]: [4], [userOf(member)]: [4] }, 'nothing from before the connection')
 })

@@ -53,6 +53,13 @@ export class Dispatcher {
     const existing = this.streams.get(stream)
     if (existing) {
       while (existing.filling) await existing.filling
+      // Followed while nobody here listened, the stream may have missed other nodes' copies
+      // (nothing fills a gap nobody listens to): start from the head the joining socket saw, or
+      // the next event's gap fill would send it events from before it connected.
+      if (!this.delivery.hasListeners(stream) && existing.pending.length === 0) {
+        const head = await readHead()
+        if (existing.last === undefined || head > existing.last) existing.last = head
+      }
       return
     }
     const state = this.state(stream)

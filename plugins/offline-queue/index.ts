@@ -132,6 +132,9 @@ const RESERVED_TYPES = new Set([
   'sync:head', 'sync:resume', 'presence:changed', 'presence:set', 'presence:list', 'auth:expired', 'auth:revoked', 'auth:refresh', 'server:shutdown'
 ])
 
+/** Envelopes relayed per `erp:events` message: a transaction that publishes more goes in several. */
+const RELAY_CHUNK = 10_000
+
 /** Envelopes another node relays (`erp:events`): checked before the sequencer believes them. */
 const relayedEventsSchema = z.array(z.object({
   id: z.string().min(1).max(200),
@@ -142,7 +145,7 @@ const relayedEventsSchema = z.array(z.object({
   at: z.string().max(64),
   actor: z.object({ userId: z.string().max(200).nullable() }),
   data: z.unknown()
-}).refine(e => !e.stream.startsWith('company:') || e.stream === `company:${e.companyId}`, 'a company stream carries its own company')).max(10_000)
+}).refine(e => !e.stream.startsWith('company:') || e.stream === `company:${e.companyId}`, 'a company stream carries its own company')).max(RELAY_CHUNK)
 
 /**
  * A publish's own mistakes, refused before anything is written: a company stream of another
@@ -278,7 +281,7 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
         }
       }
     }
-  }, read, (err, stream) => fastify.log.warn({ err, stream }, 'erp-offline-queue: could not fill a gap from the event log'), options.pageSize)
+  }, read, (err, stream) => fastify.log.warn({ err, stream }, 'erp-offline-queue: could not read the event log (a stream head, or events to fill a gap)'), options.pageSize)
 
   // What other nodes send is checked before the sequencer believes it: a malformed message
   // (another version mid-deploy, another app on the prefix) would otherwise throw in the
@@ -305,7 +308,11 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
   const distribute = (envelopes: Envelope[]) => {
     if (envelopes.length === 0) return
     dispatcher.ingest(envelopes)
-    fastify.erpSocket.toOtherNodes('erp:events', envelopes)
+    // In chunks the receivers accept: a larger message was refused whole as malformed, and its
+    // events reached the other nodes only through their next gap fill.
+    for (let i = 0; i < envelopes.length; i += RELAY_CHUNK) {
+      fastify.erpSocket.toOtherNodes('erp:events', i === 0 && envelopes.length <= RELAY_CHUNK ? envelopes : envelopes.slice(i, i + RELAY_CHUNK))
+    }
   }
 
   // A publish or commit inside a transaction's callback would open a second transaction that waits
