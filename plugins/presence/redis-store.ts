@@ -72,6 +72,8 @@ end
 // How long a mutating script's reply is kept under its op key (see Script): longer than any
 // reconnect after which ioredis re-sends the commands whose replies it did not get.
 const OP_REPLY_TTL_MS = 60_000
+// A failed sweep claim is tried once more after this long (same op key: see claim()).
+const CLAIM_RETRY_MS = 50
 
 class Script {
   readonly sha: string
@@ -270,14 +272,29 @@ export class RedisPresenceStore implements PresenceStore {
   private socketMember (ref: SocketRef) { return JSON.stringify(['s', ref.companyId, ref.userId, ref.socketId]) }
   private graceMember (companyId: string, userId: string) { return JSON.stringify(['g', companyId, userId]) }
 
-  private async run<T> (script: Script, keys: string[], args: Array<string | number>): Promise<T> {
-    if (script.once) keys = [...keys, `${this.prefix}:op:${randomUUID()}`]
+  private async run<T> (script: Script, keys: string[], args: Array<string | number>, op: string = randomUUID()): Promise<T> {
+    if (script.once) keys = [...keys, `${this.prefix}:op:${op}`]
     try {
       return await this.redis.evalsha(script.sha, keys.length, ...keys, ...args) as T
     } catch (err) {
       // First use on this server (or after SCRIPT FLUSH): send the source once.
       if (!(err instanceof Error) || !err.message.startsWith('NOSCRIPT')) throw err
       return await this.redis.eval(script.source, keys.length, ...keys, ...args) as T
+    }
+  }
+
+  /**
+   * A sweep's claim, tried a second time under the same op key when the first fails: a claim
+   * whose reply came too late (commandTimeout) may have removed its entry, and then only its
+   * kept reply says what to announce. Nobody else will claim that entry again.
+   */
+  private async claim<T> (script: Script, keys: string[], args: Array<string | number>): Promise<T> {
+    const op = randomUUID()
+    try {
+      return await this.run<T>(script, keys, args, op)
+    } catch {
+      await new Promise(resolve => setTimeout(resolve, CLAIM_RETRY_MS))
+      return await this.run<T>(script, keys, args, op)
     }
   }
 
@@ -338,11 +355,11 @@ export class RedisPresenceStore implements PresenceStore {
       }
       const [kind, companyId, userId, socketId] = parsed as string[]
       if (kind === 'g' && companyId && userId) {
-        const rev = await this.run<number>(END_GRACE, [this.usersKey(companyId), this.expiryKey, this.revKey(companyId), this.epochKey], [userId, member, 'due', now!, ''])
+        const rev = await this.claim<number>(END_GRACE, [this.usersKey(companyId), this.expiryKey, this.revKey(companyId), this.epochKey], [userId, member, 'due', now!, ''])
         return rev > 0 ? { companyId, userId, after: null, rev } : null
       }
       if (kind === 's' && companyId && userId && socketId) {
-        const result = await this.run<['offline', number] | ['devices', string] | null>(EXPIRE_SOCKET,
+        const result = await this.claim<['offline', number] | ['devices', string] | null>(EXPIRE_SOCKET,
           [this.usersKey(companyId), this.socketsKey(companyId), this.expiryKey, this.revKey(companyId)], [userId, socketId, member, now!])
         if (!result) return null
         if (result[0] === 'offline') return { companyId, userId, after: null, rev: Number(result[1]) }
