@@ -77,6 +77,19 @@ t.test('a failed or short read skips the gap instead of retrying forever', async
   t.same(pruned.delivered, [1, 4, 5, 6], 'what the log still has, then on')
 })
 
+// Regression (review): when the whole gap was pruned and the log held at least a page of later
+// events, every read returned only rows past the gap, none advanced the stream, and the fill read
+// the same page forever (the stream stuck, its pending events growing, resumes never acked).
+t.test('a gap pruned whole, with a full page of later events in the log, ends the fill instead of reading forever', async t => {
+  const log = [1, 2, 3, ...Array.from({ length: 15 }, (_, i) => i + 7)].map(seq => envelope(seq))
+  const h = harness({ log })
+  h.dispatcher.ingest([envelope(1), envelope(2), envelope(3), envelope(7)])
+  h.unblock()
+  await flush()
+  t.same(h.delivered, [1, 2, 3, 7], 'the pruned seqs are skipped, then on')
+  t.equal(h.reads.length, 1, 'one read: it advanced nothing, so the range is gone')
+})
+
 t.test('without local listeners a jump is accepted without reading the log', async t => {
   const h = harness({ listeners: false })
   h.dispatcher.ingest([envelope(1), envelope(7)])

@@ -58,7 +58,10 @@ export class Dispatcher {
       // the next event's gap fill would send it events from before it connected.
       if (!this.delivery.hasListeners(stream) && existing.pending.length === 0) {
         const head = await readHead()
-        if (existing.last === undefined || head > existing.last) existing.last = head
+        // Only if nothing changed meanwhile: another socket joined (it follows from here), a
+        // fill started, or the sweep dropped this state.
+        const unchanged = this.streams.get(stream) === existing && !existing.filling && !this.delivery.hasListeners(stream)
+        if (unchanged && (existing.last === undefined || head > existing.last)) existing.last = head
       }
       return
     }
@@ -135,11 +138,14 @@ export class Dispatcher {
       while ((state.last ?? upTo) < upTo) {
         const want = Math.min(upTo - state.last!, this.pageSize)
         const rows = await this.read(stream, state.last!, want)
+        const before = state.last
         for (const row of rows) {
           if (row.seq > upTo || row.seq <= state.last!) continue
           this.advance(state, row)
         }
-        if (rows.length < want) break
+        // A short page is the end of the log; a page that advanced nothing has only rows past
+        // upTo (the rest of the range was pruned): reading it again would loop forever.
+        if (rows.length < want || state.last === before) break
       }
     }, () => {
       // Whatever could not be read (pruned, or the database is down) is skipped: clients see

@@ -1,5 +1,5 @@
 import { createHash, randomUUID } from 'node:crypto'
-import { Redis, type RedisOptions } from 'ioredis'
+import { Redis, ReplyError, type RedisOptions } from 'ioredis'
 import type { Viewing } from '../events.ts'
 import { PartialSweepError, type Change, type Departure, type Expired, type Offline, type PresenceStore, type SocketRef, type Transition, type UserPresence } from './store.ts'
 
@@ -71,7 +71,7 @@ end
 
 // How long a mutating script's reply is kept under its op key (see Script): longer than any
 // reconnect after which ioredis re-sends the commands whose replies it did not get.
-const OP_REPLY_TTL_MS = 60_000
+const OP_REPLY_TTL_MS = 15_000
 // A failed sweep claim is tried once more after this long (same op key: see claim()).
 const CLAIM_RETRY_MS = 50
 
@@ -284,15 +284,18 @@ export class RedisPresenceStore implements PresenceStore {
   }
 
   /**
-   * A sweep's claim, tried a second time under the same op key when the first fails: a claim
-   * whose reply came too late (commandTimeout) may have removed its entry, and then only its
-   * kept reply says what to announce. Nobody else will claim that entry again.
+   * A sweep's claim, tried a second time under the same op key when its reply did not come
+   * (commandTimeout, a lost connection): it may have run and removed its entry, and then only its
+   * kept reply says what to announce. Nobody else will claim that entry again. A script error
+   * (ReplyError) is not retried: the script stopped part-way, and a second run would find its
+   * first writes done and claim nothing, hiding the error.
    */
   private async claim<T> (script: Script, keys: string[], args: Array<string | number>): Promise<T> {
     const op = randomUUID()
     try {
       return await this.run<T>(script, keys, args, op)
-    } catch {
+    } catch (err) {
+      if (err instanceof ReplyError) throw err
       await new Promise(resolve => setTimeout(resolve, CLAIM_RETRY_MS))
       return await this.run<T>(script, keys, args, op)
     }
