@@ -499,8 +499,8 @@ t.test('a sweep whose claims partly fail still announces the ones that succeeded
   t.same(observer.about(member.id), [{ userId: member.id, status: 'offline', devices: 0 }])
 })
 
-/** A TCP proxy to the test Redis that can lose the next reply with its connection (the client then reconnects). */
-async function replyLosingProxy (t: TestLike) {
+/** A TCP proxy to the test Redis that can lose a reply with its connection (the client then reconnects) or hold one back. */
+async function flakyRedisProxy (t: TestLike) {
   const target = new URL(TEST_REDIS_URL)
   let lose = 0 // lose the lose-th reply from now (0: none)
   let delay = 0 // hold the delay-th reply from now back by delayMs (0: none); later replies wait behind it
@@ -545,7 +545,7 @@ async function replyLosingProxy (t: TestLike) {
 // as "already connected" (no online announced), an expired socket as "already gone" (no offline).
 t.test('redis store: a script whose reply was lost and that ioredis re-sends answers its first reply', async t => {
   const prefix = redisPrefix(t)
-  const proxy = await replyLosingProxy(t)
+  const proxy = await flakyRedisProxy(t)
   const store = new RedisPresenceStore({ redis: proxy.url, prefix })
   t.teardown(() => store.close())
   // Loads the scripts (NOSCRIPT → EVAL), so the lost reply below is the EVALSHA's own.
@@ -568,13 +568,19 @@ t.test('redis store: a script whose reply was lost and that ioredis re-sends ans
   t.match(departure, { after: { devices: 0 } }, 'the re-sent disconnect still reports the last device leaving')
 })
 
+/** A Redis store (300 ms command timeout) whose connection goes through a flakyRedisProxy. */
+async function storeBehindProxy (t: TestLike, prefix: string) {
+  const proxy = await flakyRedisProxy(t)
+  const store = new RedisPresenceStore({ redis: proxy.url, prefix, redisOptions: { commandTimeout: 300 } })
+  t.teardown(() => store.close())
+  return { proxy, store }
+}
+
 // Regression (review): a claim whose reply came after commandTimeout had already removed its
 // entry; the sweep reported it failed and nobody announced that offline, ever.
 t.test('redis store: a sweep claim whose reply comes too late is tried again and still announced', async t => {
   const prefix = redisPrefix(t)
-  const proxy = await replyLosingProxy(t)
-  const store = new RedisPresenceStore({ redis: proxy.url, prefix, redisOptions: { commandTimeout: 300 } })
-  t.teardown(() => store.close())
+  const { proxy, store } = await storeBehindProxy(t, prefix)
   await store.connect({ companyId: 'company-1', userId: 'u-0', socketId: 's-0' }, 60_000)
   await store.connect({ companyId: 'company-1', userId: 'u-1', socketId: 's-1' }, 20)
   await sleep(60)
@@ -587,9 +593,7 @@ t.test('redis store: a sweep claim whose reply comes too late is tried again and
 
 t.test('redis store: a claim that fails twice rejects the sweep with a PartialSweepError', async t => {
   const prefix = redisPrefix(t)
-  const proxy = await replyLosingProxy(t)
-  const store = new RedisPresenceStore({ redis: proxy.url, prefix, redisOptions: { commandTimeout: 300 } })
-  t.teardown(() => store.close())
+  const { proxy, store } = await storeBehindProxy(t, prefix)
   await store.connect({ companyId: 'company-1', userId: 'u-1', socketId: 's-1' }, 20)
   await sleep(60)
   // The claim's reply comes 2 s late: the claim and its retry (queued behind it) both time out.

@@ -44,7 +44,7 @@ function seqsOf (socket: ClientSocket): number[] {
 /** Node A (reads intercepted) and node B on one database without Redis: A never gets B's events live. */
 async function twoNodes (t: Test, onRead: (read: EventRead) => Promise<unknown>) {
   const db = await testDatabase(t)
-  const a = await build(t, { db: interceptEventReads(db, read => onRead(read)) })
+  const a = await build(t, { db: interceptEventReads(db, onRead) })
   const b = await build(t, { db })
   const company = await createCompany(a.app, ['admin', 'member'])
   return { a, b, company }
