@@ -58,7 +58,8 @@ export interface ErpAuthDecorator {
   takeHandshakeHeads (socket: object): ReadonlyMap<string, number> | undefined
   /**
    * The membership check of a route configured with `erpAuth: { membership: 'in-write' }`, for
-   * `eventLog.commit({ guard })`: checked in the write's own statement, which writes nothing if
+   * `eventLog.commit({ guard })`, or checked again before the commit of a `'before'` route's
+   * write (`eventLog.transaction(fn, { guard })`, `conflicts.update({ guard })`): checked in the write's own statement, which writes nothing if
    * the caller is not an active member (403 AUTH_NOT_A_MEMBER) or, with `roles`, if the stored
    * role is not one of them (403 FORBIDDEN). Once it passed, `request.user.role` is the stored role.
    */
@@ -101,7 +102,9 @@ declare module 'fastify' {
     erpAuth?: {
       /**
        * 'before' (default): `authenticate` verifies the token and queries the membership before
-       * the handler. 'in-write': `authenticate` verifies the token only, and the handler's one
+       * the handler; a write that may wait afterwards (a queue, a row lock, a pooled connection)
+       * passes `writeGuard(request)` too (`eventLog.transaction(fn, { guard })`), so a member
+       * removed meanwhile commits nothing. 'in-write': `authenticate` verifies the token only, and the handler's one
        * write checks the membership in the same statement (`eventLog.commit({ guard:
        * fastify.erpAuth.writeGuard(request) })`), one database round trip less. Until then
        * `request.user.role` is the token's claim; a response below 400 without a passed guard

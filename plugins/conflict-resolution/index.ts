@@ -5,7 +5,7 @@ import { deleteInBatches, every, parseOptions } from '../support.ts'
 import { Prisma, type PrismaClient } from '../../src/generated/prisma/client.ts'
 import { Errors, type ErrorWithBody } from '../errors.ts'
 import { userStream } from '../events.ts'
-import type { Publish, Tx } from '../offline-queue/index.ts'
+import type { Publish, Tx, WriteGuard } from '../offline-queue/index.ts'
 
 type Fields = Record<string, unknown>
 type Snapshotted = { id: string, companyId: string, version: number }
@@ -59,6 +59,13 @@ export interface VersionedUpdate<Row extends { version: number }, Result> {
    * base value is not a change, and someone else's newer value is kept.
    */
   assertAll?: boolean
+  /**
+   * The caller's membership check (`fastify.erpAuth.writeGuard(request, roles?)`), evaluated
+   * when the update has the row's lock (after waiting in the row's queue, before anything is
+   * read) and again just before it commits: a member removed meanwhile gets 403 and no data,
+   * and nothing is written.
+   */
+  guard?: WriteGuard
   /** Reads the row in the transaction (scoped to the company); null → 404. */
   read (tx: Tx): Promise<Row | null>
   /** Writes `data` only if the row still has `version` (and bumps it); returns the match count. */
@@ -188,7 +195,14 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
         // Updates of one row through update() queue here until the previous one commits, so each
         // reads the version its predecessor wrote (READ COMMITTED: every statement sees the latest
         // commit). The conditional write still guards against writers that bypass the lock.
-        await tx.$executeRaw`SELECT pg_advisory_xact_lock(hashtextextended(${`erp-conflicts:${u.companyId}:${u.entity}:${u.id}`}, 0))`
+        const lock = Prisma.sql`SELECT pg_advisory_xact_lock(hashtextextended(${`erp-conflicts:${u.companyId}:${u.entity}:${u.id}`}, 0))`
+        if (u.guard) {
+          // The guard in the lock's statement (no round trip more), evaluated once the lock is
+          // held: a subquery with a volatile function is not flattened into the outer one.
+          await tx.$queryRaw`SELECT ${u.guard.sql} AS value FROM (${lock}) AS locked`
+        } else {
+          await tx.$executeRaw(lock)
+        }
         for (let attempt = 0; attempt < MAX_ATTEMPTS; attempt++) {
           const current = await u.read(tx)
           if (!current) throw new Errors.NOT_FOUND(u.entity)
@@ -251,7 +265,7 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
           return u.respond(row, merged)
         }
         throw new Errors.SERVICE_UNAVAILABLE(`${u.entity} is being changed too often; retry`)
-      })
+      }, { guard: u.guard })
     } catch (err) {
       if (!(err instanceof ConflictRejected)) throw err
       const { context } = err

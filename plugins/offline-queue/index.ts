@@ -63,7 +63,12 @@ export interface StatementChange<K extends DomainEventType = DomainEventType> {
   guard?: WriteGuard
 }
 
-/** A check run inside `eventLog.commit`'s statement (see `StatementChange.guard`). */
+export interface TransactionOptions {
+  /** A check evaluated in the transaction's last statement, before it commits; raising rolls it all back. */
+  guard?: WriteGuard
+}
+
+/** A check run inside `eventLog.commit`'s statement (see `StatementChange.guard`), or last in `eventLog.transaction`. */
 export interface WriteGuard {
   /** A scalar SQL expression (`Prisma.sql`) that raises to refuse; its value goes to `passed`. */
   sql: Prisma.Sql
@@ -80,9 +85,13 @@ export interface EventLog {
   /**
    * Runs `fn` in one database transaction. Events passed to `publish` are recorded in that
    * transaction (contiguous seq per stream) and emitted after it commits; if it rolls back,
-   * nothing was recorded and nothing is emitted.
+   * nothing was recorded and nothing is emitted. With `guard` (e.g.
+   * `fastify.erpAuth.writeGuard(request)`), the check is the transaction's last statement,
+   * just before its commit (one round trip more; none when erp-idempotency's fence already
+   * ends it): a caller removed while the request waited for a connection, a row lock or a
+   * queue commits nothing.
    */
-  transaction<T> (fn: (tx: Tx, publish: Publish) => Promise<T>): Promise<T>
+  transaction<T> (fn: (tx: Tx, publish: Publish) => Promise<T>, options?: TransactionOptions): Promise<T>
   /** Records and emits one event in a transaction of its own. */
   publish: Publish
   /**
@@ -325,10 +334,11 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     }
   }
 
-  const transaction = async <T>(fn: (tx: Tx, publish: Publish) => Promise<T>): Promise<T> => {
+  const transaction = async <T>(fn: (tx: Tx, publish: Publish) => Promise<T>, { guard }: TransactionOptions = {}): Promise<T> => {
     refuseNested('transaction')
     const recorded: Envelope[] = []
     const claim = heldClaims.getStore()
+    let guarded: unknown
     const result = await prisma.$transaction(async (tx) => {
       const publish = (async (event: PublishInput) => {
         checkEvent(event)
@@ -337,11 +347,17 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
         return envelope
       }) as Publish
       const value = await insideTransaction.run(true, () => fn(tx, publish))
-      // Last, so the claim's row lock is held only until the commit that follows.
-      if (claim) await tx.$queryRaw`SELECT ${fenceSql(claim)}`
+      // Last: the claim's row lock is then held only until the commit that follows, and the
+      // guard sees the membership as it is when the work is about to commit.
+      if (guard || claim) {
+        const [row] = await tx.$queryRaw<Array<{ value: unknown }>>`
+          SELECT ${guard?.sql ?? Prisma.sql`NULL`} AS value, ${claim ? fenceSql(claim) : Prisma.sql`NULL`} AS fenced`
+        guarded = row?.value
+      }
       return value
     }, { maxWait: options.transactionMaxWaitMs, timeout: options.transactionTimeoutMs })
-      .catch((err: unknown) => { throw (claim && fenceError(err)) ?? err })
+      .catch((err: unknown) => { throw (claim && fenceError(err)) ?? guard?.error?.(err) ?? err })
+    guard?.passed?.(guarded)
     distribute(recorded)
     return result
   }

@@ -12,6 +12,8 @@ const createBody = z.object({
 }).strict()
 const rejectBody = z.object({ reason: z.string().trim().max(2000).optional() }).strict()
 const listExpensesQuery = listQuery.extend({ status: z.enum(['submitted', 'approved', 'rejected']).optional() })
+// Who may approve or reject: checked before the handler and again, as stored, before the commit.
+const DECIDERS = ['manager', 'admin'] as const
 
 export async function expenseRoutes (fastify: FastifyInstance) {
   fastify.addHook('preHandler', fastify.authenticate)
@@ -43,7 +45,7 @@ export async function expenseRoutes (fastify: FastifyInstance) {
       await fastify.conflicts.snapshot(tx, 'expense', expense)
       await publish({ stream: companyStream(companyId), type: 'expense:submitted', companyId, actorId: userId, data: { expense } })
       return expense
-    })
+    }, { guard: fastify.erpAuth.writeGuard(request) })
     reply.code(201)
     return { expense }
   })
@@ -57,7 +59,7 @@ export async function expenseRoutes (fastify: FastifyInstance) {
 
   // submitted → approved | rejected; the conditional update makes a second decision a 409.
   const decide = (action: 'approve' | 'reject') => async (request: FastifyRequest) => {
-    requireRole(request, 'manager', 'admin')
+    requireRole(request, ...DECIDERS)
     const { id } = parse(idParams, request.params)
     const { reason } = action === 'reject' ? parse(rejectBody, request.body) : { reason: undefined }
     const { companyId, userId } = request.user
@@ -87,7 +89,7 @@ export async function expenseRoutes (fastify: FastifyInstance) {
         }
       })
       return expense
-    })
+    }, { guard: fastify.erpAuth.writeGuard(request, DECIDERS) })
     return { expense }
   }
   fastify.post('/expenses/:id/approve', decide('approve'))

@@ -82,6 +82,7 @@ export async function projectRoutes (fastify: FastifyInstance) {
       userId,
       baseVersion,
       changes,
+      guard: fastify.erpAuth.writeGuard(request),
       read: (tx) => tx.project.findFirst({ where: { id, companyId } }),
       accept: (fields) => updatableFields.parse(fields),
       write: (tx, data, version) => tx.project.updateMany({ where: { id, companyId, version }, data: { ...data, version: { increment: 1 } } }),

@@ -74,7 +74,7 @@ export async function stockRoutes (fastify: FastifyInstance) {
       await fastify.conflicts.snapshot(tx, 'stockItem', item)
       await publish({ stream: companyStream(companyId), type: 'stock:updated', companyId, actorId: userId, data: { item } })
       return item
-    })
+    }, { guard: fastify.erpAuth.writeGuard(request) })
     reply.code(201)
     return { item }
   })
@@ -115,7 +115,7 @@ export async function stockRoutes (fastify: FastifyInstance) {
       const movement = await recordMovement(tx, item, delta, reason, userId)
       await announce(publish, item, item.quantity - delta, userId, { delta, reason, movementId: movement.id })
       return { item, movement }
-    })
+    }, { guard: fastify.erpAuth.writeGuard(request) })
     reply.code(201)
     return result
   })
@@ -137,6 +137,7 @@ export async function stockRoutes (fastify: FastifyInstance) {
       changes: { quantity: body.quantity },
       // A count is an observation, not an edit of the base value: it conflicts with any change since.
       assertAll: true,
+      guard: fastify.erpAuth.writeGuard(request),
       read: async (tx) => {
         const item = await tx.stockItem.findFirst({ where: { id, companyId } })
         // allowNegative is fixed at create; nothing changes it afterwards.
