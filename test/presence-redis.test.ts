@@ -454,8 +454,9 @@ t.test('regression: a last device that left after Redis lost its data, before th
   t.ok(increasing(observer.revs(member.id)))
 })
 
-t.test('without a data loss, a grace period another node’s sweep ended gives its own node no second offline', async t => {
-  // The epoch check must not turn the usual race (the sweep ending the grace first) into a second offline.
+t.test('without a data loss, a grace period or a socket another node’s sweep ended gives its own node no second offline', async t => {
+  // The loss checks must not turn the usual races (a sweep ending the grace period, or claiming
+  // the socket of a stalled node, first) into a second offline.
   const prefix = redisPrefix(t)
   const store = new RedisPresenceStore({ redis: TEST_REDIS_URL, prefix })
   t.teardown(() => store.close())
@@ -465,11 +466,71 @@ t.test('without a data loss, a grace period another node’s sweep ended gives i
   const departure = await store.disconnect(ref, 20, epoch)
   const graceUntil = departure && departure.after !== null ? departure.graceUntil : undefined
   t.type(graceUntil, 'number')
+  // A stalled node's socket: its entry expires before the node heartbeats or sees it leave.
+  const stalled = { companyId: 'company-1', userId: 'u-2', socketId: 's-2' }
+  const { epoch: stalledEpoch } = await store.connect(stalled, 20)
   await sleep(40)
   const swept = await store.sweep(10)
-  t.match(swept, [{ companyId: 'company-1', userId: 'u-1', after: null }], 'the sweep ends the grace period')
-  t.equal(await store.endGrace('company-1', 'u-1', graceUntil!, epoch), null, 'the node that started it announces nothing')
-  t.equal(await store.disconnect(ref, 20, epoch), null, 'nor does a late disconnect of a socket the store no longer has')
+  t.match(swept.sort((x, y) => x.userId.localeCompare(y.userId)), [
+    { companyId: 'company-1', userId: 'u-1', after: null },
+    { companyId: 'company-1', userId: 'u-2', after: null }
+  ], 'the sweep ends the grace period and claims the expired socket')
+  t.equal(await store.endGrace('company-1', 'u-1', graceUntil!, epoch), null, 'the node that started the grace period announces nothing')
+  t.equal(await store.disconnect(stalled, 20, stalledEpoch), null, 'nor does the stalled node when its socket leaves')
+})
+
+/**
+ * What a failover to a lagging replica, or a restart from an older snapshot, does to the store:
+ * it is back as it was when `snapshot` was taken, epoch included. Returns the roll-back.
+ */
+async function snapshotStore (prefix: string): Promise<() => Promise<void>> {
+  const client = new Redis(TEST_REDIS_URL)
+  const keys = await client.keys(`${prefix}:*`)
+  const copies = await Promise.all(keys.map(async key => ({ key, dump: (await client.dumpBuffer(key))!, ttl: Math.max(0, await client.pttl(key)) })))
+  return async () => {
+    try {
+      const now = await client.keys(`${prefix}:*`)
+      if (now.length > 0) await client.del(now)
+      for (const { key, dump, ttl } of copies) await client.restore(key, ttl, dump)
+    } finally {
+      await client.quit()
+    }
+  }
+}
+
+t.test('regression: a last device that left after Redis rolled back to an older copy (same epoch), before the next heartbeat, was never announced offline', async t => {
+  const prefix = redisPrefix(t)
+  const { app, url } = await build(t, { realtime: { presence: redisPresence(prefix, { heartbeatMs: 30_000, ttlMs: 60_000 }) } })
+  const company = await createCompany(app, ['admin', 'member'])
+  const member = company.as('member')
+  const observer = await watch(t, url, company.as('admin').token)
+  await waitFor(async () => (await list(observer.socket)).length === 1, 5000, 'the observer listed')
+  const rollBack = await snapshotStore(prefix) // the copy knows the observer, not the member
+  const socket = await connect(t, url, member.token)
+  await waitFor(() => observer.about(member.id).length === 1, 5000, 'online')
+  await rollBack()
+  socket.disconnect()
+  await waitFor(() => observer.about(member.id).some(change => change.status === 'offline'), 3000, 'offline')
+  t.match(observer.about(member.id).at(-1), { status: 'offline', devices: 0 })
+  t.ok(increasing(observer.revs(member.id)))
+})
+
+t.test('regression: a grace period running when Redis rolled back to an older copy (same epoch) never ended: the user stayed online', async t => {
+  const prefix = redisPrefix(t)
+  const { app, url } = await build(t, { realtime: { presence: redisPresence(prefix) } })
+  const company = await createCompany(app, ['admin', 'member'])
+  const member = company.as('member')
+  const observer = await watch(t, url, company.as('admin').token)
+  await waitFor(async () => (await list(observer.socket)).length === 1, 5000, 'the observer listed')
+  const rollBack = await snapshotStore(prefix)
+  const socket = await connect(t, url, member.token)
+  await waitFor(() => observer.about(member.id).length === 1, 5000, 'online')
+  socket.disconnect()
+  await sleep(FAST.graceMs / 4)
+  await rollBack()
+  await waitFor(() => observer.about(member.id).some(change => change.status === 'offline'), FAST.graceMs + 2000, 'offline when the grace period ends')
+  t.match(observer.about(member.id).at(-1), { status: 'offline', devices: 0 })
+  t.ok(increasing(observer.revs(member.id)))
 })
 
 // Regression (review): the sweep sent its claims together and awaited them with Promise.all, so

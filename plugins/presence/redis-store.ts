@@ -27,6 +27,12 @@ export interface RedisPresenceStoreOptions {
  *                               lost its data (restart without persistence, flush) starts a new
  *                               one, so a node can tell a user forgotten by that loss from one
  *                               another node's sweep ended, and announce the offline itself.
+ *   swept:<member>       string left for SWEPT_TTL_MS by a sweep that claimed a socket entry (the
+ *                               member) or a grace period (value: its deadline). A socket or grace
+ *                               period unknown to the store without one was not ended by a sweep:
+ *                               its data was lost, or rolled back (a failover to a lagging replica
+ *                               or an older snapshot keeps the same epoch), and its own node
+ *                               announces the offline.
  *   expiry               zset   JSON ["s", companyId, userId, socketId] (socket entry) or
  *                               JSON ["g", companyId, userId] (grace period) -> deadline, ms (Redis clock)
  * One expiry set for all companies lets every node find due entries with one ZRANGEBYSCORE; each
@@ -74,6 +80,10 @@ end
 const OP_REPLY_TTL_MS = 15_000
 // A failed sweep claim is tried once more after this long (same op key: see claim()).
 const CLAIM_RETRY_MS = 50
+// How long a sweep's claim is remembered (swept:<member>): a node that was stalled that long
+// after its socket expired, and then sees it leave, announces a second offline (harmless: a
+// newer rev of the same state) instead of none.
+const SWEPT_TTL_MS = 600_000
 
 class Script {
   readonly sha: string
@@ -119,14 +129,15 @@ redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[3])
 redis.call('ZREM', KEYS[3], ARGV[4])
 return { raw or '', after, epoch }`, true)
 
-// KEYS users, sockets, expiry, rev, epoch; ARGV userId, socketId, socketMember, graceMember, graceMs, epoch
-// { userJSON, graceUntil | '' }; { 'lost', rev } when the data was lost since the socket was
-// recorded and the user is unknown (offline now); false when the socket is unknown otherwise.
+// KEYS users, sockets, expiry, rev, epoch, swept; ARGV userId, socketId, socketMember, graceMember, graceMs, epoch
+// { userJSON, graceUntil | '' }; { 'lost', rev } when the socket was recorded (epoch given), is
+// unknown now without a sweep having claimed it (its data was lost or rolled back), and the user
+// is unknown too (offline now); false when the socket is unknown otherwise.
 const DISCONNECT = new Script(NOW + DROP_SOCKET + `
 redis.call('ZREM', KEYS[3], ARGV[3])
 local u = dropSocket(KEYS[1], KEYS[2], KEYS[4], ARGV[1], ARGV[2])
 if not u then
-  if ARGV[6] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[6] and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
+  if ARGV[6] ~= '' and (redis.call('GET', KEYS[5]) ~= ARGV[6] or redis.call('EXISTS', KEYS[6]) == 0) and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
     return { 'lost', tostring(bump(KEYS[4], nil)) }
   end
   return false
@@ -160,14 +171,14 @@ local after = cjson.encode(u)
 redis.call('HSET', KEYS[1], ARGV[1], after)
 return { raw, after }`, true)
 
-// KEYS users, expiry, rev, epoch; ARGV userId, graceMember, mode ('exact' | 'due'), deadline, epoch
+// KEYS users, expiry, rev, epoch, swept; ARGV userId, graceMember, mode ('exact' | 'due'), deadline, epoch
 // Returns the offline's rev when the user went offline, else 0. 'exact' ends the grace period
-// this node started (also when the data it was in has been lost since: the epoch changed and
-// the user is unknown); 'due' (the sweep) ends any grace period whose deadline has passed.
+// this node started (also when its data has been lost or rolled back since: no sweep claimed it,
+// and the user is unknown); 'due' (the sweep) ends any grace period whose deadline has passed.
 const END_GRACE = new Script(REV + `
 local score = redis.call('ZSCORE', KEYS[2], ARGV[2])
 if not score then
-  if ARGV[3] == 'exact' and ARGV[5] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[5] and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
+  if ARGV[3] == 'exact' and ARGV[5] ~= '' and (redis.call('GET', KEYS[4]) ~= ARGV[5] or tonumber(redis.call('GET', KEYS[5]) or '-1') ~= tonumber(ARGV[4])) and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
     return bump(KEYS[3], nil)
   end
   return 0
@@ -175,6 +186,7 @@ end
 if ARGV[3] == 'exact' and tonumber(score) ~= tonumber(ARGV[4]) then return 0 end
 if ARGV[3] == 'due' and tonumber(score) > tonumber(ARGV[4]) then return 0 end
 redis.call('ZREM', KEYS[2], ARGV[2])
+if ARGV[3] == 'due' then redis.call('SET', KEYS[5], score, 'PX', ${SWEPT_TTL_MS}) end
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if not raw then return 0 end
 local u = cjson.decode(raw)
@@ -182,12 +194,13 @@ if u.devices > 0 then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 return bump(KEYS[3], u)`, true)
 
-// KEYS users, sockets, expiry, rev; ARGV userId, socketId, socketMember, now
+// KEYS users, sockets, expiry, rev, swept; ARGV userId, socketId, socketMember, now
 // Claims an expired socket entry: { 'offline', rev } or { 'devices', userJSON }, false when not due or gone.
 const EXPIRE_SOCKET = new Script(DROP_SOCKET + `
 local score = redis.call('ZSCORE', KEYS[3], ARGV[3])
 if not score or tonumber(score) > tonumber(ARGV[4]) then return false end
 redis.call('ZREM', KEYS[3], ARGV[3])
+redis.call('SET', KEYS[5], '1', 'PX', ${SWEPT_TTL_MS})
 local u = dropSocket(KEYS[1], KEYS[2], KEYS[4], ARGV[1], ARGV[2])
 if not u then return false end
 if u.devices == 0 then
@@ -271,6 +284,7 @@ export class RedisPresenceStore implements PresenceStore {
   private get epochKey () { return `${this.prefix}:epoch` }
   private socketMember (ref: SocketRef) { return JSON.stringify(['s', ref.companyId, ref.userId, ref.socketId]) }
   private graceMember (companyId: string, userId: string) { return JSON.stringify(['g', companyId, userId]) }
+  private sweptKey (member: string) { return `${this.prefix}:swept:${member}` }
 
   private async run<T> (script: Script, keys: string[], args: Array<string | number>, op: string = randomUUID()): Promise<T> {
     if (script.once) keys = [...keys, `${this.prefix}:op:${op}`]
@@ -310,7 +324,7 @@ export class RedisPresenceStore implements PresenceStore {
 
   async disconnect (ref: SocketRef, graceMs: number, epoch = ''): Promise<Departure | null> {
     const result = await this.run<[string, string] | null>(DISCONNECT,
-      [this.usersKey(ref.companyId), this.socketsKey(ref.companyId), this.expiryKey, this.revKey(ref.companyId), this.epochKey],
+      [this.usersKey(ref.companyId), this.socketsKey(ref.companyId), this.expiryKey, this.revKey(ref.companyId), this.epochKey, this.sweptKey(this.socketMember(ref))],
       [ref.userId, ref.socketId, this.socketMember(ref), this.graceMember(ref.companyId, ref.userId), graceMs, epoch])
     if (!result) return null
     if (result[0] === 'lost') return { after: null, rev: Number(result[1]) }
@@ -326,8 +340,9 @@ export class RedisPresenceStore implements PresenceStore {
   }
 
   async endGrace (companyId: string, userId: string, graceUntil: number, epoch = ''): Promise<Offline | null> {
-    const rev = await this.run<number>(END_GRACE, [this.usersKey(companyId), this.expiryKey, this.revKey(companyId), this.epochKey],
-      [userId, this.graceMember(companyId, userId), 'exact', graceUntil, epoch])
+    const member = this.graceMember(companyId, userId)
+    const rev = await this.run<number>(END_GRACE, [this.usersKey(companyId), this.expiryKey, this.revKey(companyId), this.epochKey, this.sweptKey(member)],
+      [userId, member, 'exact', graceUntil, epoch])
     return rev > 0 ? { rev } : null
   }
 
@@ -358,12 +373,12 @@ export class RedisPresenceStore implements PresenceStore {
       }
       const [kind, companyId, userId, socketId] = parsed as string[]
       if (kind === 'g' && companyId && userId) {
-        const rev = await this.claim<number>(END_GRACE, [this.usersKey(companyId), this.expiryKey, this.revKey(companyId), this.epochKey], [userId, member, 'due', now!, ''])
+        const rev = await this.claim<number>(END_GRACE, [this.usersKey(companyId), this.expiryKey, this.revKey(companyId), this.epochKey, this.sweptKey(member)], [userId, member, 'due', now!, ''])
         return rev > 0 ? { companyId, userId, after: null, rev } : null
       }
       if (kind === 's' && companyId && userId && socketId) {
         const result = await this.claim<['offline', number] | ['devices', string] | null>(EXPIRE_SOCKET,
-          [this.usersKey(companyId), this.socketsKey(companyId), this.expiryKey, this.revKey(companyId)], [userId, socketId, member, now!])
+          [this.usersKey(companyId), this.socketsKey(companyId), this.expiryKey, this.revKey(companyId), this.sweptKey(member)], [userId, socketId, member, now!])
         if (!result) return null
         if (result[0] === 'offline') return { companyId, userId, after: null, rev: Number(result[1]) }
         const after = parse(result[1])

@@ -87,16 +87,17 @@ export interface PresenceStore {
   connect (ref: SocketRef, ttlMs: number): Promise<Transition>
   /**
    * Removes a socket; on the last one the user enters a grace period of `graceMs`. null when
-   * unknown, unless the store's epoch is no longer `epoch` (its data was lost) and it has no
-   * entry for the user: then the user is offline, with a new rev (`after: null`).
+   * unknown, unless it was recorded (`epoch` given), no sweep claimed it (its data was lost or
+   * rolled back) and the store has no entry for the user: then the user is offline, with a new
+   * rev (`after: null`).
    */
   disconnect (ref: SocketRef, graceMs: number, epoch?: string): Promise<Departure | null>
   /** Sets status and viewing (`undefined` keeps it, `null` clears it). null when the user is unknown. */
   set (companyId: string, userId: string, change: { status: UserPresence['status'], viewing?: Viewing | null }): Promise<Change | null>
   /**
    * Ends the grace period that `disconnect` started at `graceUntil`: the offline's rev when the
-   * user is now offline, else null. Also an offline when the grace period is gone because the
-   * store lost its data (its epoch is no longer `epoch`) and it has no entry for the user.
+   * user is now offline, else null. Also an offline when the grace period is gone without a
+   * sweep having ended it (the store lost or rolled back its data) and it has no entry for the user.
    */
   endGrace (companyId: string, userId: string, graceUntil: number, epoch?: string): Promise<Offline | null>
   /** Pushes the expiry of live sockets `ttlMs` ahead; returns the ones the store no longer has. */
