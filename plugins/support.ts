@@ -24,8 +24,29 @@ function withoutRegisterOptions (schema: ZodType, raw: unknown): unknown {
   return Object.fromEntries(Object.entries(raw).filter(([key]) => !drop.includes(key)))
 }
 
+/**
+ * Refuses the registration, before the plugin creates anything (connections, timers), when one
+ * of its decorator names is taken (another Socket.IO plugin's `io`, say): failing later, at
+ * `decorate`, left what it had created without the close hook that releases it.
+ */
+export function refuseTakenDecorators (fastify: FastifyInstance, plugin: string, names: readonly string[]): void {
+  for (const name of names) {
+    if (fastify.hasDecorator(name)) throw new Error(`${plugin}: fastify.${name} is already decorated (another plugin uses the name)`)
+  }
+}
+
 /** How long close waits for a periodic job under way (a database that stopped answering must not hold it). */
 export const EVERY_CLOSE_WAIT_MS = 2000
+
+/** `promise`'s value, or `fallback` after `ms` (the timer does not hold the process). */
+export async function withTimeout<T, F> (promise: Promise<T>, ms: number, fallback: F): Promise<T | F> {
+  let timer: NodeJS.Timeout | undefined
+  try {
+    return await Promise.race([promise, new Promise<F>(resolve => { timer = setTimeout(() => resolve(fallback), ms).unref() })])
+  } finally {
+    clearTimeout(timer)
+  }
+}
 
 /**
  * Runs `job` every `intervalMs` (0 disables), never overlapping itself; the timer is unref'd
@@ -44,6 +65,7 @@ export function every (fastify: FastifyInstance, intervalMs: number, what: strin
   fastify.addHook('onClose', async () => {
     clearInterval(timer)
     if (!running) return
+    // A timer that holds the process: close must not end early for want of other handles.
     let bound: NodeJS.Timeout | undefined
     await Promise.race([running, new Promise<void>(resolve => { bound = setTimeout(resolve, EVERY_CLOSE_WAIT_MS) })])
     clearTimeout(bound)

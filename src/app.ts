@@ -45,6 +45,18 @@ export async function buildApp ({ config, db, logger = false, realtime = {}, dra
     reply.code(404).send({ error: { code: 'NOT_FOUND', message: `Route ${request.method} ${request.url.split('?')[0]} not found` } })
   })
   app.decorate('prisma', db.prisma)
+  try {
+    await registerAll(app, config, db, realtime)
+  } catch (err) {
+    // A failed registration (a bad option, say) after others created connections and timers:
+    // the caller gets no app to close, so close it here, or the process would not exit.
+    await app.close().catch(() => {})
+    throw err
+  }
+  return app
+}
+
+async function registerAll (app: FastifyInstance, config: AppConfig, db: Database, realtime: NonNullable<BuildOptions['realtime']>): Promise<void> {
   // Same-origin only unless CORS_ORIGINS lists exact origins.
   if (config.corsOrigins.length > 0) await app.register(cors, { origin: config.corsOrigins, credentials: true })
 
@@ -69,5 +81,4 @@ export async function buildApp ({ config, db, logger = false, realtime = {}, dra
   await app.register(projectRoutes)
   await app.register(expenseRoutes)
   await app.register(stockRoutes)
-  return app
 }

@@ -4,7 +4,8 @@ import { Redis } from 'ioredis'
 import { buildApp } from '../src/app.ts'
 import erpSocket from '../plugins/socket/index.ts'
 import type { ErpRealtimeOptions } from '../plugins/index.ts'
-import { testConfig, testDatabase } from './helpers.ts'
+import { dedicatedRedis } from './cluster-helpers.ts'
+import { testConfig, testDatabase, waitFor } from './helpers.ts'
 
 // Regression: the plugins' option schemas dropped unknown keys, so a misspelled option
 // (`presence: { graceMS }`) ran silently with the default instead of failing registration.
@@ -51,4 +52,43 @@ t.test('the caller-owned Redis clients option refuses an unknown key too', async
     async () => { await app.register(erpSocket, { redis: { pubClient, subClient, subscriberClient: subClient } as never }) },
     /^erp-socket: invalid option redis/
   )
+})
+
+/** Connections a private Redis has, besides the one asking. */
+async function redisConnections (url: string): Promise<number> {
+  const client = new Redis(url)
+  try {
+    return String(await client.client('LIST')).trim().split('\n').length - 1
+  } finally {
+    client.disconnect()
+  }
+}
+
+// Regression (lifecycle review): erp-socket created the Socket.IO server and its two Redis
+// connections before decorate('io') failed on a taken name, and added its close hook only after
+// it: the connections stayed open after app.close(), and the process did not exit.
+t.test('a decorator name already taken fails the registration before anything is created', async t => {
+  const redis = await dedicatedRedis(t)
+  const app = Fastify()
+  app.decorate('io', { taken: 'by another Socket.IO plugin' } as never)
+  await t.rejects(
+    async () => { await app.register(erpSocket, { redis: redis.url }) },
+    { message: 'erp-socket: fastify.io is already decorated (another plugin uses the name)' }
+  )
+  await app.close()
+  await waitFor(async () => await redisConnections(redis.url) === 0, 3000, 'no connection left').catch(() => {})
+  t.equal(await redisConnections(redis.url), 0, 'no Redis connection left open')
+})
+
+// Regression (lifecycle review): buildApp threw without closing the app when a registration
+// failed after others had opened Redis connections, and the caller had no app to close.
+t.test('buildApp closes what it created when a registration fails', async t => {
+  const redis = await dedicatedRedis(t)
+  const db = await testDatabase(t)
+  await t.rejects(
+    buildApp({ config: testConfig({ redisUrl: redis.url }), db, realtime: { idempotency: { waitMs: -1 } } }),
+    /^erp-idempotency: invalid option/
+  )
+  await waitFor(async () => await redisConnections(redis.url) === 0, 3000, 'no connection left').catch(() => {})
+  t.equal(await redisConnections(redis.url), 0, 'no Redis connection left open')
 })

@@ -411,6 +411,25 @@ t.test('regression: a presence Redis that stopped answering left presence acks a
   t.ok(Date.now() - closing < 8000, `close resolved in ${Date.now() - closing} ms`)
 })
 
+// Regression (lifecycle review): close waited for the disconnected sockets' store updates without
+// a bound, and a client passed in has no commandTimeout unless its owner set one.
+t.test('regression: with a Redis client passed in and Redis no longer answering, app.close() waited forever', async t => {
+  const redis = await dedicatedRedis(t)
+  const prefix = redisPrefix(t)
+  const client = new Redis(redis.url) // as the README builds Sentinel clients: no commandTimeout
+  client.on('error', () => {})
+  t.teardown(() => client.disconnect())
+  const { app, url } = await build(t, { realtime: { presence: { ...FAST, store: { redis: client, prefix } } } })
+  const company = await createCompany(app, ['admin'])
+  const observer = await watch(t, url, company.as('admin').token)
+  await waitFor(async () => (await list(observer.socket)).length === 1, 5000, 'listed')
+  await redis.pause() // connection open, no replies
+  t.teardown(() => redis.resume())
+  const closing = Date.now()
+  await app.close()
+  t.ok(Date.now() - closing < 6000, `close resolved in ${Date.now() - closing} ms`)
+})
+
 /** What a Redis restart without persistence (or a flush) does to the store: every key is gone. */
 async function loseStoreData (prefix: string): Promise<void> {
   const client = new Redis(TEST_REDIS_URL)
@@ -645,8 +664,10 @@ t.test('redis store: a sweep claim whose reply comes too late is tried again and
   await store.connect({ companyId: 'company-1', userId: 'u-0', socketId: 's-0' }, 60_000)
   await store.connect({ companyId: 'company-1', userId: 'u-1', socketId: 's-1' }, 20)
   await sleep(60)
-  // The sweep reads what is due, then claims it: the claim's reply arrives 600 ms late.
-  proxy.delayReply(2, 600)
+  // The sweep reads what is due, then claims it: the claim's reply arrives 450 ms late, after
+  // its commandTimeout (300 ms), and the retry's (sent at 350 ms, queued behind it) well before
+  // the retry's own (650 ms). With 600 ms the margin was 50 ms, and a loaded CI machine missed it.
+  proxy.delayReply(2, 450)
   const swept = await store.sweep(10)
   t.match(swept, [{ companyId: 'company-1', userId: 'u-1', after: null }], 'claimed once, announced')
   t.same((await store.list('company-1')).map(entry => entry.userId), ['u-0'])

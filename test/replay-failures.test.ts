@@ -161,3 +161,29 @@ t.test('events pruned between two replay pages answer recovered: false', async t
   t.same(ack, { ok: true, streams: { [`company:${company.id}`]: { recovered: false, replayed: 2, headSeq: 5 } } })
   t.same(seqs, [1, 2])
 })
+
+// Regression (lifecycle review): replays waiting for a read slot (maxConcurrentReads) when the
+// app closed still read the event log after close() resolved, against a database the server
+// closes next ("Cannot use a pool after calling end on the pool", logged for each).
+t.test('resumes still waiting for a read when the app closes read nothing after close', async t => {
+  let closed = false
+  let readsAfterClose = 0
+  const db = await testDatabase(t)
+  const { app, url } = await build(t, {
+    db: interceptEventReads(db, async read => {
+      if (closed) readsAfterClose++
+      await sleep(100) // a slow log: the resumes queue behind one another
+      return await read.run()
+    }),
+    realtime: { eventLog: { maxConcurrentReads: 1 } }
+  })
+  const company = await createCompany(app, ['admin'])
+  await publish(app, company, 3)
+  const sockets = await Promise.all(Array.from({ length: 8 }, () => connect(t, url, company.as('admin').token)))
+  for (const socket of sockets) socket.timeout(10_000).emitWithAck('sync:resume', { streams: { [`company:${company.id}`]: 0 } }).catch(() => {})
+  await sleep(150) // the first replay reads; the others wait for the slot
+  await app.close()
+  closed = true
+  await sleep(1000) // the queue would have drained by now
+  t.equal(readsAfterClose, 0, 'no event read after close')
+})

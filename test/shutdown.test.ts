@@ -135,6 +135,23 @@ t.test('a long-polling Socket.IO client gets server:shutdown and does not hold c
   t.ok(await disconnected, 'and it is disconnected')
 })
 
+for (const transport of ['websocket', 'polling'] as const) {
+  t.test(`a ${transport} client told server:shutdown is closed at the transport and reconnects by itself (regression, websocket: it was disconnected as by the server, "io server disconnect", and stayed disconnected)`, async (t) => {
+    const { app, url } = await build(t, { drainTimeoutMs: 30_000 })
+    const company = await createCompany(app, ['member'])
+    // Reconnection on, as in real clients; the first attempt far away (the node is gone).
+    const socket = ioClient(url, { transports: [transport], forceNew: true, reconnectionDelay: 60_000, reconnectionDelayMax: 60_000, auth: { token: company.as('member').token } })
+    t.teardown(() => socket.disconnect())
+    await nextEvent(socket, 'connect', 5000)
+    const notice = nextEvent(socket, 'server:shutdown', 5000)
+    const reason = nextEvent<string>(socket, 'disconnect', 5000)
+    await app.close()
+    t.match(await notice, { message: /reconnect and resume/ })
+    t.not(await reason, 'io server disconnect', 'a connection closed, not a server disconnect')
+    t.equal(socket.active, true, 'the client reconnects by itself')
+  })
+}
+
 t.test('regression: a Socket.IO handshake still in its membership query when close starts held close open', async (t) => {
   const { app, db, url } = await build(t, { drainTimeoutMs: 30_000 })
   const company = await createCompany(app, ['member'])

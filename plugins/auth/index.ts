@@ -3,7 +3,7 @@ import fastifyJwt from '@fastify/jwt'
 import type { FastifyInstance, FastifyReply, FastifyRequest, RouteOptions } from 'fastify'
 import type { ExtendedError } from 'socket.io'
 import { z } from 'zod'
-import { batchPerTurn, every, hookList, parseOptions, sqlErrorOf } from '../support.ts'
+import { batchPerTurn, every, hookList, parseOptions, sqlErrorOf, refuseTakenDecorators } from '../support.ts'
 import { Prisma, type PrismaClient } from '../../src/generated/prisma/client.ts'
 import { Errors, type ErrorCode } from '../errors.ts'
 import { authRefreshSchema, companyStream, ROLES, userStream, type Role } from '../events.ts'
@@ -158,6 +158,7 @@ function bearer (header: unknown): string | undefined {
 
 async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
   const { secret, prisma, tokenTtlSeconds, membershipRecheckMs } = parseOptions('erp-auth', optionsSchema, rawOptions)
+  refuseTakenDecorators(fastify, 'erp-auth', ['erpAuth', 'authenticate'])
 
   await fastify.register(fastifyJwt, {
     secret,

@@ -1,7 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { z } from 'zod'
-import { deleteInBatches, every, parseOptions } from '../support.ts'
+import { deleteInBatches, every, parseOptions, refuseTakenDecorators } from '../support.ts'
 import { Prisma, type PrismaClient } from '../../src/generated/prisma/client.ts'
 import { Errors, type ErrorWithBody } from '../errors.ts'
 import { userStream } from '../events.ts'
@@ -156,6 +156,7 @@ const MAX_ATTEMPTS = 10
 
 async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsOptions) {
   const { prisma, strategies, revisionTtlSeconds, pruneIntervalMs, pruneBatchSize } = parseOptions('erp-conflicts', optionsSchema, rawOptions)
+  refuseTakenDecorators(fastify, 'erp-conflicts', ['conflicts'])
 
   const snapshotStatement = (entity: string, row: Snapshotted | readonly Snapshotted[]) => Prisma.sql`
     INSERT INTO revisions (entity, "entityId", version, "companyId", data, "createdAt")

@@ -1,7 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { z } from 'zod'
-import { parseOptions } from '../support.ts'
+import { parseOptions, refuseTakenDecorators } from '../support.ts'
 import type { PrismaClient } from '../../src/generated/prisma/client.ts'
 
 export interface ErpHealthOptions {
@@ -64,6 +64,7 @@ function shared<T> (probe: () => Promise<T>, reuseMs: number): () => Promise<T> 
 
 async function erpHealth (fastify: FastifyInstance, rawOptions: ErpHealthOptions) {
   const { prisma, eventLogBackend, databaseTimeoutMs, prefix } = parseOptions('erp-health', optionsSchema, rawOptions)
+  refuseTakenDecorators(fastify, 'erp-health', ['websocketHealth'])
 
   const queryDatabase = async (): Promise<WebsocketHealth['database']> => {
     const started = performance.now()

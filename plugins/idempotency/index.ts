@@ -2,7 +2,7 @@ import { createHash, randomUUID } from 'node:crypto'
 import fp from 'fastify-plugin'
 import type { FastifyInstance, FastifyReply, FastifyRequest, HTTPMethods, onSendHookHandler, preHandlerHookHandler } from 'fastify'
 import { z } from 'zod'
-import { deleteInBatches, every, hookList, parseOptions } from '../support.ts'
+import { deleteInBatches, every, hookList, parseOptions, refuseTakenDecorators } from '../support.ts'
 import { Prisma, type PrismaClient } from '../../src/generated/prisma/client.ts'
 import { Errors } from '../errors.ts'
 import { heldClaims, type HeldClaim } from '../claim-fence.ts'
@@ -128,6 +128,7 @@ const sleep = (ms: number) => new Promise(resolve => setTimeout(resolve, ms))
 
 async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempotencyOptions) {
   const { prisma, ttlSeconds, waitMs, pollIntervalMs, recoverAfterMs, pruneIntervalMs, pruneBatchSize } = parseOptions('erp-idempotency', optionsSchema, rawOptions)
+  refuseTakenDecorators(fastify, 'erp-idempotency', ['idempotency'])
   const claims = new WeakMap<FastifyRequest, HeldClaim>()
   // From preClose on, a retry waiting for another request's answer stops (409 IN_PROGRESS):
   // over HTTP it would otherwise hold the drain until drainTimeoutMs cut its connection.

@@ -3,7 +3,7 @@ import { randomUUID } from 'node:crypto'
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { z } from 'zod'
-import { deleteInBatches, every, parseOptions } from '../support.ts'
+import { deleteInBatches, every, parseOptions, refuseTakenDecorators } from '../support.ts'
 import { fenceError, fenceSql, heldClaims } from '../claim-fence.ts'
 import { Prisma, type PrismaClient } from '../../src/generated/prisma/client.ts'
 import {
@@ -218,6 +218,7 @@ interface Hold {
 
 async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOfflineQueueOptions) {
   const options = parseOptions('erp-offline-queue', optionsSchema, rawOptions)
+  refuseTakenDecorators(fastify, 'erp-offline-queue', ['eventLog'])
   const { prisma } = options
   const io = fastify.io
   const nsp = io.of('/')
@@ -465,13 +466,25 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     }
   }
 
+  /**
+   * A replay's read, in its turn among `maxConcurrentReads`; skipped (undefined) when the socket
+   * left while it waited, e.g. every socket when the app closes during a reconnect storm: those
+   * reads would run against a database that is being closed too.
+   */
+  const readFor = <T>(socket: ErpSocket, fn: () => Promise<T>): Promise<T | undefined> =>
+    reads.run(async () => socket.connected ? await fn() : undefined)
+
   const replay = async (socket: ErpSocket, stream: string, lastSeq: number): Promise<ResumeStreamResult> => {
     const state = hold(socket, stream)
     let cursor = lastSeq
     let replayed = 0
     let released = false
+    // Nobody gets the answer: the socket is gone.
+    const gone = (): ResumeStreamResult => ({ recovered: false, replayed, headSeq: cursor })
     try {
-      const head = (await reads.run(() => heads([stream]))).get(stream) ?? 0
+      const headsRead = await readFor(socket, () => heads([stream]))
+      if (!headsRead) return gone()
+      const head = headsRead.get(stream) ?? 0
       if (lastSeq > head) {
         throw new SocketError('SYNC_CURSOR_AHEAD', `lastSeq ${lastSeq} is ahead of ${stream} (head ${head}); refetch over REST`)
       }
@@ -482,12 +495,13 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
         const last = release(socket, stream, Math.max(head, cursor))
         return { recovered: false, replayed, headSeq: Math.max(head, last) }
       }
-      let page = lastSeq < head ? await reads.run(() => read(stream, cursor, options.pageSize)) : []
+      let page = lastSeq < head ? await readFor(socket, () => read(stream, cursor, options.pageSize)) : []
+      if (!page) return gone()
       if (lastSeq < head && page.length === 0) return gap()
       let holeBeforeRead = false
       for (;;) {
         for (const envelope of page) {
-          if (!socket.connected) return { recovered: true, replayed, headSeq: cursor }
+          if (!socket.connected) return gone()
           // Checked for every event, not only the first: a prune can leave a hole inside the
           // range (a batch still under way, or one that ran between two pages).
           if (envelope.seq !== cursor + 1) return gap()
@@ -519,7 +533,9 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
         // More in the log than one page, too many live events held, or a hole in them: read on from the log.
         state.overflowed = false
         state.buffer = []
-        page = await reads.run(() => read(stream, cursor, options.pageSize))
+        const next = await readFor(socket, () => read(stream, cursor, options.pageSize))
+        if (!next) return gone()
+        page = next
       }
       released = true
       const last = release(socket, stream, cursor)

@@ -2,7 +2,7 @@ import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { Redis, type RedisOptions } from 'ioredis'
 import { z } from 'zod'
-import { parseOptions } from '../support.ts'
+import { parseOptions, withTimeout, refuseTakenDecorators } from '../support.ts'
 import {
   companyStream, presenceSetSchema,
   type PresenceChanged, type PresenceEntry, type Viewing
@@ -110,6 +110,8 @@ const optionsSchema = z.object({
 
 /** Sweep batches per run, so a backlog after an outage drains without one run monopolising the node. */
 const MAX_SWEEP_BATCHES = 20
+// How long close waits for the store updates of the sockets it disconnected.
+const CLOSE_WAIT_MS = 2000
 
 const append = <T>(lists: Map<string, T[]>, key: string, item: T): void => {
   const list = lists.get(key)
@@ -119,6 +121,7 @@ const append = <T>(lists: Map<string, T[]>, key: string, item: T): void => {
 
 async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOptions) {
   const parsed = { data: parseOptions('erp-presence', optionsSchema, rawOptions) }
+  refuseTakenDecorators(fastify, 'erp-presence', ['presence'])
   const { graceMs, heartbeatMs, ttlMs, sweepIntervalMs, sweepBatchSize, revCacheSize, batchMs } = parsed.data
   const storeOption = parsed.data.store
   const ownsStore = storeOption === 'memory' || !isStore(storeOption)
@@ -452,10 +455,13 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
   fastify.addHook('onClose', async () => {
     io.off('connection', onConnection)
     io.off('erp:presence', onRelayed)
-    // Sockets were disconnected in preClose; let their store updates land. Their grace periods
-    // stay in the store, where the other nodes' sweeps end them.
+    // Sockets were disconnected in preClose; let their store updates land, for at most
+    // CLOSE_WAIT_MS: a store that stopped answering (a Redis client passed in without a
+    // commandTimeout, a custom store) must not hold close. Their grace periods stay in the
+    // store, where the other nodes' sweeps end them; updates that did not land are left to the
+    // other nodes' sweeps too (the sockets' entries expire after ttlMs).
     stop()
-    await Promise.allSettled([...pending])
+    await withTimeout(Promise.allSettled([...pending]), CLOSE_WAIT_MS, undefined)
     local.clear()
     delivered.clear()
     offlineAt.clear()

@@ -6,7 +6,7 @@ import { Server, type ServerOptions } from 'socket.io'
 import { createAdapter } from '@socket.io/redis-adapter'
 import { Redis, type RedisOptions } from 'ioredis'
 import { z } from 'zod'
-import { parseOptions } from '../support.ts'
+import { parseOptions, withTimeout, refuseTakenDecorators } from '../support.ts'
 import { coalesceWrites, type CoalesceOptions } from './coalesce.ts'
 import type { ClientToServerEvents, InterServerEvents, ServerToClientEvents, SocketData } from '../events.ts'
 
@@ -130,6 +130,7 @@ function originAllowedFor (allowed: readonly string[]) {
 
 async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions) {
   const options = parseOptions('erp-socket', optionsSchema, rawOptions)
+  refuseTakenDecorators(fastify, 'erp-socket', ['io', 'erpSocket'])
   const nodeId = options.nodeId ?? `${hostname()}-${process.pid}-${randomBytes(3).toString('hex')}`
   const originAllowed = originAllowedFor(options.corsOrigins)
 
@@ -282,10 +283,12 @@ async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions
   fastify.addHook('preClose', async () => {
     io.local.emit('server:shutdown', { message: 'server shutting down, reconnect and resume' })
     await noticeCollected(io)
-    io.local.disconnectSockets(true)
-    // Connections still in the handshake (erp-auth's membership query) or not yet in a
-    // namespace: closed too, or one that finishes its handshake now would hold server.close()
-    // (Socket.IO drops a socket whose connection closed during its middlewares).
+    // Every connection is closed at the transport, not disconnected: `disconnectSockets(true)`
+    // sends each socket a DISCONNECT packet first, which clients take as a server disconnect
+    // ("io server disconnect") and do not reconnect after. Connections still in the handshake
+    // (erp-auth's membership query) or not yet in a namespace are closed too, or one that
+    // finishes its handshake now would hold server.close() (Socket.IO drops a socket whose
+    // connection closed during its middlewares).
     // `clients` is engine.io's (6) map of open connections; its typings mark it protected.
     const engineClients = (io.engine as unknown as { clients: Record<string, { close (): void }> }).clients
     for (const conn of Object.values(engineClients)) conn.close()
@@ -302,16 +305,6 @@ async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions
 const PUBLISHER_COMMAND_TIMEOUT_MS = 2000
 /** How often an unresponsive Redis is sent a PING. */
 const RECOVERY_PING_INTERVAL_MS = 1000
-
-/** `promise`'s value, or `fallback` after `ms` (the timer does not hold the process). */
-async function withTimeout<T, F> (promise: Promise<T>, ms: number, fallback: F): Promise<T | F> {
-  let timer: NodeJS.Timeout | undefined
-  try {
-    return await Promise.race([promise, new Promise<F>(resolve => { timer = setTimeout(() => resolve(fallback), ms).unref() })])
-  } finally {
-    clearTimeout(timer)
-  }
-}
 
 /**
  * QUIT when Redis answers, bounded by `timeoutMs`; otherwise drop the connection. A QUIT sent
