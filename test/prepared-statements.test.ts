@@ -74,3 +74,25 @@ t.test('PostgreSQL: a statement first prepared in a transaction that rolled back
   }))
   t.same(await db.prisma.$queryRaw`SELECT ${4}::int AS second`, [{ second: 4 }], 'the refused statement is prepared on its next use')
 })
+
+// Regression (database review): a failed query outside a transaction makes the pool drop its
+// connection, but an interactive transaction releases its connection without an error after
+// ROLLBACK; so once a migration changed a column's type, every later transaction on a connection
+// that had the statement prepared failed the same way, for as long as the connection lived.
+t.test('PostgreSQL: after a column changes type, a statement prepared before fails once per connection, also inside transactions', async t => {
+  const { url } = await emptyTestDatabase(t, { prefix: 'erp_prepared' })
+  const db = await open(t, url)
+  await db.withSession(sql => sql.exec('CREATE TABLE items (id int PRIMARY KEY, quantity int NOT NULL); INSERT INTO items VALUES (1, 5)'))
+  const read = () => db.prisma.$transaction(async (tx) => await tx.$queryRaw<Array<{ quantity: unknown }>>`SELECT quantity FROM items WHERE id = ${1}`)
+  t.same(await read(), [{ quantity: 5 }], 'prepared on the connection')
+
+  // The result type changes: 'cached plan must not change result type'.
+  await db.withSession(sql => sql.exec('ALTER TABLE items ALTER COLUMN quantity TYPE bigint'))
+  await t.rejects(read(), /cached plan must not change result type/, 'the first use after the change fails')
+  for (let i = 0; i < 3; i++) t.same(await read(), [{ quantity: 5n }], `then it runs again (${i + 1})`)
+
+  // A parameter's type changes: its type was fixed when the statement was prepared.
+  await db.withSession(sql => sql.exec('ALTER TABLE items ALTER COLUMN id TYPE text'))
+  await t.rejects(read(), /operator does not exist: text = integer/, 'the first use after the change fails')
+  for (let i = 0; i < 3; i++) t.same(await read(), [{ quantity: 5n }], `then it runs again, prepared for a text id (${i + 1})`)
+})

@@ -78,6 +78,17 @@ export function queryTimeoutError (timeoutMs: number): Error & { code: 'ETIMEDOU
 type Callback = (err: Error | null, result?: unknown) => void
 
 /**
+ * Errors of a named (prepared) statement that say the schema changed under it: the result type
+ * (`cached plan must not change result type`) or a parameter's type (its type was fixed when the
+ * statement was prepared) no longer match. They repeat on every use of that statement on that
+ * connection.
+ */
+const STALE_PLAN_CODES = new Set(['0A000', '42883', '42804'])
+const stalePlan = (err: unknown, config: unknown): boolean =>
+  typeof (config as { name?: unknown } | null)?.name === 'string' && (config as { name: string }).name !== '' &&
+  STALE_PLAN_CODES.has((err as { code?: string } | null)?.code ?? '')
+
+/**
  * A pg client whose statements are bounded: a statement without a reply after `queryTimeoutMs`
  * destroys the connection with `queryTimeoutError`, so pg fails it and every statement queued
  * behind it, and the pool drops the client. pg's own `query_timeout` is not used: it rejects
@@ -90,23 +101,34 @@ function boundedClient (queryTimeoutMs: number): typeof pg.Client {
     /** 0 while `withSession` holds the client (migrations are not bounded). */
     queryTimeoutMs = queryTimeoutMs
 
+    /** Set when a prepared statement no longer matches the schema: the pool drops the client on release. */
+    hasStalePlan = false
+
     override query (...args: unknown[]): any {
       const timeoutMs = this.queryTimeoutMs
       // Submittables (cursors, streams) report on their own; they are not used here.
-      if (!(timeoutMs > 0) || typeof (args[0] as { submit?: unknown } | null)?.submit === 'function') {
+      if (typeof (args[0] as { submit?: unknown } | null)?.submit === 'function') {
         return (super.query as (...a: unknown[]) => unknown)(...args)
       }
-      const timer = setTimeout(() => {
-        (this as unknown as { connection: { stream: { destroy (err: Error): void } } }).connection.stream.destroy(queryTimeoutError(timeoutMs))
-      }, timeoutMs)
+      const timer = timeoutMs > 0
+        ? setTimeout(() => {
+          (this as unknown as { connection: { stream: { destroy (err: Error): void } } }).connection.stream.destroy(queryTimeoutError(timeoutMs))
+        }, timeoutMs)
+        : undefined
+      const settled = (err: unknown) => {
+        clearTimeout(timer)
+        if (err && stalePlan(err, args[0])) this.hasStalePlan = true
+      }
       const last = args.length - 1
       if (typeof args[last] === 'function') {
         const callback = args[last] as Callback
-        args[last] = (err: Error | null, result?: unknown) => { clearTimeout(timer); callback(err, result) }
+        args[last] = (err: Error | null, result?: unknown) => { settled(err); callback(err, result) }
         return (super.query as (...a: unknown[]) => unknown)(...args)
       }
       try {
-        return ((super.query as (...a: unknown[]) => Promise<unknown>)(...args)).finally(() => clearTimeout(timer))
+        return ((super.query as (...a: unknown[]) => Promise<unknown>)(...args)).then(
+          result => { settled(null); return result },
+          (err: unknown) => { settled(err); throw err })
       } catch (err) {
         clearTimeout(timer)
         throw err
@@ -129,6 +151,14 @@ export async function openDatabase (options: DatabaseOptions = {}): Promise<Data
     })
     // An idle client's error (server restart) must not crash the process; the next query fails instead.
     pool.on('error', () => {})
+    // A migration changed the type of something a prepared statement reads: that statement fails
+    // on this connection until it is prepared again. The pool drops a connection whose query
+    // failed, but an interactive transaction releases its connection without an error (after
+    // ROLLBACK), so every later transaction on it failed the same way. Ending it here makes the
+    // pool drop it (it checks `_ending` right after this event); a new one prepares afresh.
+    pool.on('release', (err: Error | undefined, client: pg.PoolClient) => {
+      if (!err && (client as unknown as { hasStalePlan?: boolean }).hasStalePlan) void client.end().catch(() => {})
+    })
     const preparedStatements = options.preparedStatements ?? 200
     const prisma = new PrismaClient({ adapter: new PrismaPg(pool, preparedStatements > 0 ? { statementNameGenerator: statementNames(preparedStatements) } : {}) })
     let closed = false
