@@ -27,11 +27,13 @@ function withoutRegisterOptions (schema: ZodType, raw: unknown): unknown {
 /**
  * Refuses the registration, before the plugin creates anything (connections, timers), when one
  * of its decorator names is taken (another Socket.IO plugin's `io`, say): failing later, at
- * `decorate`, left what it had created without the close hook that releases it.
+ * `decorate`, left what it had created without the close hook that releases it. The same test
+ * as Fastify's `decorate`: taken in this context itself (a parent's decorator may be shadowed,
+ * as when the host app has its own `authenticate` and registers erp-realtime in a child context).
  */
 export function refuseTakenDecorators (fastify: FastifyInstance, plugin: string, names: readonly string[]): void {
   for (const name of names) {
-    if (fastify.hasDecorator(name)) throw new Error(`${plugin}: fastify.${name} is already decorated (another plugin uses the name)`)
+    if (Object.hasOwn(fastify, name)) throw new Error(`${plugin}: fastify.${name} is already decorated (another plugin uses the name)`)
   }
 }
 

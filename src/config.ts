@@ -68,7 +68,12 @@ const origins = z.string().transform(value => value.split(',').map(o => o.trim()
 const variables = {
   PORT: integer(0, 65535),
   HOST: z.string().trim().min(1, 'must not be empty'),
-  DATABASE_URL: url(['postgres:', 'postgresql:']),
+  DATABASE_URL: url(['postgres:', 'postgresql:']).refine(value => {
+    // Prisma's `?schema=` is not read by pg; the app's queries name the public schema.
+    if (!URL.canParse(value)) return true // reported by the check above
+    const schema = new URL(value).searchParams.get('schema')
+    return schema === null || schema === 'public'
+  }, 'must not name a schema other than public (?schema=): the app\'s tables are in the public schema'),
   DATABASE_PREPARED_STATEMENTS: integer(0, 10_000),
   DATABASE_CONNECT_TIMEOUT_MS: integer(0, 600_000),
   DATABASE_QUERY_TIMEOUT_MS: integer(0, 3_600_000),
@@ -104,8 +109,13 @@ export function loadConfig (env: NodeJS.ProcessEnv = process.env, { requireSecre
     ;(parsed as Record<string, unknown>)[name] = result.data
   }
   const production = env.NODE_ENV === 'production'
-  if ((parsed.JWT_SECRET === undefined || parsed.JWT_SECRET === DEV_JWT_SECRET) && production && requireSecret) {
-    throw new ConfigError('JWT_SECRET', 'must be set to your own secret when NODE_ENV=production')
+  // Listening beyond this machine (HOST=0.0.0.0, say) with the published development secret or
+  // the demo users would let anyone who reaches it forge tokens or log in, whatever NODE_ENV says.
+  const exposed = !isLoopback(parsed.HOST ?? '127.0.0.1')
+  if ((parsed.JWT_SECRET === undefined || parsed.JWT_SECRET === DEV_JWT_SECRET) && (production || exposed) && requireSecret) {
+    throw new ConfigError('JWT_SECRET', production
+      ? 'must be set to your own secret when NODE_ENV=production'
+      : `must be set to your own secret when HOST (${parsed.HOST}) is not a loopback address: the development secret is published`)
   }
   return {
     port: parsed.PORT ?? 3000,
@@ -127,9 +137,16 @@ export function loadConfig (env: NodeJS.ProcessEnv = process.env, { requireSecre
     redisPrefix: parsed.REDIS_PREFIX,
     syncHeadIntervalMs: parsed.SYNC_HEAD_INTERVAL_MS,
     logLevel: parsed.LOG_LEVEL ?? 'info',
-    // The demo users' password is published: never seeded in production unless asked for.
-    seedDemo: parsed.SEED_DEMO ?? !production
+    // The demo users' password is published: never seeded in production, nor on a server
+    // reachable from other machines, unless asked for.
+    seedDemo: parsed.SEED_DEMO ?? (!production && !exposed)
   }
+}
+
+/** Whether `host` only listens on this machine: localhost, 127.0.0.0/8, ::1. */
+export function isLoopback (host: string): boolean {
+  const h = host.toLowerCase().replace(/^\[|\]$/g, '')
+  return h === 'localhost' || h === '::1' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(h) || h === '::ffff:127.0.0.1'
 }
 
 /** The database options of a configuration (`openDatabase`), shared by `npm start` and the database scripts. */

@@ -81,6 +81,7 @@ t.test('every variable is read', async t => {
     seedDemo: true
   })
   t.equal(loadConfig({ DATABASE_URL: 'postgres://localhost/erp' }).databaseUrl, 'postgres://localhost/erp', 'postgres:// works too')
+  t.equal(loadConfig({ DATABASE_URL: 'postgres://localhost/erp?schema=public' }).databaseUrl, 'postgres://localhost/erp?schema=public', '?schema=public is the schema used anyway')
   t.equal(loadConfig({ REDIS_URL: 'redis://127.0.0.1:6379' }).redisUrl, 'redis://127.0.0.1:6379')
   t.equal(loadConfig({ PORT: '0' }).port, 0, 'port 0 picks a free port')
   t.equal(loadConfig({ PORT: '65535' }).port, 65535)
@@ -99,6 +100,8 @@ t.test('each bad variable is refused with one line naming it', async t => {
     ['HOST', { HOST: '   ' }, /empty/],
     ['DATABASE_URL', { DATABASE_URL: 'mysql://localhost/erp' }, /postgres:\/\/ or postgresql:\/\//],
     ['DATABASE_URL', { DATABASE_URL: 'not a url' }, /URL/],
+    // Regression (database review): Prisma's ?schema= was accepted and ignored (pg does not read it).
+    ['DATABASE_URL', { DATABASE_URL: 'postgresql://localhost/erp?schema=tenant1' }, /must not name a schema other than public/],
     ['DATABASE_PREPARED_STATEMENTS', { DATABASE_PREPARED_STATEMENTS: 'off' }, /whole number/],
     ['DATABASE_PREPARED_STATEMENTS', { DATABASE_PREPARED_STATEMENTS: '10001' }, /at most 10000/],
     ['DATABASE_CONNECT_TIMEOUT_MS', { DATABASE_CONNECT_TIMEOUT_MS: '5s' }, /whole number/],
@@ -113,6 +116,10 @@ t.test('each bad variable is refused with one line naming it', async t => {
     ['JWT_SECRET', { NODE_ENV: 'production' }, /must be set to your own secret when NODE_ENV=production/],
     // Regression: the development secret set explicitly was accepted in production.
     ['JWT_SECRET', { NODE_ENV: 'production', JWT_SECRET: DEV_JWT_SECRET }, /must be set to your own secret/],
+    // Regression (security review): outside NODE_ENV=production, a server listening on every
+    // interface signed tokens with the published development secret.
+    ['JWT_SECRET', { HOST: '0.0.0.0' }, /must be set to your own secret when HOST \(0\.0\.0\.0\) is not a loopback address/],
+    ['JWT_SECRET', { HOST: '10.0.0.5', NODE_ENV: 'prod' }, /not a loopback address/],
     ['CORS_ORIGINS', { CORS_ORIGINS: '*' }, /exact origins/],
     ['CORS_ORIGINS', { CORS_ORIGINS: 'https://app.example.com/' }, /exact origins/],
     ['CORS_ORIGINS', { CORS_ORIGINS: 'https://ok.example.com,ftp://files.example.com' }, /exact origins/],
@@ -170,4 +177,14 @@ t.test('REDIS_PREFIX of 91 characters is accepted; the database scripts need no 
   t.equal(loadConfig({ REDIS_PREFIX: 'p'.repeat(91) }).redisPrefix, 'p'.repeat(91))
   t.throws(() => loadConfig({ NODE_ENV: 'production' }), /JWT_SECRET/)
   t.equal(loadConfig({ NODE_ENV: 'production' }, { requireSecret: false }).production, true)
+})
+
+t.test('a server reachable from other machines gets no development secret and no demo users by default', async t => {
+  const { isLoopback } = await import('../src/config.ts')
+  for (const host of ['127.0.0.1', 'localhost', '::1', '[::1]', '127.0.1.1']) t.ok(isLoopback(host), `${host} is loopback`)
+  for (const host of ['0.0.0.0', '::', '192.168.1.10', 'example.com', '128.0.0.1']) t.notOk(isLoopback(host), `${host} is not`)
+  t.equal(loadConfig({}).seedDemo, true, 'the newcomer path (127.0.0.1) seeds the demo users')
+  t.equal(loadConfig({ HOST: '0.0.0.0', JWT_SECRET: 'x'.repeat(40) }).seedDemo, false, 'not on every interface')
+  t.equal(loadConfig({ HOST: '0.0.0.0', JWT_SECRET: 'x'.repeat(40), SEED_DEMO: '1' }).seedDemo, true, 'unless asked for')
+  t.equal(loadConfig({ HOST: '0.0.0.0' }, { requireSecret: false }).jwtSecretIsDefault, true, 'the database scripts need no secret')
 })

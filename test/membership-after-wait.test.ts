@@ -188,3 +188,42 @@ t.test('members whose membership is unchanged still commit after waiting (the gu
   t.equal(answer.statusCode, 201)
   t.match(answer.json().item, { quantity: 15, version: 2 })
 })
+
+// Regression (review of the guard): the guard ran only as the transaction's last statement, so a
+// route that failed before it (a 409 built from the row it read) answered a removed member with
+// the company's data.
+t.test('a write that fails after the wait answers a member removed meanwhile with 403, not the 409 built from what it read', async t => {
+  const s = await setup(t)
+  const { app, prisma, company } = s
+  const member = company.as('member')
+  const item = await createItem(app, company.as('manager'), 'ADJ-2')
+  // The other transaction takes the row and lowers the quantity: the adjustment then fails as INSUFFICIENT_STOCK.
+  const lower = { sql: 'UPDATE stock_items SET quantity = 2 WHERE id = $1', params: [item.id] }
+  const refused = await afterWait(s, lower,
+    () => request(app, member, 'POST', `/stock/items/${item.id}/adjustments`, { delta: -5, reason: 'taken' }),
+    () => removeMembership(prisma, company, member))
+  t.equal(refused.statusCode, 403)
+  t.equal(refused.json().error.code, 'AUTH_NOT_A_MEMBER')
+  t.notMatch(refused.body, 'quantity 2', 'nothing read after the wait is in the answer')
+
+  // A member still in the company gets the route's own answer.
+  const manager = company.as('manager')
+  // (The route waits only if the row it sees, quantity 2, would take the adjustment.)
+  const answered = await afterWait(s, { sql: 'UPDATE stock_items SET quantity = 0 WHERE id = $1', params: [item.id] },
+    () => request(app, manager, 'POST', `/stock/items/${item.id}/adjustments`, { delta: -1, reason: 'taken' }),
+    async () => {})
+  t.equal(answered.statusCode, 409)
+  t.equal(answered.json().error.code, 'INSUFFICIENT_STOCK')
+})
+
+t.test('an expense decision that fails after the wait answers a manager removed meanwhile with 403, not INVALID_TRANSITION', async t => {
+  const s = await setup(t)
+  const { app, prisma, company } = s
+  const manager = company.as('manager')
+  const expense = (await request(app, company.as('member'), 'POST', '/expenses', { amountMinor: 100, currency: 'EUR', description: 'taxi' })).json().expense as { id: string }
+  const answer = await afterWait(s, { sql: `UPDATE expenses SET status = 'rejected' WHERE id = $1`, params: [expense.id] },
+    () => request(app, manager, 'POST', `/expenses/${expense.id}/approve`, {}),
+    () => removeMembership(prisma, company, manager))
+  t.equal(answer.statusCode, 403)
+  t.equal(answer.json().error.code, 'AUTH_NOT_A_MEMBER')
+})

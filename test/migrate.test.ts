@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os'
 import path from 'node:path'
 import t, { type Test } from 'tap'
 import type { Database } from '../src/db/index.ts'
-import { DEFAULT_MIGRATIONS_DIR, migrate, MigrationError, type SqlRunner } from '../src/db/migrate.ts'
+import { checksumMatches, DEFAULT_MIGRATIONS_DIR, migrate, MigrationError, type SqlRunner } from '../src/db/migrate.ts'
 import { emptyTestDatabase, testDatabase } from './helpers.ts'
 
 /** A fresh PostgreSQL database with nothing in it (not migrated), dropped at teardown. */
@@ -245,9 +245,9 @@ t.test('the runner works over any SqlRunner (the embedded database uses the same
   t.ok(result.applied.length >= 1)
   t.match(statements[0], /pg_try_advisory_lock/, 'takes the lock first')
   t.match(statements.at(-1), /pg_advisory_unlock/, 'releases it last')
-  const begins = statements.flatMap((s, i) => s === 'BEGIN' ? [i] : [])
-  t.equal(begins.length, result.applied.length, 'each migration runs in a transaction')
-  for (const i of begins) t.equal(statements[i + 2], 'COMMIT', 'BEGIN, the script, COMMIT: three executions')
+  t.equal(statements[1], 'SET search_path TO "public"', 'tables go to public')
+  t.equal(statements.at(-2), 'RESET search_path')
+  t.notOk(statements.includes('BEGIN'), 'each script is one query (its own implicit transaction), as prisma migrate deploy sends it')
 })
 
 // Regression: the runner sent `BEGIN;\n<script>\nCOMMIT;` as one string, so a valid migration
@@ -280,7 +280,7 @@ for (const embedded of [false, true]) {
   })
 }
 
-t.test('a failing migration still rolls back completely when BEGIN, script and COMMIT are separate (PGlite)', async t => {
+t.test('a failing migration rolls back completely: its statements share one implicit transaction (PGlite)', async t => {
   const db = await testDatabase(t, { embedded: true })
   const dir = await migrationsCopy(t)
   await addMigration(dir, '29990101000000_broken', 'CREATE TABLE half_done (id INT);\nSELECT 1/0')
@@ -290,4 +290,69 @@ t.test('a failing migration still rolls back completely when BEGIN, script and C
   const state = await db.withSession(sql => sql.query('SELECT count(*)::int AS n FROM projects'))
   t.equal(state[0]!.n, 0, 'the session is usable again (not left in an aborted transaction)')
   t.equal(await db.prisma.company.count(), 0, 'and so is Prisma on the same embedded database')
+})
+
+// Regression (database review): the runner wrapped each script in BEGIN/COMMIT, so a migration of
+// its own holding CREATE INDEX CONCURRENTLY (as Prisma's docs advise) failed with "cannot run
+// inside a transaction block", was recorded as failed and blocked every later run; prisma
+// migrate deploy sends the script as one query and applies it.
+t.test('a migration holding only CREATE INDEX CONCURRENTLY applies (PostgreSQL)', async t => {
+  const db = await emptyDatabase(t)
+  const dir = await migrationsCopy(t)
+  await addMigration(dir, '29990101000000_concurrent_index', 'CREATE INDEX CONCURRENTLY "projects_name_idx" ON "projects"("name");\n')
+  t.same((await db.withSession(sql => migrate(sql, dir))).applied.at(-1), '29990101000000_concurrent_index')
+  const [index] = await db.withSession(sql => sql.query(`SELECT indisvalid FROM pg_index WHERE indexrelid = 'projects_name_idx'::regclass`))
+  t.equal(index!.indisvalid, true)
+})
+
+// Regression (database review): with a schema named like the role ("$user" comes first on the
+// default search_path) every table went there, and the app's queries, which name "public",
+// found none.
+t.test('tables go to the public schema even when the search_path puts another schema first (PostgreSQL)', async t => {
+  const db = await emptyDatabase(t)
+  await db.withSession(sql => sql.exec('CREATE SCHEMA postgres')) // the test role's name
+  await db.withSession(sql => migrate(sql))
+  const [where] = await db.withSession(sql => sql.query(`SELECT table_schema FROM information_schema.tables WHERE table_name = 'users'`))
+  t.equal(where!.table_schema, 'public')
+  t.equal(await db.prisma.company.count(), 0, 'the app finds its tables')
+})
+
+// Regression (database review): settings a migration made for its session reached the app's
+// queries: the migration's connection went back to the pool (PGlite: it is the app's session).
+for (const embedded of [false, true]) {
+  t.test(`a migration's session settings do not outlive it (${embedded ? 'PGlite' : 'PostgreSQL'})`, async t => {
+    const db = await testDatabase(t, { embedded })
+    const dir = await migrationsCopy(t)
+    await addMigration(dir, '29990101000000_session_setting', 'SET session_replication_role = replica;\nCREATE TABLE after_setting (id INT);\n')
+    await db.withSession(sql => migrate(sql, dir))
+    for (let i = 0; i < 3; i++) {
+      const [setting] = await db.prisma.$queryRaw<Array<{ session_replication_role: string }>>`SHOW session_replication_role`
+      t.equal(setting!.session_replication_role, 'origin', 'foreign keys are enforced again for the app')
+    }
+  })
+}
+
+// Regression (database review): a checkout that turned LF into CRLF (no .gitattributes), or a
+// checksum older Prisma versions wrote (unpadded hex), stopped every start with "was edited after
+// it was applied", where Prisma accepts both.
+t.test('checksums match across line endings and older Prisma formats; an edited script still does not', async t => {
+  const script = 'CREATE TABLE a (id INT);\nCREATE TABLE b (id INT);\n'
+  const digest = createHash('sha256').update(script).digest()
+  t.ok(checksumMatches(digest.toString('hex'), script))
+  t.ok(checksumMatches(digest.toString('hex'), script.replace(/\n/g, '\r\n')), 'CRLF checkout of an LF-recorded script')
+  t.ok(checksumMatches(createHash('sha256').update(script.replace(/\n/g, '\r\n')).digest('hex'), script), 'LF checkout of a CRLF-recorded script')
+  const unpadded = [...digest].map(byte => byte.toString(16)).join('')
+  t.ok(unpadded.length < 64 || digest.every(byte => byte >= 16), 'the fixture has a byte below 0x10')
+  t.ok(checksumMatches(unpadded, script), 'unpadded hex')
+  t.notOk(checksumMatches(digest.toString('hex'), script.replace('b (id INT)', 'b (id BIGINT)')), 'an edit')
+
+  const db = await emptyDatabase(t)
+  const dir = await migrationsCopy(t)
+  await db.withSession(sql => migrate(sql, dir))
+  for (const name of await migrationNames(dir)) {
+    const file = path.join(dir, name, 'migration.sql')
+    await writeFile(file, (await readFile(file, 'utf8')).replace(/\n/g, '\r\n'))
+  }
+  const again = await db.withSession(sql => migrate(sql, dir))
+  t.same(again.applied, [], 'nothing re-applied, nothing refused after a CRLF checkout')
 })

@@ -3,7 +3,7 @@ import Fastify from 'fastify'
 import { Redis } from 'ioredis'
 import { buildApp } from '../src/app.ts'
 import erpSocket from '../plugins/socket/index.ts'
-import type { ErpRealtimeOptions } from '../plugins/index.ts'
+import erpRealtime, { type ErpRealtimeOptions } from '../plugins/index.ts'
 import { dedicatedRedis } from './cluster-helpers.ts'
 import { testConfig, testDatabase, waitFor } from './helpers.ts'
 
@@ -91,4 +91,19 @@ t.test('buildApp closes what it created when a registration fails', async t => {
   )
   await waitFor(async () => await redisConnections(redis.url) === 0, 3000, 'no connection left').catch(() => {})
   t.equal(await redisConnections(redis.url), 0, 'no Redis connection left open')
+})
+
+// Regression (review of the check above): it used hasDecorator, which also sees the parent
+// contexts' decorators, so a host app with its own `authenticate` could no longer register
+// erp-realtime in a child context, as Fastify allows (shadowing).
+t.test('a decorator of a parent context may be shadowed: the umbrella registers in a child context of an app with its own authenticate', async t => {
+  const db = await testDatabase(t)
+  const app = Fastify()
+  t.teardown(() => app.close())
+  app.decorate('authenticate', async () => { throw new Error('the host app\'s own') })
+  await app.register(async (child) => {
+    await child.register(erpRealtime, { prisma: db.prisma, jwtSecret: testConfig().jwtSecret, eventLog: { headIntervalMs: 0, pruneIntervalMs: 0 } })
+    t.not(child.authenticate, app.authenticate, 'the child context has erp-auth\'s')
+  })
+  await app.ready()
 })

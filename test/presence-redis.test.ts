@@ -430,6 +430,22 @@ t.test('regression: with a Redis client passed in and Redis no longer answering,
   t.ok(Date.now() - closing < 6000, `close resolved in ${Date.now() - closing} ms`)
 })
 
+// Regression (review of the shutdown change): closing a long-polling connection waited for the
+// client's next poll, so its 'disconnect' came only when Socket.IO closed, after presence had
+// stopped: the user stayed online in Redis until the socket's entry expired.
+t.test('a node that closes records the departure of its long-polling sockets too', async t => {
+  const prefix = redisPrefix(t)
+  const { app, url } = await build(t, { realtime: { presence: redisPresence(prefix) } })
+  const company = await createCompany(app, ['admin', 'member'])
+  await connect(t, url, company.as('member').token, { transports: ['polling'] })
+  await connect(t, url, company.as('admin').token)
+  const redis = new Redis(TEST_REDIS_URL)
+  t.teardown(() => redis.quit())
+  await waitFor(async () => await redis.hlen(`${prefix}:sockets:${company.id}`) === 2, 5000, 'both sockets recorded')
+  await app.close()
+  t.equal(await redis.hlen(`${prefix}:sockets:${company.id}`), 0, 'both departures recorded before presence stopped')
+})
+
 /** What a Redis restart without persistence (or a flush) does to the store: every key is gone. */
 async function loseStoreData (prefix: string): Promise<void> {
   const client = new Redis(TEST_REDIS_URL)

@@ -152,6 +152,26 @@ for (const transport of ['websocket', 'polling'] as const) {
   })
 }
 
+// Regression: closing waited for every connection to flush what it had been sent, so a client
+// that stopped reading (its TCP window full) held app.close() until its ping timeout.
+t.test('a websocket client that stopped reading does not hold close', async (t) => {
+  const { app, url } = await build(t, { drainTimeoutMs: 30_000 })
+  const company = await createCompany(app, ['member'])
+  const socket = ioClient(url, { transports: ['websocket'], reconnection: false, forceNew: true, auth: { token: company.as('member').token } })
+  t.teardown(() => socket.disconnect())
+  await nextEvent(socket, 'connect', 5000)
+  // The client's TCP socket stops reading; the server's sends then fill the buffers on both sides.
+  const transport = socket.io.engine.transport as unknown as { ws: { _socket: { pause (): void } } }
+  transport.ws._socket.pause()
+  const big = 'x'.repeat(1 << 20)
+  for (let i = 0; i < 32; i++) {
+    app.io.local.emit('server:shutdown', { message: big })
+    await sleep(5)
+  }
+  const started = Date.now()
+  t.equal(await settledWithin(app.close(), 5000), 'closed', `close resolved in ${Date.now() - started} ms`)
+})
+
 t.test('regression: a Socket.IO handshake still in its membership query when close starts held close open', async (t) => {
   const { app, db, url } = await build(t, { drainTimeoutMs: 30_000 })
   const company = await createCompany(app, ['member'])

@@ -357,7 +357,17 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
       }
       return value
     }, { maxWait: options.transactionMaxWaitMs, timeout: options.transactionTimeoutMs })
-      .catch((err: unknown) => { throw (claim && fenceError(err)) ?? guard?.error?.(err) ?? err })
+      .catch(async (err: unknown) => {
+        const mapped = (claim && fenceError(err)) ?? guard?.error?.(err)
+        if (mapped) throw mapped
+        // The work failed before the guard's turn (a 404, a 409 built from what it read): a
+        // caller removed while the request waited gets the guard's 403 instead.
+        if (guard) {
+          const refused = await prisma.$queryRaw`SELECT ${guard.sql}`.then(() => undefined, (guardErr: unknown) => guard.error?.(guardErr))
+          if (refused) throw refused
+        }
+        throw err
+      })
     guard?.passed?.(guarded)
     distribute(recorded)
     return result

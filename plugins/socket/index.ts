@@ -283,15 +283,7 @@ async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions
   fastify.addHook('preClose', async () => {
     io.local.emit('server:shutdown', { message: 'server shutting down, reconnect and resume' })
     await noticeCollected(io)
-    // Every connection is closed at the transport, not disconnected: `disconnectSockets(true)`
-    // sends each socket a DISCONNECT packet first, which clients take as a server disconnect
-    // ("io server disconnect") and do not reconnect after. Connections still in the handshake
-    // (erp-auth's membership query) or not yet in a namespace are closed too, or one that
-    // finishes its handshake now would hold server.close() (Socket.IO drops a socket whose
-    // connection closed during its middlewares).
-    // `clients` is engine.io's (6) map of open connections; its typings mark it protected.
-    const engineClients = (io.engine as unknown as { clients: Record<string, { close (): void }> }).clients
-    for (const conn of Object.values(engineClients)) conn.close()
+    await closeConnections(io, CLOSE_GRACE_MS)
   })
   fastify.addHook('onClose', async () => {
     releaseAdapterClients()
@@ -325,6 +317,47 @@ const POLLING_NOTICE_MS = 1000
  * notice at once, but a polling client between two polls would otherwise lose it: the HTTP
  * server stops accepting its next poll right after this hook.
  */
+/** How long close lets connections flush what they were sent (the shutdown notice) before dropping them. */
+const CLOSE_GRACE_MS = 1000
+
+interface EngineConnection extends NodeJS.EventEmitter {
+  readyState: string
+  /** `socket`: the `ws` WebSocket of a websocket transport. */
+  transport: { name: string, socket?: { terminate?: () => void } }
+  close (discard?: boolean): void
+}
+
+/**
+ * Closes every connection at the transport, not with a Socket.IO disconnect:
+ * `disconnectSockets(true)` sends each socket a DISCONNECT packet first, which clients take as
+ * a server disconnect ("io server disconnect") and do not reconnect after. Connections still in
+ * the handshake (erp-auth's membership query) or not yet in a namespace are closed too, or one
+ * that finishes its handshake now would hold server.close(). Waits for them to close, so every
+ * socket's 'disconnect' handlers run now, before the other plugins' onClose hooks (presence
+ * records the departures): long-polling connections are closed at once (they fetched the notice;
+ * otherwise engine.io waits for their next poll, up to 30 s), and a connection still flushing
+ * after `graceMs` (a client that stopped reading) is dropped with what it had not taken, its
+ * TCP connection too (ws's closing handshake would wait 30 s for a client that does not read,
+ * and the HTTP server's close with it).
+ */
+async function closeConnections (io: ErpServer, graceMs: number): Promise<void> {
+  // `clients` is engine.io's (6) map of open connections; its typings mark it protected.
+  const conns = Object.values((io.engine as unknown as { clients: Record<string, EngineConnection> }).clients)
+  const open = (conn: EngineConnection) => conn.readyState !== 'closed'
+  const closed = Promise.all(conns.map(conn => new Promise<void>(resolve => {
+    if (!open(conn)) return resolve()
+    conn.once('close', () => resolve())
+  })))
+  for (const conn of conns) conn.close(conn.transport.name === 'polling')
+  if (await withTimeout(closed.then(() => true), graceMs, false)) return
+  for (const conn of conns) {
+    if (!open(conn)) continue
+    const ws = conn.transport.socket
+    conn.close(true)
+    ws?.terminate?.()
+  }
+}
+
 async function noticeCollected (io: ErpServer): Promise<void> {
   // writeBuffer is engine.io's (6) queue of packets not handed to the transport yet.
   const unsent = (conn: unknown) => (conn as { writeBuffer: unknown[] }).writeBuffer.length > 0

@@ -1,4 +1,4 @@
-import { mkdir } from 'node:fs/promises'
+import { mkdir, open, readFile, rm } from 'node:fs/promises'
 import path from 'node:path'
 import pg from 'pg'
 import { PrismaPg } from '@prisma/adapter-pg'
@@ -181,7 +181,9 @@ export async function openDatabase (options: DatabaseOptions = {}): Promise<Data
         } finally {
           bounded.queryTimeoutMs = timeoutMs
           client.removeListener('error', onError)
-          client.release()
+          // Not back to the pool: whatever the session set (a migration's `SET
+          // session_replication_role`, `SET ROLE`, a search_path) must not reach the app's queries.
+          client.release(true)
         }
       },
       async close () {
@@ -197,22 +199,75 @@ export async function openDatabase (options: DatabaseOptions = {}): Promise<Data
     import('pglite-prisma-adapter')
   ])
   const dataDir = options.dataDir ?? '.data/pglite'
-  if (!dataDir.startsWith('memory://')) await mkdir(path.resolve(dataDir), { recursive: true })
-  const pglite = await PGlite.create(dataDir)
+  let unlock = async () => {}
+  if (!dataDir.startsWith('memory://')) {
+    await mkdir(path.resolve(dataDir), { recursive: true })
+    unlock = await lockDataDir(path.resolve(dataDir))
+  }
+  let pglite: InstanceType<typeof PGlite>
+  try {
+    pglite = await PGlite.create(dataDir)
+  } catch (err) {
+    await unlock()
+    throw err
+  }
   const prisma = new PrismaClient({ adapter: new PrismaPGlite(pglite) })
   let closed = false
   return {
     kind: 'pglite',
     prisma,
-    withSession: (fn) => fn({
-      exec: async (script) => { await pglite.exec(script) },
-      query: async (text, params) => (await pglite.query(text, params as unknown[])).rows as Record<string, unknown>[]
-    }),
+    // PGlite has one session, the app's too: what the session set is reset afterwards.
+    withSession: async (fn) => {
+      try {
+        return await fn({
+          exec: async (script) => { await pglite.exec(script) },
+          query: async (text, params) => (await pglite.query(text, params as unknown[])).rows as Record<string, unknown>[]
+        })
+      } finally {
+        await pglite.exec('RESET ALL').catch(() => {})
+      }
+    },
     async close () {
       if (closed) return
       closed = true
       await prisma.$disconnect()
       await pglite.close()
+      await unlock()
     }
+  }
+}
+
+/**
+ * PGlite has no lock of its own: two processes on one data directory (`npm run db:seed` while
+ * `npm start` runs) each write their own copy, and the last to close wins (the other's rows are
+ * lost). `<dir>.lock` holds the owner's pid; a lock whose process is gone is taken over.
+ */
+async function lockDataDir (dir: string): Promise<() => Promise<void>> {
+  const lockPath = `${dir}.lock`
+  for (let attempt = 0; ; attempt++) {
+    try {
+      const handle = await open(lockPath, 'wx')
+      await handle.writeFile(String(process.pid))
+      await handle.close()
+      return async () => { await rm(lockPath, { force: true }) }
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST' || attempt > 0) throw err
+    }
+    const owner = Number((await readFile(lockPath, 'utf8').catch(() => '')).trim())
+    if (Number.isSafeInteger(owner) && owner > 0 && processAlive(owner)) {
+      throw new Error(`the embedded database in ${dir} is in use by process ${owner}${owner === process.pid ? ' (this one)' : ''}: stop it first (or give each its own DATA_DIR)`)
+    }
+    // Left by a process that ended without closing: take it over (once; a second EEXIST means
+    // another process took it over first).
+    await rm(lockPath, { force: true })
+  }
+}
+
+function processAlive (pid: number): boolean {
+  try {
+    process.kill(pid, 0)
+    return true
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM'
   }
 }

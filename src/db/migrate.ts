@@ -50,10 +50,30 @@ export class MigrationError extends Error {
   }
 }
 
+/** The schema the app's Prisma queries name (`"public"."users"`): migrations create their tables there. */
+const SCHEMA = 'public'
+
+/**
+ * Whether `recorded` is the checksum of `script` as Prisma accepts it: the SHA-256 of its bytes,
+ * also with its line endings the other way (a checkout that turned LF into CRLF, or back), and in
+ * the unpadded hex older Prisma versions wrote (each byte without its leading zero).
+ */
+export function checksumMatches (recorded: string, script: string): boolean {
+  const variants = [script, script.replace(/\r\n/g, '\n'), script.replace(/\r?\n/g, '\r\n')]
+  return variants.some(text => {
+    const digest = createHash('sha256').update(text).digest()
+    return recorded === digest.toString('hex') || recorded === [...digest].map(byte => byte.toString(16)).join('')
+  })
+}
+
 /**
  * Applies pending migrations from `prisma/migrations/<name>/migration.sql` in name order,
- * each in its own transaction, recording them in `_prisma_migrations` with the SHA-256
- * checksum Prisma uses. Idempotent; refuses to continue past a failed or edited migration.
+ * recording them in `_prisma_migrations` with the SHA-256 checksum Prisma uses. Each script is
+ * sent as one simple query, as `prisma migrate deploy` sends it: PostgreSQL runs its statements
+ * in one implicit transaction (all or nothing), and a script of one statement that cannot run
+ * in a transaction (`CREATE INDEX CONCURRENTLY`, in a migration of its own) runs. Tables go to
+ * the public schema whatever the session's `search_path` (the app's queries name it).
+ * Idempotent; refuses to continue past a failed or edited migration.
  */
 export async function migrate (sql: SqlRunner, dir = DEFAULT_MIGRATIONS_DIR, options: MigrateOptions = {}): Promise<MigrationResult> {
   const { lockTimeoutMs = DEFAULT_MIGRATION_LOCK_TIMEOUT_MS } = options
@@ -66,6 +86,9 @@ export async function migrate (sql: SqlRunner, dir = DEFAULT_MIGRATIONS_DIR, opt
     .sort()
   await acquireLock(sql, lockTimeoutMs)
   try {
+    // Session-wide, reset below: a schema named like the role ("$user", first on the default
+    // search_path) would otherwise receive every table, where the app's queries do not look.
+    await sql.exec(`SET search_path TO "${SCHEMA}"`)
     await sql.exec(CREATE_MIGRATIONS_TABLE)
     const rows = await sql.query(
       'SELECT migration_name, checksum, finished_at, rolled_back_at FROM "_prisma_migrations" ORDER BY started_at'
@@ -84,7 +107,7 @@ export async function migrate (sql: SqlRunner, dir = DEFAULT_MIGRATIONS_DIR, opt
       const checksum = createHash('sha256').update(script).digest('hex')
       const done = recorded.get(name)
       if (done) {
-        if (done.checksum !== checksum) {
+        if (!checksumMatches(String(done.checksum), script)) {
           throw new MigrationError(`migration ${name} was edited after it was applied (checksum mismatch)`, name)
         }
         result.alreadyApplied.push(name)
@@ -96,16 +119,11 @@ export async function migrate (sql: SqlRunner, dir = DEFAULT_MIGRATIONS_DIR, opt
         [id, checksum, name]
       )
       try {
-        // Three executions, not one `BEGIN;\n<script>\nCOMMIT;` string: a script whose last
-        // statement has no semicolon is valid (`prisma migrate deploy` applies it), but glued to
-        // the COMMIT it was a syntax error, recorded as a failed migration that blocked every
-        // later run. The three share one transaction because they share the session: a dedicated
-        // connection on PostgreSQL, PGlite's only one, migrated before anything else uses it.
-        await sql.exec('BEGIN')
+        // The script as is: not glued to a `BEGIN;`/`COMMIT;` (a last statement without its
+        // semicolon was then a syntax error), nor inside an explicit transaction (which refuses
+        // CREATE INDEX CONCURRENTLY). Its statements share the implicit transaction of one query.
         await sql.exec(script)
-        await sql.exec('COMMIT')
       } catch (err) {
-        await sql.exec('ROLLBACK').catch(() => {})
         const message = err instanceof Error ? err.message : String(err)
         await sql.query('UPDATE "_prisma_migrations" SET logs = $2 WHERE id = $1', [id, message])
         throw new MigrationError(`migration ${name} failed: ${message}`, name)
@@ -118,6 +136,7 @@ export async function migrate (sql: SqlRunner, dir = DEFAULT_MIGRATIONS_DIR, opt
     }
     return result
   } finally {
+    await sql.exec('RESET search_path').catch(() => {})
     await sql.query('SELECT pg_advisory_unlock($1)', [ADVISORY_LOCK_ID])
   }
 }
