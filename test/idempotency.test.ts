@@ -362,3 +362,18 @@ t.test('invalid options stop the registration with a message naming the option',
     /erp-idempotency: invalid option ttlSeconds/
   )
 })
+
+// Regression (security review): the body is hashed by a recursive function before the route
+// validates it, so a body nested 100,000 levels deep with an Idempotency-Key overflowed the stack:
+// a 500 (and an error log) per request, where the same body without the key got its 400.
+t.test('a body nested too deeply for hashing answers 400, with or without an Idempotency-Key', async t => {
+  const { app } = await build(t)
+  const company = await createCompany(app, ['admin'])
+  const deep = '['.repeat(100_000) + ']'.repeat(100_000)
+  for (const headers of [key('deep-body'), {}]) {
+    const res = await app.inject({ method: 'POST', url: '/projects', headers: { ...authHeader(company.as('admin')), ...headers, 'content-type': 'application/json' }, payload: deep })
+    t.equal(res.statusCode, 400, JSON.stringify(headers))
+    t.equal(res.json().error.code, 'VALIDATION_FAILED')
+  }
+  t.equal(await app.prisma.idempotencyRecord.count(), 0, 'nothing claimed')
+})

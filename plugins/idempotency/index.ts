@@ -87,11 +87,15 @@ const KEY = /^[\x21-\x7e]{1,255}$/
 /** statusCode of a claimed key whose response is not stored yet. */
 const IN_PROGRESS = 0
 
+/** Nesting deeper than this is refused (400) before it is hashed: the recursion has a stack to fit in. */
+const MAX_BODY_DEPTH = 512
+
 /** JSON with object keys sorted, so a retry serialised in another key order hashes the same. */
-function canonical (value: unknown): string {
-  if (Array.isArray(value)) return `[${value.map(canonical).join(',')}]`
+function canonical (value: unknown, depth = 0): string {
+  if (depth > MAX_BODY_DEPTH) throw new Errors.VALIDATION_FAILED(`the body is nested deeper than ${MAX_BODY_DEPTH} levels`)
+  if (Array.isArray(value)) return `[${value.map(item => canonical(item, depth + 1)).join(',')}]`
   if (value !== null && typeof value === 'object') {
-    const entries = Object.keys(value).sort().map(k => `${JSON.stringify(k)}:${canonical((value as Record<string, unknown>)[k])}`)
+    const entries = Object.keys(value).sort().map(k => `${JSON.stringify(k)}:${canonical((value as Record<string, unknown>)[k], depth + 1)}`)
     return `{${entries.join(',')}}`
   }
   return JSON.stringify(value) ?? 'null'
