@@ -28,6 +28,7 @@ export const Errors = {
   IDEMPOTENCY_KEY_IN_PROGRESS: createError('IDEMPOTENCY_KEY_IN_PROGRESS', 'A request with this Idempotency-Key is still being processed; retry later', 409),
   IDEMPOTENCY_KEY_RESPONSE_LOST: createError('IDEMPOTENCY_KEY_RESPONSE_LOST', 'The request with this Idempotency-Key ran and its change was applied, but its response was lost (its server stopped, or it failed after the commit); read the current state instead of retrying', 409),
   IDEMPOTENCY_KEY_TAKEN_OVER: createError('IDEMPOTENCY_KEY_TAKEN_OVER', 'A later request with this Idempotency-Key took it over; this one changed nothing', 409),
+  RATE_LIMITED: createError('RATE_LIMITED', 'Too many attempts; retry in %s', 429),
   SERVICE_UNAVAILABLE: createError('SERVICE_UNAVAILABLE', '%s', 503)
 } satisfies Record<string, FastifyErrorConstructor>
 

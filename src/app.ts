@@ -77,7 +77,7 @@ async function registerAll (app: FastifyInstance, config: AppConfig, db: Databas
       ...realtime.presence
     }
   })
-  await app.register(authRoutes)
+  await app.register(authRoutes, { loginAttemptsPerMinute: config.loginAttemptsPerMinute })
   await app.register(projectRoutes)
   await app.register(expenseRoutes)
   await app.register(stockRoutes)

@@ -30,6 +30,8 @@ export interface AppConfig {
   eventLogTtlSeconds: number
   eventLogMaxLen: number
   presenceGraceMs: number
+  /** POST /auth/login attempts per minute for one email from one client address; 0: no limit. */
+  loginAttemptsPerMinute: number
   production: boolean
   /** Key/channel prefix in Redis (REDIS_PREFIX), so several deployments can share one Redis. Unset: the plugins' default. */
   redisPrefix?: string
@@ -85,6 +87,7 @@ const variables = {
   EVENT_LOG_TTL_SECONDS: integer(1, 365 * 24 * 3600),
   EVENT_LOG_MAXLEN: integer(1, 10_000_000),
   PRESENCE_GRACE_MS: integer(0, 3_600_000),
+  LOGIN_ATTEMPTS_PER_MINUTE: integer(0, 100_000),
   // 91: the app derives `<REDIS_PREFIX>:presence`, and Redis prefixes are at most 100 characters.
   REDIS_PREFIX: z.string().trim().regex(/^[\w.:-]{1,91}$/, 'must be 1-91 letters, digits, or . : _ -'),
   SYNC_HEAD_INTERVAL_MS: integer(0, 3_600_000),
@@ -133,6 +136,7 @@ export function loadConfig (env: NodeJS.ProcessEnv = process.env, { requireSecre
     eventLogTtlSeconds: parsed.EVENT_LOG_TTL_SECONDS ?? 86400,
     eventLogMaxLen: parsed.EVENT_LOG_MAXLEN ?? 10000,
     presenceGraceMs: parsed.PRESENCE_GRACE_MS ?? 5000,
+    loginAttemptsPerMinute: parsed.LOGIN_ATTEMPTS_PER_MINUTE ?? 10,
     production,
     redisPrefix: parsed.REDIS_PREFIX,
     syncHeadIntervalMs: parsed.SYNC_HEAD_INTERVAL_MS,

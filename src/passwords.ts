@@ -1,14 +1,18 @@
 import { randomBytes, scrypt, timingSafeEqual, type ScryptOptions } from 'node:crypto'
+import { Semaphore } from '../plugins/offline-queue/semaphore.ts'
 
 // scrypt (a memory-hard KDF from node:crypto): N=2^15, r=8, p=1 takes ~50-100 ms per hash here.
 const PARAMS = { N: 2 ** 15, r: 8, p: 1 }
 const KEY_LENGTH = 32
+// scrypt runs on libuv's thread pool (4 threads by default), which DNS lookups, file access and
+// zlib share: a burst of logins may take two of them, never all.
+const hashing = new Semaphore(2)
 
 function derive (password: string, salt: Buffer, params: typeof PARAMS): Promise<Buffer> {
   const options: ScryptOptions = { ...params, maxmem: 128 * params.N * params.r * 2 }
-  return new Promise((resolve, reject) => {
+  return hashing.run(() => new Promise((resolve, reject) => {
     scrypt(password.normalize('NFKC'), salt, KEY_LENGTH, options, (err, key) => (err ? reject(err) : resolve(key)))
-  })
+  }))
 }
 
 /** `scrypt$N$r$p$<salt b64>$<hash b64>` */

@@ -398,3 +398,31 @@ t.test('expiry while connected', async t => {
   t.ok(refreshed.connected, 'the refreshed socket is still connected past the old exp')
   t.equal(app.io.of('/').sockets.get(refreshed.id!)?.data.exp, exp + 60)
 })
+
+// Regression (security review): nothing limited login attempts, so passwords could be guessed
+// without end and a flood of logins kept the password hashing (libuv's thread pool) busy.
+t.test('login attempts are limited per email and client address: past the limit 429 RATE_LIMITED, the password not checked', async t => {
+  const { app } = await build(t, { config: { loginAttemptsPerMinute: 3 } })
+  const company = await createCompany(app, ['admin', 'member'])
+  const admin = company.as('admin')
+  const login = (email: string, password: string, remoteAddress = '10.0.0.1') =>
+    app.inject({ method: 'POST', url: '/auth/login', remoteAddress, payload: { email, password } })
+
+  for (let i = 0; i < 3; i++) t.equal((await login(admin.email, 'guess')).statusCode, 401, `attempt ${i + 1}`)
+  const limited = await login(admin.email.toUpperCase(), 'correct horse battery staple')
+  t.equal(limited.statusCode, 429, 'the right password does not get through either (the same email, however spelled)')
+  t.equal(limited.json().error.code, 'RATE_LIMITED')
+  t.match(limited.json().error.message, /^Too many attempts; retry in \d+/)
+  t.ok(Number(limited.headers['retry-after']) > 0, 'Retry-After')
+  t.equal((await login(company.as('member').email, 'correct horse battery staple')).statusCode, 200, 'another email from the same address')
+  t.equal((await login(admin.email, 'correct horse battery staple', '10.0.0.2')).statusCode, 200, 'the same email from another address')
+})
+
+t.test('LOGIN_ATTEMPTS_PER_MINUTE=0 turns the login limit off', async t => {
+  const { app } = await build(t, { config: { loginAttemptsPerMinute: 0 } })
+  const company = await createCompany(app, ['admin'])
+  for (let i = 0; i < 12; i++) {
+    const res = await app.inject({ method: 'POST', url: '/auth/login', payload: { email: company.as('admin').email, password: 'guess' } })
+    t.equal(res.statusCode, 401)
+  }
+})

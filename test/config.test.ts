@@ -56,6 +56,7 @@ t.test('every variable is read', async t => {
     EVENT_LOG_TTL_SECONDS: '3600',
     EVENT_LOG_MAXLEN: '500',
     PRESENCE_GRACE_MS: '0',
+    LOGIN_ATTEMPTS_PER_MINUTE: '20',
     LOG_LEVEL: 'debug',
     SEED_DEMO: '1',
     NODE_ENV: 'production'
@@ -76,6 +77,7 @@ t.test('every variable is read', async t => {
     eventLogTtlSeconds: 3600,
     eventLogMaxLen: 500,
     presenceGraceMs: 0,
+    loginAttemptsPerMinute: 20,
     production: true,
     logLevel: 'debug',
     seedDemo: true
@@ -128,6 +130,7 @@ t.test('each bad variable is refused with one line naming it', async t => {
     ['EVENT_LOG_MAXLEN', { EVENT_LOG_MAXLEN: '0' }, /at least 1/],
     ['EVENT_LOG_MAXLEN', { EVENT_LOG_MAXLEN: '99999999999' }, /at most/],
     ['PRESENCE_GRACE_MS', { PRESENCE_GRACE_MS: 'soon' }, /whole number/],
+    ['LOGIN_ATTEMPTS_PER_MINUTE', { LOGIN_ATTEMPTS_PER_MINUTE: '-1' }, /whole number/],
     ['PRESENCE_GRACE_MS', { PRESENCE_GRACE_MS: '3600001' }, /at most/],
     // Regression: LOG_LEVEL went unchecked to pino, which failed late without naming the variable.
     ['LOG_LEVEL', { LOG_LEVEL: 'verbose' }, /must be one of fatal, error, warn, info, debug, trace, silent/],

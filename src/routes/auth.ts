@@ -1,4 +1,5 @@
-import type { FastifyInstance } from 'fastify'
+import type { FastifyInstance, FastifyRequest } from 'fastify'
+import rateLimit from '@fastify/rate-limit'
 import { z } from 'zod'
 import { Errors } from '../../plugins/errors.ts'
 import { verifyPassword } from '../passwords.ts'
@@ -13,8 +14,34 @@ const loginBody = z.object({
 // Verified against when the email is unknown, so a miss costs the same time as a wrong password.
 const DUMMY_HASH = 'scrypt$32768$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA='
 
-export async function authRoutes (fastify: FastifyInstance) {
-  fastify.post('/auth/login', async (request) => {
+export interface AuthRoutesOptions {
+  /**
+   * Login attempts per minute for one email from one client address (0: no limit). Past it the
+   * route answers 429 RATE_LIMITED (with Retry-After) without checking the password: guessing
+   * is slowed, and a flood of logins cannot keep the password hashing busy. Counted per node.
+   */
+  loginAttemptsPerMinute?: number
+}
+
+// The email as the route reads it, for the limiter's key (before the body is validated).
+const emailOf = (request: FastifyRequest): string => {
+  const email = (request.body as { email?: unknown } | undefined)?.email
+  return typeof email === 'string' ? email.trim().toLowerCase().slice(0, 320) : ''
+}
+
+export async function authRoutes (fastify: FastifyInstance, { loginAttemptsPerMinute = 10 }: AuthRoutesOptions = {}) {
+  await fastify.register(rateLimit, {
+    global: false,
+    errorResponseBuilder: (_request, context) => new Errors.RATE_LIMITED(context.after)
+  })
+  const rateLimitConfig = loginAttemptsPerMinute > 0 && {
+    max: loginAttemptsPerMinute,
+    timeWindow: 60_000,
+    // After the body is parsed: the key is the client address and the email tried.
+    hook: 'preHandler' as const,
+    keyGenerator: (request: FastifyRequest) => `${request.ip}\n${emailOf(request)}`
+  }
+  fastify.post('/auth/login', { config: { rateLimit: rateLimitConfig } }, async (request) => {
     const { email, password, companyId } = parse(loginBody, request.body)
     const user = await fastify.prisma.user.findUnique({
       where: { email },
