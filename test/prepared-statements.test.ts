@@ -1,4 +1,5 @@
 import t from 'tap'
+import pg from 'pg'
 import { openDatabase, statementNames, type Database } from '../src/db/index.ts'
 import { emptyTestDatabase, type TestLike } from './helpers.ts'
 
@@ -82,17 +83,22 @@ t.test('PostgreSQL: a statement first prepared in a transaction that rolled back
 t.test('PostgreSQL: after a column changes type, a statement prepared before fails once per connection, also inside transactions', async t => {
   const { url } = await emptyTestDatabase(t, { prefix: 'erp_prepared' })
   const db = await open(t, url)
-  await db.withSession(sql => sql.exec('CREATE TABLE items (id int PRIMARY KEY, quantity int NOT NULL); INSERT INTO items VALUES (1, 5)'))
+  // Schema changes from another session, as a migration run by another process (the pool's one
+  // connection keeps its prepared statements).
+  const migrator = new pg.Client({ connectionString: url })
+  await migrator.connect()
+  t.teardown(() => migrator.end())
+  await migrator.query('CREATE TABLE items (id int PRIMARY KEY, quantity int NOT NULL); INSERT INTO items VALUES (1, 5)')
   const read = () => db.prisma.$transaction(async (tx) => await tx.$queryRaw<Array<{ quantity: unknown }>>`SELECT quantity FROM items WHERE id = ${1}`)
   t.same(await read(), [{ quantity: 5 }], 'prepared on the connection')
 
   // The result type changes: 'cached plan must not change result type'.
-  await db.withSession(sql => sql.exec('ALTER TABLE items ALTER COLUMN quantity TYPE bigint'))
+  await migrator.query('ALTER TABLE items ALTER COLUMN quantity TYPE bigint')
   await t.rejects(read(), /cached plan must not change result type/, 'the first use after the change fails')
   for (let i = 0; i < 3; i++) t.same(await read(), [{ quantity: 5n }], `then it runs again (${i + 1})`)
 
   // A parameter's type changes: its type was fixed when the statement was prepared.
-  await db.withSession(sql => sql.exec('ALTER TABLE items ALTER COLUMN id TYPE text'))
+  await migrator.query('ALTER TABLE items ALTER COLUMN id TYPE text')
   await t.rejects(read(), /operator does not exist: text = integer/, 'the first use after the change fails')
   for (let i = 0; i < 3; i++) t.same(await read(), [{ quantity: 5n }], `then it runs again, prepared for a text id (${i + 1})`)
 })
