@@ -1,4 +1,5 @@
 import { execFile } from 'node:child_process'
+import { mkdir, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -60,4 +61,16 @@ t.test('db:migrate waits DATABASE_MIGRATION_LOCK_TIMEOUT_MS for a held migration
   t.match(result.stderr, /^could not take the migration lock \(advisory lock 72707369\) within 300 ms: session pid \d+ \(user "postgres", application "stuck-deploy", idle, connected \d+ s\) holds it[^\n]*\n$/)
   await holder.query('SELECT pg_advisory_unlock(72707369)')
   t.equal((await script('migrate', { DATABASE_URL: db.url })).code, 0, 'runs once the lock is free')
+})
+
+// The embedded database is locked to one process (PGlite has no lock of its own): a script run
+// while `npm start` holds it stops with one line instead of writing beside it.
+t.test('db:seed on an embedded database another process has open prints one line and exits 1', async t => {
+  const dataDir = path.join(tmpdir(), uniqueName('pglite-in-use'))
+  await mkdir(dataDir, { recursive: true })
+  t.teardown(() => rm(dataDir, { recursive: true, force: true }))
+  await writeFile(path.join(dataDir, 'pglite.lock'), String(process.pid)) // this test process: alive
+  const result = await script('seed', { DATA_DIR: dataDir })
+  t.equal(result.code, 1, result.stderr)
+  t.equal(result.stderr, `the embedded database in ${path.join(dataDir, 'pglite')} is in use by process ${process.pid}: stop it first (or give each its own DATA_DIR)\n`)
 })

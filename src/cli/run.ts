@@ -1,11 +1,12 @@
 import { type AppConfig, ConfigError, databaseOptions, loadConfig } from '../config.ts'
-import { type Database, openDatabase } from '../db/index.ts'
+import { type Database, DatabaseInUseError, openDatabase } from '../db/index.ts'
 import { MigrationError } from '../db/migrate.ts'
 
 /**
  * Runs a database script (`npm run db:migrate`, `db:seed`): the database settings of the
  * environment, no JWT_SECRET needed (a release step may not have the app's secret); a bad
- * variable or a refused migration prints one line and exits 1.
+ * variable, a refused migration or an embedded database in use (`npm start` running on it)
+ * prints one line and exits 1.
  */
 export async function runDatabaseScript (fn: (db: Database, config: AppConfig) => Promise<string>): Promise<void> {
   let db: Database | undefined
@@ -14,7 +15,7 @@ export async function runDatabaseScript (fn: (db: Database, config: AppConfig) =
     db = await openDatabase(databaseOptions(config))
     console.log(await fn(db, config))
   } catch (err) {
-    if (!(err instanceof ConfigError) && !(err instanceof MigrationError)) throw err
+    if (!(err instanceof ConfigError) && !(err instanceof MigrationError) && !(err instanceof DatabaseInUseError)) throw err
     console.error(err.message)
     process.exitCode = 1
   } finally {

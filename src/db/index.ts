@@ -237,6 +237,11 @@ export async function openDatabase (options: DatabaseOptions = {}): Promise<Data
   }
 }
 
+/** The embedded database's directory is open in another process (or already in this one). */
+export class DatabaseInUseError extends Error {
+  override name = 'DatabaseInUseError'
+}
+
 /**
  * PGlite has no lock of its own: two processes on one data directory (`npm run db:seed` while
  * `npm start` runs) each write their own copy, and the last to close wins (the other's rows are
@@ -255,7 +260,7 @@ async function lockDataDir (dir: string): Promise<() => Promise<void>> {
     }
     const owner = Number((await readFile(lockPath, 'utf8').catch(() => '')).trim())
     if (Number.isSafeInteger(owner) && owner > 0 && processAlive(owner)) {
-      throw new Error(`the embedded database in ${dir} is in use by process ${owner}${owner === process.pid ? ' (this one)' : ''}: stop it first (or give each its own DATA_DIR)`)
+      throw new DatabaseInUseError(`the embedded database in ${dir} is in use by process ${owner}${owner === process.pid ? ' (this one)' : ''}: stop it first (or give each its own DATA_DIR)`)
     }
     // Left by a process that ended without closing: take it over (once; a second EEXIST means
     // another process took it over first).
