@@ -27,11 +27,16 @@ export interface BuildOptions {
   drainTimeoutMs?: number
 }
 
+/** Trusts the first `hops` proxies in front of the server (Fastify's numeric trustProxy). */
+const trustHops = (hops: number) => (_address: string, hop: number) => hop < hops
+
 /** The erp-realtime application: the plugins plus the ERP's domain routes. */
 export async function buildApp ({ config, db, logger = false, realtime = {}, drainTimeoutMs = 5000 }: BuildOptions): Promise<FastifyInstance> {
   const app = Fastify({
     logger,
     bodyLimit: 256 * 1024,
+    // Behind a proxy, the client's address (the login limit is keyed by it) comes from X-Forwarded-For.
+    trustProxy: typeof config.trustProxy === 'number' ? trustHops(config.trustProxy) : config.trustProxy,
     // Ids are validated up to 128 characters; longer params get the same 400 as other bad ids.
     routerOptions: { maxParamLength: 256 },
     // Requests in flight finish on close (drainOnClose): 'idle' never destroys a busy connection.

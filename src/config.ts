@@ -32,6 +32,8 @@ export interface AppConfig {
   presenceGraceMs: number
   /** POST /auth/login attempts per minute for one email from one client address; 0: no limit. */
   loginAttemptsPerMinute: number
+  /** Fastify's `trustProxy` (TRUST_PROXY): whose X-Forwarded-For gives `request.ip`. Default false. */
+  trustProxy: boolean | number | string[]
   production: boolean
   /** Key/channel prefix in Redis (REDIS_PREFIX), so several deployments can share one Redis. Unset: the plugins' default. */
   redisPrefix?: string
@@ -88,6 +90,14 @@ const variables = {
   EVENT_LOG_MAXLEN: integer(1, 10_000_000),
   PRESENCE_GRACE_MS: integer(0, 3_600_000),
   LOGIN_ATTEMPTS_PER_MINUTE: integer(0, 100_000),
+  // Fastify's trustProxy: true/false, a number of hops, or the proxies' addresses/CIDRs.
+  TRUST_PROXY: z.string().trim().transform((value): boolean | number | string[] => {
+    if (value === 'true') return true
+    if (value === 'false') return false
+    if (/^\d+$/.test(value)) return Number(value)
+    return value.split(',').map(v => v.trim()).filter(Boolean)
+  }).refine(v => !Array.isArray(v) || (v.length > 0 && v.every(a => /^[0-9a-fA-F.:]+(\/\d{1,3})?$/.test(a))),
+    'must be true, false, a number of proxy hops, or comma-separated proxy addresses (CIDR allowed)'),
   // 91: the app derives `<REDIS_PREFIX>:presence`, and Redis prefixes are at most 100 characters.
   REDIS_PREFIX: z.string().trim().regex(/^[\w.:-]{1,91}$/, 'must be 1-91 letters, digits, or . : _ -'),
   SYNC_HEAD_INTERVAL_MS: integer(0, 3_600_000),
@@ -137,6 +147,7 @@ export function loadConfig (env: NodeJS.ProcessEnv = process.env, { requireSecre
     eventLogMaxLen: parsed.EVENT_LOG_MAXLEN ?? 10000,
     presenceGraceMs: parsed.PRESENCE_GRACE_MS ?? 5000,
     loginAttemptsPerMinute: parsed.LOGIN_ATTEMPTS_PER_MINUTE ?? 10,
+    trustProxy: parsed.TRUST_PROXY ?? false,
     production,
     redisPrefix: parsed.REDIS_PREFIX,
     syncHeadIntervalMs: parsed.SYNC_HEAD_INTERVAL_MS,

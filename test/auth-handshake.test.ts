@@ -426,3 +426,14 @@ t.test('LOGIN_ATTEMPTS_PER_MINUTE=0 turns the login limit off', async t => {
     t.equal(res.statusCode, 401)
   }
 })
+
+t.test('behind a proxy (TRUST_PROXY), the login limit counts each client address from X-Forwarded-For', async t => {
+  const { app } = await build(t, { config: { loginAttemptsPerMinute: 2, trustProxy: ['127.0.0.1'] } })
+  const company = await createCompany(app, ['admin'])
+  const login = (client: string) => app.inject({
+    method: 'POST', url: '/auth/login', remoteAddress: '127.0.0.1', headers: { 'x-forwarded-for': client }, payload: { email: company.as('admin').email, password: 'guess' }
+  })
+  for (let i = 0; i < 2; i++) t.equal((await login('203.0.113.7')).statusCode, 401)
+  t.equal((await login('203.0.113.7')).statusCode, 429, 'that client is limited')
+  t.equal((await login('198.51.100.9')).statusCode, 401, 'another client behind the same proxy is not')
+})

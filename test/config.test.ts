@@ -57,6 +57,7 @@ t.test('every variable is read', async t => {
     EVENT_LOG_MAXLEN: '500',
     PRESENCE_GRACE_MS: '0',
     LOGIN_ATTEMPTS_PER_MINUTE: '20',
+    TRUST_PROXY: '1',
     LOG_LEVEL: 'debug',
     SEED_DEMO: '1',
     NODE_ENV: 'production'
@@ -78,6 +79,7 @@ t.test('every variable is read', async t => {
     eventLogMaxLen: 500,
     presenceGraceMs: 0,
     loginAttemptsPerMinute: 20,
+    trustProxy: 1,
     production: true,
     logLevel: 'debug',
     seedDemo: true
@@ -131,6 +133,8 @@ t.test('each bad variable is refused with one line naming it', async t => {
     ['EVENT_LOG_MAXLEN', { EVENT_LOG_MAXLEN: '99999999999' }, /at most/],
     ['PRESENCE_GRACE_MS', { PRESENCE_GRACE_MS: 'soon' }, /whole number/],
     ['LOGIN_ATTEMPTS_PER_MINUTE', { LOGIN_ATTEMPTS_PER_MINUTE: '-1' }, /whole number/],
+    ['TRUST_PROXY', { TRUST_PROXY: 'yes please' }, /true, false, a number of proxy hops, or comma-separated proxy addresses/],
+    ['TRUST_PROXY', { TRUST_PROXY: ',' }, /comma-separated proxy addresses/],
     ['PRESENCE_GRACE_MS', { PRESENCE_GRACE_MS: '3600001' }, /at most/],
     // Regression: LOG_LEVEL went unchecked to pino, which failed late without naming the variable.
     ['LOG_LEVEL', { LOG_LEVEL: 'verbose' }, /must be one of fatal, error, warn, info, debug, trace, silent/],
@@ -190,4 +194,12 @@ t.test('a server reachable from other machines gets no development secret and no
   t.equal(loadConfig({ HOST: '0.0.0.0', JWT_SECRET: 'x'.repeat(40) }).seedDemo, false, 'not on every interface')
   t.equal(loadConfig({ HOST: '0.0.0.0', JWT_SECRET: 'x'.repeat(40), SEED_DEMO: '1' }).seedDemo, true, 'unless asked for')
   t.equal(loadConfig({ HOST: '0.0.0.0' }, { requireSecret: false }).jwtSecretIsDefault, true, 'the database scripts need no secret')
+})
+
+t.test('TRUST_PROXY: true, false, a number of hops or proxy addresses', async t => {
+  t.equal(loadConfig({}).trustProxy, false, 'default: X-Forwarded-For is not believed')
+  t.equal(loadConfig({ TRUST_PROXY: 'true' }).trustProxy, true)
+  t.equal(loadConfig({ TRUST_PROXY: 'false' }).trustProxy, false)
+  t.equal(loadConfig({ TRUST_PROXY: '2' }).trustProxy, 2)
+  t.same(loadConfig({ TRUST_PROXY: '10.0.0.0/8, 127.0.0.1,::1' }).trustProxy, ['10.0.0.0/8', '127.0.0.1', '::1'])
 })
