@@ -172,6 +172,44 @@ t.test('a websocket client that stopped reading does not hold close', async (t) 
   t.equal(await settledWithin(app.close(), 5000), 'closed', `close resolved in ${Date.now() - started} ms`)
 })
 
+// Regression (review): only a client whose unsent frames filled engine.io's queue was cut; one
+// that stopped reading with nothing queued (a phone that lost its network) held close for ws's
+// 30 s closing handshake.
+t.test('a websocket client that went silent with nothing queued does not hold close', async (t) => {
+  const { app, url } = await build(t, { drainTimeoutMs: 30_000 })
+  const company = await createCompany(app, ['member'])
+  const socket = ioClient(url, { transports: ['websocket'], reconnection: false, forceNew: true, auth: { token: company.as('member').token } })
+  t.teardown(() => socket.disconnect())
+  await nextEvent(socket, 'connect', 5000)
+  ;(socket.io.engine.transport as unknown as { ws: { _socket: { pause (): void } } }).ws._socket.pause()
+  const started = Date.now()
+  t.equal(await settledWithin(app.close(), 5000), 'closed', `close resolved in ${Date.now() - started} ms`)
+})
+
+// Regression (review): connections were closed once, when close began; a client that connected
+// during the wait for the notice or the grace got no notice and held close for as long as it
+// stayed (engine.io answers its handshake itself, past Fastify's 503 while closing).
+t.test('a client connecting while the node closes is refused and does not hold close', async (t) => {
+  const { app, url } = await build(t, { drainTimeoutMs: 30_000 })
+  const company = await createCompany(app, ['member'])
+  // A silent client keeps close in its grace period for a moment.
+  const silent = ioClient(url, { transports: ['websocket'], reconnection: false, forceNew: true, auth: { token: company.as('member').token } })
+  t.teardown(() => silent.disconnect())
+  await nextEvent(silent, 'connect', 5000)
+  ;(silent.io.engine.transport as unknown as { ws: { _socket: { pause (): void } } }).ws._socket.pause()
+  const started = Date.now()
+  const closing = app.close()
+  await sleep(300)
+  const late = ioClient(url, { transports: ['websocket'], reconnection: false, forceNew: true, auth: { token: company.as('member').token } })
+  t.teardown(() => late.disconnect())
+  const outcome = await Promise.race([
+    nextEvent(late, 'connect', 5000).then(() => 'connected'),
+    nextEvent(late, 'connect_error', 5000).then(() => 'refused')
+  ])
+  t.equal(outcome, 'refused')
+  t.equal(await settledWithin(closing, 5000), 'closed', `close resolved in ${Date.now() - started} ms`)
+})
+
 t.test('regression: a Socket.IO handshake still in its membership query when close starts held close open', async (t) => {
   const { app, db, url } = await build(t, { drainTimeoutMs: 30_000 })
   const company = await createCompany(app, ['member'])

@@ -1,5 +1,6 @@
 import { hostname } from 'node:os'
 import { randomBytes } from 'node:crypto'
+import type { Duplex } from 'node:stream'
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { Server, type ServerOptions } from 'socket.io'
@@ -134,8 +135,27 @@ async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions
   const nodeId = options.nodeId ?? `${hostname()}-${process.pid}-${randomBytes(3).toString('hex')}`
   const originAllowed = originAllowedFor(options.corsOrigins)
 
+  // From preClose on, new engine.io connections are refused (engine.io answers them itself,
+  // past Fastify's 503-while-closing): one arriving after the others were closed would get no
+  // notice and hold the HTTP server's close.
+  let closing = false
+  const ownAllowRequest = options.serverOptions?.allowRequest as ServerOptions['allowRequest'] | undefined
+  const allowRequest: ServerOptions['allowRequest'] = (req, callback) => {
+    if (closing) return callback('server shutting down', false)
+    if (ownAllowRequest) return ownAllowRequest(req, callback)
+    callback(null, true)
+  }
+  // The TCP connections of upgraded (WebSocket) requests, cut at close if still open.
+  const upgraded = new Set<Duplex>()
+  const onUpgrade = (_request: unknown, socket: Duplex) => {
+    upgraded.add(socket)
+    socket.once('close', () => upgraded.delete(socket))
+  }
+  fastify.server.on('upgrade', onUpgrade)
+
   const io: ErpServer = new Server(fastify.server, {
     ...options.serverOptions,
+    allowRequest,
     // Browsers outside the list get no CORS headers; the auth middleware then refuses their
     // handshake with AUTH_ORIGIN_REFUSED (a readable code instead of an opaque network error).
     cors: options.corsOrigins.length > 0 ? { origin: options.corsOrigins, credentials: true } : undefined
@@ -281,11 +301,13 @@ async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions
   // Close the connections (not a Socket.IO "server disconnect") so clients reconnect, to
   // another node when there is one, and resume from their last seq.
   fastify.addHook('preClose', async () => {
+    closing = true
     io.local.emit('server:shutdown', { message: 'server shutting down, reconnect and resume' })
     await noticeCollected(io)
-    await closeConnections(io, CLOSE_GRACE_MS)
+    await closeConnections(io, upgraded, CLOSE_GRACE_MS)
   })
   fastify.addHook('onClose', async () => {
+    fastify.server.off('upgrade', onUpgrade)
     releaseAdapterClients()
     coalescer?.close()
     await io.close()
@@ -311,19 +333,12 @@ async function closeOwnedClient (client: Redis, timeoutMs: number): Promise<void
 /** How long close waits for long-polling clients to fetch the `server:shutdown` notice. */
 const POLLING_NOTICE_MS = 1000
 
-/**
- * Resolves once every long-polling client has fetched what it was sent (its next poll; it
- * polls again as soon as an answer arrives), or after POLLING_NOTICE_MS. A WebSocket gets the
- * notice at once, but a polling client between two polls would otherwise lose it: the HTTP
- * server stops accepting its next poll right after this hook.
- */
 /** How long close lets connections flush what they were sent (the shutdown notice) before dropping them. */
 const CLOSE_GRACE_MS = 1000
 
 interface EngineConnection extends NodeJS.EventEmitter {
   readyState: string
-  /** `socket`: the `ws` WebSocket of a websocket transport. */
-  transport: { name: string, socket?: { terminate?: () => void } }
+  transport: { name: string }
   close (discard?: boolean): void
 }
 
@@ -335,29 +350,33 @@ interface EngineConnection extends NodeJS.EventEmitter {
  * that finishes its handshake now would hold server.close(). Waits for them to close, so every
  * socket's 'disconnect' handlers run now, before the other plugins' onClose hooks (presence
  * records the departures): long-polling connections are closed at once (they fetched the notice;
- * otherwise engine.io waits for their next poll, up to 30 s), and a connection still flushing
- * after `graceMs` (a client that stopped reading) is dropped with what it had not taken, its
- * TCP connection too (ws's closing handshake would wait 30 s for a client that does not read,
- * and the HTTP server's close with it).
+ * otherwise engine.io waits for their next poll, up to 30 s). Then, by `graceMs` after the
+ * start, the TCP connections of every upgraded (WebSocket) request still open are destroyed:
+ * a client that stopped reading, lost its network or stopped mid-upgrade would otherwise hold
+ * the HTTP server's close for ws's 30 s closing handshake, or until its ping timeout.
  */
-async function closeConnections (io: ErpServer, graceMs: number): Promise<void> {
+async function closeConnections (io: ErpServer, upgraded: ReadonlySet<Duplex>, graceMs: number): Promise<void> {
+  const deadline = performance.now() + graceMs
   // `clients` is engine.io's (6) map of open connections; its typings mark it protected.
   const conns = Object.values((io.engine as unknown as { clients: Record<string, EngineConnection> }).clients)
-  const open = (conn: EngineConnection) => conn.readyState !== 'closed'
   const closed = Promise.all(conns.map(conn => new Promise<void>(resolve => {
-    if (!open(conn)) return resolve()
+    if (conn.readyState === 'closed') return resolve()
     conn.once('close', () => resolve())
   })))
   for (const conn of conns) conn.close(conn.transport.name === 'polling')
-  if (await withTimeout(closed.then(() => true), graceMs, false)) return
-  for (const conn of conns) {
-    if (!open(conn)) continue
-    const ws = conn.transport.socket
-    conn.close(true)
-    ws?.terminate?.()
-  }
+  await withTimeout(closed, graceMs, undefined)
+  for (const conn of conns) if (conn.readyState !== 'closed') conn.close(true)
+  // Healthy WebSocket clients answer the close frame in a moment; the rest are cut.
+  while (upgraded.size > 0 && performance.now() < deadline) await new Promise(resolve => setTimeout(resolve, 10))
+  for (const socket of upgraded) socket.destroy()
 }
 
+/**
+ * Resolves once every long-polling client has fetched what it was sent (its next poll; it
+ * polls again as soon as an answer arrives), or after POLLING_NOTICE_MS. A WebSocket gets the
+ * notice at once, but a polling client between two polls would otherwise lose it: the HTTP
+ * server stops accepting its next poll right after this hook.
+ */
 async function noticeCollected (io: ErpServer): Promise<void> {
   // writeBuffer is engine.io's (6) queue of packets not handed to the transport yet.
   const unsent = (conn: unknown) => (conn as { writeBuffer: unknown[] }).writeBuffer.length > 0
