@@ -30,7 +30,7 @@ export interface AppConfig {
   eventLogTtlSeconds: number
   eventLogMaxLen: number
   presenceGraceMs: number
-  /** POST /auth/login attempts per minute for one email from one client address; 0: no limit. */
+  /** POST /auth/login attempts per minute from one client address; 0: no limit. */
   loginAttemptsPerMinute: number
   /** Fastify's `trustProxy` (TRUST_PROXY): whose X-Forwarded-For gives `request.ip`. Default false. */
   trustProxy: boolean | number | string[]
@@ -146,7 +146,7 @@ export function loadConfig (env: NodeJS.ProcessEnv = process.env, { requireSecre
     eventLogTtlSeconds: parsed.EVENT_LOG_TTL_SECONDS ?? 86400,
     eventLogMaxLen: parsed.EVENT_LOG_MAXLEN ?? 10000,
     presenceGraceMs: parsed.PRESENCE_GRACE_MS ?? 5000,
-    loginAttemptsPerMinute: parsed.LOGIN_ATTEMPTS_PER_MINUTE ?? 10,
+    loginAttemptsPerMinute: parsed.LOGIN_ATTEMPTS_PER_MINUTE ?? 20,
     trustProxy: parsed.TRUST_PROXY ?? false,
     production,
     redisPrefix: parsed.REDIS_PREFIX,
