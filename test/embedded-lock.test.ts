@@ -1,4 +1,4 @@
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
+import { mkdtemp, readFile, rm, utimes, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import t, { type Test } from 'tap'
@@ -32,4 +32,23 @@ t.test('a lock left by a process that is gone is taken over', async t => {
   const db = await openDatabase({ dataDir: dir })
   t.teardown(() => db.close())
   t.equal(await readFile(`${dir}.lock`, 'utf8'), String(process.pid))
+})
+
+// Regression (review of the lock): a lock naming this process's own pid was refused as "in use
+// (this one)", so a container restarted after a crash (same pid) never started again; and an
+// empty lock (its owner between creating it and writing its pid) read as pid 0 and was taken.
+t.test('a lock naming this process but not held by it is taken over; one without a pid only once it is old', async t => {
+  const dir = await tempDir(t)
+  await writeFile(`${dir}.lock`, String(process.pid))
+  const db = await openDatabase({ dataDir: dir })
+  t.equal(await readFile(`${dir}.lock`, 'utf8'), String(process.pid))
+  await db.close()
+
+  await writeFile(`${dir}.lock`, '')
+  await t.rejects(openDatabase({ dataDir: dir }), { name: 'DatabaseInUseError', message: /is being created by another process/ }, 'a fresh lock without a pid')
+  const old = new Date(Date.now() - 60_000)
+  await utimes(`${dir}.lock`, old, old)
+  const again = await openDatabase({ dataDir: dir })
+  t.teardown(() => again.close())
+  t.equal(await readFile(`${dir}.lock`, 'utf8'), String(process.pid), 'an old one is taken over')
 })

@@ -356,3 +356,34 @@ t.test('checksums match across line endings and older Prisma formats; an edited 
   const again = await db.withSession(sql => migrate(sql, dir))
   t.same(again.applied, [], 'nothing re-applied, nothing refused after a CRLF checkout')
 })
+
+// Regression (review): a script with its own BEGIN that failed left the session in an aborted
+// transaction (the runner no longer sent ROLLBACK): the original error and its logs were lost to
+// "current transaction is aborted", and on PGlite the app's one session stayed unusable.
+for (const embedded of [false, true]) {
+  t.test(`a failing migration with its own BEGIN is reported with its error, and the session stays usable (${embedded ? 'PGlite' : 'PostgreSQL'})`, async t => {
+    const db = await testDatabase(t, { embedded })
+    const dir = await migrationsCopy(t)
+    await db.withSession(sql => migrate(sql, dir))
+    await addMigration(dir, '29990101000000_own_transaction', 'BEGIN;\nCREATE TABLE own_tx (id INT);\nSELECT 1/0;\nCOMMIT;\n')
+    await t.rejects(db.withSession(sql => migrate(sql, dir)), { name: 'MigrationError', message: /29990101000000_own_transaction failed: division by zero/ })
+    const row = (await rows(db)).find(r => r.migration_name === '29990101000000_own_transaction')!
+    t.match(row.logs, /division by zero/, 'its logs hold the error')
+    t.equal(await db.prisma.company.count(), 0, 'the app can query again')
+  })
+}
+
+// Regression (review): a migration that changed the search_path (pg_dump's
+// set_config('search_path', '', false)) broke the runner's own unqualified bookkeeping: the
+// script committed but was never marked finished, and the next run refused.
+t.test('a migration that empties the search_path is still recorded as finished, and the next one still lands in public', async t => {
+  const db = await emptyDatabase(t)
+  const dir = await migrationsCopy(t)
+  await addMigration(dir, '29990101000000_dump_style', `SELECT pg_catalog.set_config('search_path', '', false);\nCREATE TABLE public.dumped (id INT);\n`)
+  await addMigration(dir, '29990102000000_after', 'CREATE TABLE after_dump (id INT);\n')
+  const result = await db.withSession(sql => migrate(sql, dir))
+  t.same(result.applied.slice(-2), ['29990101000000_dump_style', '29990102000000_after'])
+  const [where] = await db.withSession(sql => sql.query(`SELECT table_schema FROM information_schema.tables WHERE table_name = 'after_dump'`))
+  t.equal(where!.table_schema, 'public')
+  t.same((await db.withSession(sql => migrate(sql, dir))).applied, [], 'nothing pending or failed')
+})

@@ -1,4 +1,4 @@
-import { mkdir, open, readFile, rm } from 'node:fs/promises'
+import { mkdir, open, readFile, rm, stat } from 'node:fs/promises'
 import path from 'node:path'
 import pg from 'pg'
 import { PrismaPg } from '@prisma/adapter-pg'
@@ -224,7 +224,7 @@ export async function openDatabase (options: DatabaseOptions = {}): Promise<Data
           query: async (text, params) => (await pglite.query(text, params as unknown[])).rows as Record<string, unknown>[]
         })
       } finally {
-        await pglite.exec('RESET ALL').catch(() => {})
+        await pglite.exec('RESET ALL; RESET ROLE; RESET SESSION AUTHORIZATION').catch(() => {})
       }
     },
     async close () {
@@ -242,28 +242,45 @@ export class DatabaseInUseError extends Error {
   override name = 'DatabaseInUseError'
 }
 
+/** Data directories this process holds open. */
+const heldDataDirs = new Set<string>()
+// A lock file without a readable pid is taken over only once this old: its owner may be between
+// creating it and writing its pid.
+const UNREADABLE_LOCK_STALE_MS = 10_000
+
 /**
  * PGlite has no lock of its own: two processes on one data directory (`npm run db:seed` while
  * `npm start` runs) each write their own copy, and the last to close wins (the other's rows are
- * lost). `<dir>.lock` holds the owner's pid; a lock whose process is gone is taken over.
+ * lost). `<dir>.lock` holds the owner's pid. A lock is taken over when its process is gone, or
+ * when it names this process but this process does not hold it (a container restarted after a
+ * crash gets the same pid); a lock without a readable pid only once it is 10 s old.
  */
 async function lockDataDir (dir: string): Promise<() => Promise<void>> {
   const lockPath = `${dir}.lock`
+  const inUse = (owner: number | undefined) => new DatabaseInUseError(owner === undefined
+    ? `the embedded database in ${dir} is in use (${lockPath} is being created by another process): stop it first (or give each its own DATA_DIR)`
+    : `the embedded database in ${dir} is in use by process ${owner}${owner === process.pid ? ' (this one)' : ''}: stop it first (or give each its own DATA_DIR)`)
+  if (heldDataDirs.has(dir)) throw inUse(process.pid)
   for (let attempt = 0; ; attempt++) {
     try {
       const handle = await open(lockPath, 'wx')
       await handle.writeFile(String(process.pid))
       await handle.close()
-      return async () => { await rm(lockPath, { force: true }) }
+      heldDataDirs.add(dir)
+      return async () => {
+        heldDataDirs.delete(dir)
+        await rm(lockPath, { force: true })
+      }
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST' || attempt > 0) throw err
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
     }
-    const owner = Number((await readFile(lockPath, 'utf8').catch(() => '')).trim())
-    if (Number.isSafeInteger(owner) && owner > 0 && processAlive(owner)) {
-      throw new DatabaseInUseError(`the embedded database in ${dir} is in use by process ${owner}${owner === process.pid ? ' (this one)' : ''}: stop it first (or give each its own DATA_DIR)`)
-    }
-    // Left by a process that ended without closing: take it over (once; a second EEXIST means
-    // another process took it over first).
+    const content = (await readFile(lockPath, 'utf8').catch(() => '')).trim()
+    const owner = /^\d+$/.test(content) ? Number(content) : undefined
+    const stale = owner === undefined
+      ? Date.now() - ((await stat(lockPath).catch(() => undefined))?.mtimeMs ?? 0) > UNREADABLE_LOCK_STALE_MS
+      : owner === process.pid || !processAlive(owner)
+    // A second EEXIST: another process took the stale lock over first.
+    if (!stale || attempt > 0) throw inUse(owner)
     await rm(lockPath, { force: true })
   }
 }

@@ -15,7 +15,7 @@ export const DEFAULT_MIGRATIONS_DIR = fileURLToPath(new URL('../../prisma/migrat
 const ADVISORY_LOCK_ID = 72707369
 
 // Bookkeeping table exactly as `prisma migrate deploy` creates it.
-const CREATE_MIGRATIONS_TABLE = `CREATE TABLE IF NOT EXISTS "_prisma_migrations" (
+const CREATE_MIGRATIONS_TABLE = `CREATE TABLE IF NOT EXISTS "public"."_prisma_migrations" (
   "id" VARCHAR(36) PRIMARY KEY NOT NULL,
   "checksum" VARCHAR(64) NOT NULL,
   "finished_at" TIMESTAMPTZ,
@@ -91,7 +91,7 @@ export async function migrate (sql: SqlRunner, dir = DEFAULT_MIGRATIONS_DIR, opt
     await sql.exec(`SET search_path TO "${SCHEMA}"`)
     await sql.exec(CREATE_MIGRATIONS_TABLE)
     const rows = await sql.query(
-      'SELECT migration_name, checksum, finished_at, rolled_back_at FROM "_prisma_migrations" ORDER BY started_at'
+      'SELECT migration_name, checksum, finished_at, rolled_back_at FROM "public"."_prisma_migrations" ORDER BY started_at'
     )
     const recorded = new Map<string, Record<string, unknown>>()
     for (const row of rows) {
@@ -115,21 +115,25 @@ export async function migrate (sql: SqlRunner, dir = DEFAULT_MIGRATIONS_DIR, opt
       }
       const id = randomUUID()
       await sql.query(
-        'INSERT INTO "_prisma_migrations" (id, checksum, migration_name, started_at, applied_steps_count) VALUES ($1, $2, $3, now(), 0)',
+        'INSERT INTO "public"."_prisma_migrations" (id, checksum, migration_name, started_at, applied_steps_count) VALUES ($1, $2, $3, now(), 0)',
         [id, checksum, name]
       )
       try {
         // The script as is: not glued to a `BEGIN;`/`COMMIT;` (a last statement without its
         // semicolon was then a syntax error), nor inside an explicit transaction (which refuses
         // CREATE INDEX CONCURRENTLY). Its statements share the implicit transaction of one query.
+        // Before each script: one may change the search_path for the rest of the session.
+        await sql.exec(`SET search_path TO "${SCHEMA}"`)
         await sql.exec(script)
       } catch (err) {
+        // A script with its own BEGIN that failed leaves the session in an aborted transaction.
+        await sql.exec('ROLLBACK').catch(() => {})
         const message = err instanceof Error ? err.message : String(err)
-        await sql.query('UPDATE "_prisma_migrations" SET logs = $2 WHERE id = $1', [id, message])
+        await sql.query('UPDATE "public"."_prisma_migrations" SET logs = $2 WHERE id = $1', [id, message])
         throw new MigrationError(`migration ${name} failed: ${message}`, name)
       }
       await sql.query(
-        'UPDATE "_prisma_migrations" SET finished_at = now(), applied_steps_count = 1 WHERE id = $1',
+        'UPDATE "public"."_prisma_migrations" SET finished_at = now(), applied_steps_count = 1 WHERE id = $1',
         [id]
       )
       result.applied.push(name)
