@@ -2,7 +2,7 @@ import net from 'node:net'
 import { isDeepStrictEqual } from 'node:util'
 import type { FastifyInstance } from 'fastify'
 import { Redis } from 'ioredis'
-import t from 'tap'
+import t, { type Test } from 'tap'
 import type { PresenceChanged } from '../plugins/events.ts'
 import type { ErpPresenceOptions } from '../plugins/presence/index.ts'
 import { RedisPresenceStore } from '../plugins/presence/redis-store.ts'
@@ -457,37 +457,39 @@ async function loseStoreData (prefix: string): Promise<void> {
   }
 }
 
-t.test('regression: a grace period running when Redis lost its data never ended: the user stayed online', async t => {
+/**
+ * A member's last device leaves around a loss of the store's data, and must still be announced
+ * offline (with growing revs). `prepare` runs once an observer is listed, before the member
+ * connects, and returns the loss: `'before leaving'` (the heartbeat far away, so nothing
+ * records the socket again before it leaves) or `'in grace'` (while its grace period runs).
+ */
+async function offlineAfterLoss (t: Test, when: 'before leaving' | 'in grace', prepare: (prefix: string) => Promise<() => Promise<void>>) {
   const prefix = redisPrefix(t)
-  const { app, url } = await build(t, { realtime: { presence: redisPresence(prefix) } })
+  const presence = when === 'before leaving' ? redisPresence(prefix, { heartbeatMs: 30_000, ttlMs: 60_000 }) : redisPresence(prefix)
+  const { app, url } = await build(t, { realtime: { presence } })
   const company = await createCompany(app, ['admin', 'member'])
   const member = company.as('member')
   const observer = await watch(t, url, company.as('admin').token)
+  await waitFor(async () => (await list(observer.socket)).length === 1, 5000, 'the observer listed')
+  const lose = await prepare(prefix)
   const socket = await connect(t, url, member.token)
   await waitFor(() => observer.about(member.id).length === 1, 5000, 'online')
+  if (when === 'before leaving') await lose()
   socket.disconnect()
-  await sleep(FAST.graceMs / 4)
-  await loseStoreData(prefix)
-  await waitFor(() => observer.about(member.id).some(change => change.status === 'offline'), FAST.graceMs + 2000, 'offline when the grace period ends')
+  if (when === 'in grace') {
+    await sleep(FAST.graceMs / 4)
+    await lose()
+  }
+  await waitFor(() => observer.about(member.id).some(change => change.status === 'offline'), FAST.graceMs + 3000, 'offline')
   t.match(observer.about(member.id).at(-1), { status: 'offline', devices: 0 })
   t.ok(increasing(observer.revs(member.id)))
-})
+}
 
-t.test('regression: a last device that left after Redis lost its data, before the next heartbeat, was never announced offline', async t => {
-  const prefix = redisPrefix(t)
-  // A heartbeat far away: nothing re-records the socket before it leaves.
-  const { app, url } = await build(t, { realtime: { presence: redisPresence(prefix, { heartbeatMs: 30_000, ttlMs: 60_000 }) } })
-  const company = await createCompany(app, ['admin', 'member'])
-  const member = company.as('member')
-  const observer = await watch(t, url, company.as('admin').token)
-  const socket = await connect(t, url, member.token)
-  await waitFor(() => observer.about(member.id).length === 1, 5000, 'online')
-  await loseStoreData(prefix)
-  socket.disconnect()
-  await waitFor(() => observer.about(member.id).some(change => change.status === 'offline'), 3000, 'offline')
-  t.match(observer.about(member.id).at(-1), { status: 'offline', devices: 0 })
-  t.ok(increasing(observer.revs(member.id)))
-})
+const dataLoss = async (prefix: string) => () => loseStoreData(prefix)
+
+t.test('regression: a grace period running when Redis lost its data never ended: the user stayed online', t => offlineAfterLoss(t, 'in grace', dataLoss))
+
+t.test('regression: a last device that left after Redis lost its data, before the next heartbeat, was never announced offline', t => offlineAfterLoss(t, 'before leaving', dataLoss))
 
 t.test('without a data loss, a grace period or a socket another node’s sweep ended gives its own node no second offline', async t => {
   // The loss checks must not turn the usual races (a sweep ending the grace period, or claiming
@@ -535,40 +537,10 @@ for i = 2, #ARGV, 3 do redis.call('RESTORE', ARGV[i], ARGV[i + 1], ARGV[i + 2]) 
   }
 }
 
-t.test('regression: a last device that left after Redis rolled back to an older copy (same epoch), before the next heartbeat, was never announced offline', async t => {
-  const prefix = redisPrefix(t)
-  const { app, url } = await build(t, { realtime: { presence: redisPresence(prefix, { heartbeatMs: 30_000, ttlMs: 60_000 }) } })
-  const company = await createCompany(app, ['admin', 'member'])
-  const member = company.as('member')
-  const observer = await watch(t, url, company.as('admin').token)
-  await waitFor(async () => (await list(observer.socket)).length === 1, 5000, 'the observer listed')
-  const rollBack = await snapshotStore(prefix) // the copy knows the observer, not the member
-  const socket = await connect(t, url, member.token)
-  await waitFor(() => observer.about(member.id).length === 1, 5000, 'online')
-  await rollBack()
-  socket.disconnect()
-  await waitFor(() => observer.about(member.id).some(change => change.status === 'offline'), 3000, 'offline')
-  t.match(observer.about(member.id).at(-1), { status: 'offline', devices: 0 })
-  t.ok(increasing(observer.revs(member.id)))
-})
+// The copy knows the observer, not the member.
+t.test('regression: a last device that left after Redis rolled back to an older copy (same epoch), before the next heartbeat, was never announced offline', t => offlineAfterLoss(t, 'before leaving', snapshotStore))
 
-t.test('regression: a grace period running when Redis rolled back to an older copy (same epoch) never ended: the user stayed online', async t => {
-  const prefix = redisPrefix(t)
-  const { app, url } = await build(t, { realtime: { presence: redisPresence(prefix) } })
-  const company = await createCompany(app, ['admin', 'member'])
-  const member = company.as('member')
-  const observer = await watch(t, url, company.as('admin').token)
-  await waitFor(async () => (await list(observer.socket)).length === 1, 5000, 'the observer listed')
-  const rollBack = await snapshotStore(prefix)
-  const socket = await connect(t, url, member.token)
-  await waitFor(() => observer.about(member.id).length === 1, 5000, 'online')
-  socket.disconnect()
-  await sleep(FAST.graceMs / 4)
-  await rollBack()
-  await waitFor(() => observer.about(member.id).some(change => change.status === 'offline'), FAST.graceMs + 2000, 'offline when the grace period ends')
-  t.match(observer.about(member.id).at(-1), { status: 'offline', devices: 0 })
-  t.ok(increasing(observer.revs(member.id)))
-})
+t.test('regression: a grace period running when Redis rolled back to an older copy (same epoch) never ended: the user stayed online', t => offlineAfterLoss(t, 'in grace', snapshotStore))
 
 // Regression (review): the sweep sent its claims together and awaited them with Promise.all, so
 // one failed claim (a command timeout, a script error) rejected the whole batch, and the offlines

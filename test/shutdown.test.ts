@@ -1,9 +1,9 @@
 import { Agent, request, type ServerResponse } from 'node:http'
 import { PassThrough } from 'node:stream'
 import { setTimeout as sleep } from 'node:timers/promises'
-import t from 'tap'
+import t, { type Test } from 'tap'
 import pg from 'pg'
-import { io as ioClient } from 'socket.io-client'
+import { io as ioClient, type ManagerOptions, type Socket as ClientSocket, type SocketOptions } from 'socket.io-client'
 import { dedicatedRedis } from './cluster-helpers.ts'
 import { build, createCompany, nextEvent, uniqueName, waitFor } from './helpers.ts'
 
@@ -121,12 +121,24 @@ t.test('a response already streaming when close starts: its connection is closed
   t.equal(await settledWithin(closing, 5000), 'closed', 'close resolves once the connection is idle')
 })
 
-t.test('a long-polling Socket.IO client gets server:shutdown and does not hold close for keepAliveTimeout', async (t) => {
+/** An app with one member and a Socket.IO client of theirs, connected (websocket unless told otherwise). */
+async function appWithClient (t: Test, options: Partial<ManagerOptions & SocketOptions> = {}) {
   const { app, url } = await build(t, { drainTimeoutMs: 30_000 })
   const company = await createCompany(app, ['member'])
-  const socket = ioClient(url, { transports: ['polling'], reconnection: false, forceNew: true, auth: { token: company.as('member').token } })
+  const client = () => ioClient(url, { transports: ['websocket'], reconnection: false, forceNew: true, auth: { token: company.as('member').token }, ...options })
+  const socket = client()
   t.teardown(() => socket.disconnect())
   await nextEvent(socket, 'connect', 5000)
+  return { app, socket, client }
+}
+
+/** Makes a connected websocket client stop reading from its TCP connection. */
+function silence (socket: ClientSocket): void {
+  ;(socket.io.engine.transport as unknown as { ws: { _socket: { pause (): void } } }).ws._socket.pause()
+}
+
+t.test('a long-polling Socket.IO client gets server:shutdown and does not hold close for keepAliveTimeout', async (t) => {
+  const { app, socket } = await appWithClient(t, { transports: ['polling'] })
   const notice = nextEvent(socket, 'server:shutdown', 5000)
   const disconnected = nextEvent(socket, 'disconnect', 5000)
   const closing = app.close()
@@ -137,12 +149,8 @@ t.test('a long-polling Socket.IO client gets server:shutdown and does not hold c
 
 for (const transport of ['websocket', 'polling'] as const) {
   t.test(`a ${transport} client told server:shutdown is closed at the transport and reconnects by itself (regression, websocket: it was disconnected as by the server, "io server disconnect", and stayed disconnected)`, async (t) => {
-    const { app, url } = await build(t, { drainTimeoutMs: 30_000 })
-    const company = await createCompany(app, ['member'])
     // Reconnection on, as in real clients; the first attempt far away (the node is gone).
-    const socket = ioClient(url, { transports: [transport], forceNew: true, reconnectionDelay: 60_000, reconnectionDelayMax: 60_000, auth: { token: company.as('member').token } })
-    t.teardown(() => socket.disconnect())
-    await nextEvent(socket, 'connect', 5000)
+    const { app, socket } = await appWithClient(t, { transports: [transport], reconnection: true, reconnectionDelay: 60_000, reconnectionDelayMax: 60_000 })
     const notice = nextEvent(socket, 'server:shutdown', 5000)
     const reason = nextEvent<string>(socket, 'disconnect', 5000)
     await app.close()
@@ -155,14 +163,9 @@ for (const transport of ['websocket', 'polling'] as const) {
 // Regression: closing waited for every connection to flush what it had been sent, so a client
 // that stopped reading (its TCP window full) held app.close() until its ping timeout.
 t.test('a websocket client that stopped reading does not hold close', async (t) => {
-  const { app, url } = await build(t, { drainTimeoutMs: 30_000 })
-  const company = await createCompany(app, ['member'])
-  const socket = ioClient(url, { transports: ['websocket'], reconnection: false, forceNew: true, auth: { token: company.as('member').token } })
-  t.teardown(() => socket.disconnect())
-  await nextEvent(socket, 'connect', 5000)
+  const { app, socket } = await appWithClient(t)
   // The client's TCP socket stops reading; the server's sends then fill the buffers on both sides.
-  const transport = socket.io.engine.transport as unknown as { ws: { _socket: { pause (): void } } }
-  transport.ws._socket.pause()
+  silence(socket)
   const big = 'x'.repeat(1 << 20)
   for (let i = 0; i < 32; i++) {
     app.io.local.emit('server:shutdown', { message: big })
@@ -176,12 +179,8 @@ t.test('a websocket client that stopped reading does not hold close', async (t) 
 // that stopped reading with nothing queued (a phone that lost its network) held close for ws's
 // 30 s closing handshake.
 t.test('a websocket client that went silent with nothing queued does not hold close', async (t) => {
-  const { app, url } = await build(t, { drainTimeoutMs: 30_000 })
-  const company = await createCompany(app, ['member'])
-  const socket = ioClient(url, { transports: ['websocket'], reconnection: false, forceNew: true, auth: { token: company.as('member').token } })
-  t.teardown(() => socket.disconnect())
-  await nextEvent(socket, 'connect', 5000)
-  ;(socket.io.engine.transport as unknown as { ws: { _socket: { pause (): void } } }).ws._socket.pause()
+  const { app, socket } = await appWithClient(t)
+  silence(socket)
   const started = Date.now()
   t.equal(await settledWithin(app.close(), 5000), 'closed', `close resolved in ${Date.now() - started} ms`)
 })
@@ -190,17 +189,13 @@ t.test('a websocket client that went silent with nothing queued does not hold cl
 // during the wait for the notice or the grace got no notice and held close for as long as it
 // stayed (engine.io answers its handshake itself, past Fastify's 503 while closing).
 t.test('a client connecting while the node closes is refused and does not hold close', async (t) => {
-  const { app, url } = await build(t, { drainTimeoutMs: 30_000 })
-  const company = await createCompany(app, ['member'])
   // A silent client keeps close in its grace period for a moment.
-  const silent = ioClient(url, { transports: ['websocket'], reconnection: false, forceNew: true, auth: { token: company.as('member').token } })
-  t.teardown(() => silent.disconnect())
-  await nextEvent(silent, 'connect', 5000)
-  ;(silent.io.engine.transport as unknown as { ws: { _socket: { pause (): void } } }).ws._socket.pause()
+  const { app, socket, client } = await appWithClient(t)
+  silence(socket)
   const started = Date.now()
   const closing = app.close()
   await sleep(300)
-  const late = ioClient(url, { transports: ['websocket'], reconnection: false, forceNew: true, auth: { token: company.as('member').token } })
+  const late = client()
   t.teardown(() => late.disconnect())
   const outcome = await Promise.race([
     nextEvent(late, 'connect', 5000).then(() => 'connected'),
