@@ -37,6 +37,18 @@ export function refuseTakenDecorators (fastify: FastifyInstance, plugin: string,
   }
 }
 
+/**
+ * The longest delay Node's timers accept (2^31 - 1 ms, about 24.8 days): a longer one is
+ * replaced by 1 ms, so a monthly job would run back to back.
+ */
+export const MAX_TIMER_MS = 2_147_483_647
+
+/** A plugin option that becomes a timer's delay: a whole number of milliseconds from `min` to MAX_TIMER_MS. */
+export const timerMs = (min: number) => z.number().int().min(min).max(MAX_TIMER_MS)
+
+/** The longest retention a TTL option takes (a cutoff further back is not a valid date for long). */
+export const TEN_YEARS_S = 10 * 365 * 24 * 3600
+
 /** How long close waits for a periodic job under way (a database that stopped answering must not hold it). */
 export const EVERY_CLOSE_WAIT_MS = 2000
 
@@ -57,6 +69,9 @@ export async function withTimeout<T, F> (promise: Promise<T>, ms: number, fallba
  * naming `what`.
  */
 export function every (fastify: FastifyInstance, intervalMs: number, what: string, job: () => Promise<unknown>): void {
+  if (!Number.isInteger(intervalMs) || intervalMs < 0 || intervalMs > MAX_TIMER_MS) {
+    throw new RangeError(`${what}: the interval must be 0 to ${MAX_TIMER_MS} ms, not ${intervalMs}`)
+  }
   if (intervalMs === 0) return
   let running: Promise<void> | undefined
   const timer = setInterval(() => {

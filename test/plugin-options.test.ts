@@ -5,6 +5,7 @@ import { buildApp } from '../src/app.ts'
 import erpSocket from '../plugins/socket/index.ts'
 import erpRealtime, { type ErpRealtimeOptions } from '../plugins/index.ts'
 import { dedicatedRedis } from './cluster-helpers.ts'
+import { every } from '../plugins/support.ts'
 import { testConfig, testDatabase, waitFor } from './helpers.ts'
 
 // Regression: the plugins' option schemas dropped unknown keys, so a misspelled option
@@ -32,6 +33,39 @@ t.test('a misspelled option stops the registration with a message naming the plu
     { message: 'erp-realtime: invalid options: Unrecognized key: "presense"' },
     'a misspelled section of the umbrella too'
   )
+})
+
+// Regression (HTTP review): a delay above Node's timer bound (2^31 - 1 ms) was accepted, and
+// Node replaced it by 1 ms: `pruneIntervalMs: 2_592_000_000` (monthly) ran the prune back to back.
+t.test('a delay beyond the timers\' bound or a retention beyond ten years stops the registration', async t => {
+  const db = await testDatabase(t)
+  const tooLong = 2 ** 31
+  const cases: Array<[Partial<ErpRealtimeOptions>, string]> = [
+    [{ eventLog: { pruneIntervalMs: tooLong } }, 'erp-offline-queue: invalid option pruneIntervalMs'],
+    [{ eventLog: { headIntervalMs: tooLong } }, 'erp-offline-queue: invalid option headIntervalMs'],
+    [{ eventLog: { transactionTimeoutMs: tooLong } }, 'erp-offline-queue: invalid option transactionTimeoutMs'],
+    [{ eventLog: { transactionMaxWaitMs: tooLong } }, 'erp-offline-queue: invalid option transactionMaxWaitMs'],
+    [{ eventLog: { ttlSeconds: 11 * 365 * 24 * 3600 } }, 'erp-offline-queue: invalid option ttlSeconds'],
+    [{ conflicts: { pruneIntervalMs: tooLong } }, 'erp-conflicts: invalid option pruneIntervalMs'],
+    [{ conflicts: { revisionTtlSeconds: 11 * 365 * 24 * 3600 } }, 'erp-conflicts: invalid option revisionTtlSeconds'],
+    [{ idempotency: { pruneIntervalMs: tooLong } }, 'erp-idempotency: invalid option pruneIntervalMs'],
+    [{ presence: { heartbeatMs: tooLong, ttlMs: tooLong } }, 'erp-presence: invalid option heartbeatMs'],
+    [{ presence: { sweepIntervalMs: tooLong } }, 'erp-presence: invalid option sweepIntervalMs'],
+    [{ health: { databaseTimeoutMs: tooLong } }, 'erp-health: invalid option databaseTimeoutMs']
+  ]
+  for (const [realtime, message] of cases) {
+    await t.rejects(buildApp({ config: testConfig(), db, realtime }), { message: new RegExp(`^${message}: `) }, message)
+  }
+  // The largest delay is taken as it is.
+  const app = await buildApp({ config: testConfig(), db, realtime: { conflicts: { pruneIntervalMs: 2 ** 31 - 1 } } })
+  await app.close()
+})
+
+t.test('every() refuses an interval Node would replace by 1 ms', async t => {
+  const app = Fastify()
+  t.teardown(() => app.close())
+  t.throws(() => every(app, 2 ** 31, 'monthly job', async () => {}), { name: 'RangeError', message: 'monthly job: the interval must be 0 to 2147483647 ms, not 2147483648' })
+  t.throws(() => every(app, 1.5, 'job', async () => {}), RangeError)
 })
 
 t.test('Fastify\'s own register options are not taken for unknown plugin options', async t => {

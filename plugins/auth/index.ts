@@ -3,7 +3,7 @@ import fastifyJwt from '@fastify/jwt'
 import type { FastifyInstance, FastifyReply, FastifyRequest, RouteOptions } from 'fastify'
 import type { ExtendedError } from 'socket.io'
 import { z } from 'zod'
-import { batchPerTurn, every, hookList, parseOptions, sqlErrorOf, refuseTakenDecorators } from '../support.ts'
+import { batchPerTurn, every, hookList, MAX_TIMER_MS, parseOptions, sqlErrorOf, refuseTakenDecorators } from '../support.ts'
 import { Prisma, type PrismaClient } from '../../src/generated/prisma/client.ts'
 import { Errors, type ErrorCode } from '../errors.ts'
 import { authRefreshSchema, companyStream, ROLES, userStream, type Role } from '../events.ts'
@@ -136,8 +136,6 @@ const optionsSchema = z.object({
     .refine(ms => ms === 0 || ms >= 100, 'must be 0 (off) or at least 100').default(60_000)
 }).strict()
 
-// setTimeout's upper bound (about 24.8 days); longer expiries are re-armed when reached.
-const MAX_TIMER_MS = 2 ** 31 - 1
 // Sockets re-checked per membership query; handshakes' lookups go in between.
 const RECHECK_SLICE = 500
 // A membership that passed a check this recently is taken as current by confirmSocket: a
@@ -354,6 +352,7 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
   const armExpiry = (socket: ErpSocket): void => {
     clearTimeout(expiryTimers.get(socket.id))
     const remaining = socket.data.exp * 1000 - Date.now()
+    // Longer expiries than the timers' bound are re-armed when reached.
     const timer = setTimeout(expireIfDue, Math.max(0, Math.min(remaining, MAX_TIMER_MS)), socket)
     timer.unref()
     expiryTimers.set(socket.id, timer)

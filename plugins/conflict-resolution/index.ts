@@ -1,7 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { z } from 'zod'
-import { deleteInBatches, every, parseOptions, refuseTakenDecorators } from '../support.ts'
+import { deleteInBatches, every, parseOptions, refuseTakenDecorators, TEN_YEARS_S, timerMs } from '../support.ts'
 import { Prisma, type PrismaClient } from '../../src/generated/prisma/client.ts'
 import { Errors, type ErrorWithBody } from '../errors.ts'
 import { userStream } from '../events.ts'
@@ -112,8 +112,8 @@ const strategySchema = z.union([z.literal('reject'), z.literal('last-write-wins'
 const optionsSchema = z.object({
   prisma: z.custom<PrismaClient>(v => typeof v === 'object' && v !== null && 'revision' in v, 'must be a PrismaClient with the erp-realtime models'),
   strategies: z.record(z.string(), strategySchema).default({}),
-  revisionTtlSeconds: z.number().int().min(60).default(30 * 24 * 3600),
-  pruneIntervalMs: z.number().int().min(0).default(3_600_000),
+  revisionTtlSeconds: z.number().int().min(60).max(TEN_YEARS_S).default(30 * 24 * 3600),
+  pruneIntervalMs: timerMs(0).default(3_600_000),
   pruneBatchSize: z.number().int().min(1).max(100_000).default(5000)
 }).strict()
 

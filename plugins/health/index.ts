@@ -1,7 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { z } from 'zod'
-import { parseOptions, refuseTakenDecorators } from '../support.ts'
+import { parseOptions, refuseTakenDecorators, timerMs } from '../support.ts'
 import type { PrismaClient } from '../../src/generated/prisma/client.ts'
 
 export interface ErpHealthOptions {
@@ -36,7 +36,7 @@ declare module 'fastify' {
 const optionsSchema = z.object({
   prisma: z.custom<PrismaClient>(v => typeof v === 'object' && v !== null && '$queryRaw' in v, 'must be a PrismaClient'),
   eventLogBackend: z.enum(['postgresql', 'pglite']).default('postgresql'),
-  databaseTimeoutMs: z.number().int().min(1).default(2000),
+  databaseTimeoutMs: timerMs(1).default(2000),
   prefix: z.string().regex(/^\/[\w\-/]*$/).default('/health')
 }).strict()
 

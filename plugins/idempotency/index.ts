@@ -2,7 +2,7 @@ import { createHash, randomUUID } from 'node:crypto'
 import fp from 'fastify-plugin'
 import type { FastifyInstance, FastifyReply, FastifyRequest, HTTPMethods, onSendHookHandler, preHandlerHookHandler } from 'fastify'
 import { z } from 'zod'
-import { deleteInBatches, every, hookList, parseOptions, refuseTakenDecorators } from '../support.ts'
+import { deleteInBatches, every, hookList, parseOptions, refuseTakenDecorators, timerMs } from '../support.ts'
 import { Prisma, type PrismaClient } from '../../src/generated/prisma/client.ts'
 import { Errors } from '../errors.ts'
 import { heldClaims, type HeldClaim } from '../claim-fence.ts'
@@ -78,7 +78,7 @@ const optionsSchema = z.object({
   waitMs: z.number().int().min(0).max(120_000).default(10_000),
   pollIntervalMs: z.number().int().min(1).max(10_000).default(50),
   recoverAfterMs: z.number().int().min(0).max(24 * 3600 * 1000).default(0),
-  pruneIntervalMs: z.number().int().min(0).default(600_000),
+  pruneIntervalMs: timerMs(0).default(600_000),
   pruneBatchSize: z.number().int().min(1).max(100_000).default(5000)
 }).strict()
 

@@ -3,7 +3,7 @@ import { randomUUID } from 'node:crypto'
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { z } from 'zod'
-import { deleteInBatches, every, parseOptions, refuseTakenDecorators } from '../support.ts'
+import { deleteInBatches, every, parseOptions, refuseTakenDecorators, TEN_YEARS_S, timerMs } from '../support.ts'
 import { fenceError, fenceSql, heldClaims } from '../claim-fence.ts'
 import { Prisma, type PrismaClient } from '../../src/generated/prisma/client.ts'
 import {
@@ -118,17 +118,17 @@ declare module 'fastify' {
 
 const optionsSchema = z.object({
   prisma: z.custom<PrismaClient>(v => typeof v === 'object' && v !== null && '$transaction' in v, 'must be a PrismaClient'),
-  ttlSeconds: z.number().int().min(1).default(86400),
+  ttlSeconds: z.number().int().min(1).max(TEN_YEARS_S).default(86400),
   maxLen: z.number().int().min(1).default(10000),
   pageSize: z.number().int().min(1).max(10000).default(500),
   maxConcurrentReads: z.number().int().min(1).max(100).default(4),
-  headIntervalMs: z.number().int().min(0).default(15000),
-  pruneIntervalMs: z.number().int().min(0).default(60000),
+  headIntervalMs: timerMs(0).default(15000),
+  pruneIntervalMs: timerMs(0).default(60000),
   pruneBatchSize: z.number().int().min(1).max(100000).default(5000),
   resumeWindowMs: z.number().int().min(0).max(300000).default(10000),
   maxHeldEvents: z.number().int().min(1).default(10000),
-  transactionMaxWaitMs: z.number().int().min(1).default(10000),
-  transactionTimeoutMs: z.number().int().min(1).default(15000)
+  transactionMaxWaitMs: timerMs(1).default(10000),
+  transactionTimeoutMs: timerMs(1).default(15000)
 }).strict()
 
 const STREAM = /^(company|user):[^:\s]+$/

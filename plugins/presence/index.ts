@@ -2,7 +2,7 @@ import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { Redis, type RedisOptions } from 'ioredis'
 import { z } from 'zod'
-import { parseOptions, withTimeout, refuseTakenDecorators } from '../support.ts'
+import { parseOptions, withTimeout, refuseTakenDecorators, timerMs } from '../support.ts'
 import {
   companyStream, presenceSetSchema,
   type PresenceChanged, type PresenceEntry, type Viewing
@@ -100,9 +100,9 @@ const optionsSchema = z.object({
     z.custom<PresenceStore>(isStore, "must be 'memory', { redis } or a PresenceStore")
   ]).default('memory'),
   graceMs: z.number().int().min(0).max(3_600_000).default(5000),
-  heartbeatMs: z.number().int().min(10).default(10000),
-  ttlMs: z.number().int().min(20).default(30000),
-  sweepIntervalMs: z.number().int().min(10).default(1000),
+  heartbeatMs: timerMs(10).default(10000),
+  ttlMs: timerMs(20).default(30000),
+  sweepIntervalMs: timerMs(10).default(1000),
   sweepBatchSize: z.number().int().min(1).max(10000).default(500),
   revCacheSize: z.number().int().min(1).max(10_000_000).default(100_000),
   batchMs: z.number().int().min(0).max(10_000).default(50)
