@@ -1,7 +1,7 @@
 import createError, { type FastifyErrorConstructor } from '@fastify/error'
 import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify'
 import { ZodError } from 'zod'
-import { databaseUnreachable } from './support.ts'
+import { databaseUnreachable, sqlErrorOf } from './support.ts'
 
 /**
  * Stable error codes. HTTP errors are `@fastify/error` constructors; socket errors reuse the
@@ -69,7 +69,9 @@ export const DATABASE_UNREACHABLE = 'Database unreachable; try again'
 /**
  * Fastify error handler producing the contract's `{ error: { code, message } }` shape.
  * Register it with `fastify.setErrorHandler(erpErrorHandler)` (the app in src/ does). A
- * database that cannot be reached (`databaseUnreachable`) answers 503 `SERVICE_UNAVAILABLE`.
+ * database that cannot be reached (`databaseUnreachable`) answers 503 `SERVICE_UNAVAILABLE`;
+ * a value PostgreSQL refuses (SQLSTATE class 22: NUL in text, a number out of range...) answers
+ * 400 `VALIDATION_FAILED`.
  */
 export function erpErrorHandler (this: unknown, err: ErrorWithBody | ZodError, request: FastifyRequest, reply: FastifyReply): void {
   if (err instanceof ZodError) err = validationError(err)
@@ -79,6 +81,16 @@ export function erpErrorHandler (this: unknown, err: ErrorWithBody | ZodError, r
     request.log.error({ err }, 'request failed: database unreachable')
     const unavailable = new Errors.SERVICE_UNAVAILABLE(DATABASE_UNREACHABLE)
     reply.status(503).send({ error: { code: unavailable.code, message: unavailable.message } })
+    return
+  }
+  // A value PostgreSQL refused (SQLSTATE class 22, data exception: a NUL in text, a lone
+  // surrogate in jsonb, a number out of range...) that got past the route's schema: the input's
+  // fault, answered as PostgREST does, 400. Logged, since the route's schema may want mending.
+  const refused = err.statusCode === undefined ? sqlErrorOf(err) : undefined
+  if (refused?.code.startsWith('22')) {
+    request.log.warn({ err }, 'request failed: the database refused a value')
+    const invalid = new Errors.VALIDATION_FAILED(`the database refused a value (${refused.message.split('\n')[0]!.slice(0, 200)})`)
+    reply.status(400).send({ error: { code: invalid.code, message: invalid.message } })
     return
   }
   const status = err.statusCode ?? 500

@@ -105,6 +105,12 @@ export interface ServerToClientEvents extends DomainEmitters {
 const id = z.string().min(1).max(128)
 const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/
 const wellFormed = (schema: z.ZodString) => schema.refine(value => !LONE_SURROGATE.test(value), 'must be well-formed Unicode (no lone surrogate)')
+/**
+ * A string PostgreSQL stores as sent: no NUL (text and jsonb cannot hold it) and no lone
+ * surrogate (jsonb refuses it, text silently turns it into U+FFFD). For request fields that
+ * reach the database.
+ */
+export const storable = (schema: z.ZodString) => wellFormed(schema).refine(value => !value.includes('\u0000'), 'must not contain NUL (\\u0000)')
 
 export const syncResumeSchema = z.object({
   streams: z.record(

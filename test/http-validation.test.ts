@@ -64,6 +64,22 @@ t.test('bad input over HTTP answers 400 (or 413/414/415) with the error shape an
     ['adjustment: delta as a string', 'POST', `/stock/items/${item.id}/adjustments`, { delta: '1', reason: 'x' }],
     ['count: missing quantity', 'PUT', `/stock/items/${item.id}/count`, { baseVersion: 1 }],
     ['count: quantity beyond the range', 'PUT', `/stock/items/${item.id}/count`, { quantity: 1e12, baseVersion: 1 }],
+    // Regression (HTTP review): PostgreSQL text and jsonb cannot hold NUL, and jsonb refuses a lone
+    // surrogate: these answered 500 INTERNAL (or stored U+FFFD) instead of 400.
+    ['project: NUL in the name', 'POST', '/projects', { name: 'a\u0000b' }],
+    ['project: lone surrogate in the name', 'POST', '/projects', { name: 'a\ud800b' }],
+    ['project: NUL in the description', 'POST', '/projects', { name: 'ok', description: 'x\u0000' }],
+    ['project update: NUL in the name', 'PATCH', `/projects/${project.id}`, { baseVersion: 1, name: '\u0000' }],
+    ['project update: lone surrogate in the description', 'PATCH', `/projects/${project.id}`, { baseVersion: 1, description: '\udfff' }],
+    ['expense: NUL in the description', 'POST', '/expenses', { amountMinor: 1, currency: 'EUR', description: 'x\u0000' }],
+    ['expense: NUL in the project id', 'POST', '/expenses', { amountMinor: 1, currency: 'EUR', description: 'x', projectId: 'p\u0000' }],
+    ['expense reject: NUL in the reason', 'POST', `/expenses/${expense.id}/reject`, { reason: 'no\u0000' }],
+    ['stock: NUL in the name', 'POST', '/stock/items', { sku: 'A-3', name: 'x\u0000' }],
+    ['adjustment: NUL in the reason', 'POST', `/stock/items/${item.id}/adjustments`, { delta: 1, reason: '\u0000' }],
+    ['count: lone surrogate in the reason', 'PUT', `/stock/items/${item.id}/count`, { quantity: 1, baseVersion: 1, reason: '\ud800' }],
+    ['project id with NUL', 'GET', '/projects/a%00b', undefined],
+    ['expense id with NUL', 'POST', '/expenses/a%00b/approve', {}],
+    ['login: NUL in the company id', 'POST', '/auth/login', { email: 'a@b.test', password: 'x', companyId: 'c\u0000' }],
     ['login: not an email', 'POST', '/auth/login', { email: 'nope', password: 'x' }],
     ['login: unknown field', 'POST', '/auth/login', { email: 'a@b.test', password: 'x', role: 'admin' }]
   ]
@@ -139,6 +155,31 @@ t.test('bad input over HTTP answers 400 (or 413/414/415) with the error shape an
   const strong = await send('PATCH', `/projects/${project.id}`, { name: 'Strong' }, { 'if-match': '"2"' })
   t.equal(strong.statusCode, 200, '"2" is accepted')
   t.equal(strong.json().project.version, 3)
+})
+
+// Regression (HTTP review): a host app's route that lets a NUL or a lone surrogate through to
+// PostgreSQL answered 500 INTERNAL; the error handler answers a data exception as 400.
+t.test('a value the database refuses answers 400 even from a route that does not check it', async t => {
+  const { app, prisma } = await build(t, {
+    routes: async (fastify) => {
+      fastify.post('/unchecked/:how', { preHandler: fastify.authenticate }, async (request) => {
+        const { how } = request.params as { how: string }
+        const { name } = request.body as { name: string }
+        const { companyId, userId } = request.user
+        if (how === 'text') return prisma.project.create({ data: { companyId, name } })
+        if (how === 'raw') return prisma.$executeRaw`INSERT INTO projects (id, "companyId", name) VALUES (gen_random_uuid()::text, ${companyId}, ${name})`
+        return fastify.eventLog.publish({ stream: `company:${companyId}`, type: 'project:created', companyId, actorId: userId, data: { name } as never })
+      })
+    }
+  })
+  const admin = (await createCompany(app)).as('admin')
+  const cases: Array<[string, string]> = [['text', 'a\u0000b'], ['raw', 'a\u0000b'], ['event', 'a\u0000b'], ['event', 'a\ud800b']]
+  for (const [how, name] of cases) {
+    const res = await app.inject({ method: 'POST', url: `/unchecked/${how}`, headers: authHeader(admin), payload: { name } })
+    t.equal(errorCode(t, res, 400, `${how} ${JSON.stringify(name)}`), 'VALIDATION_FAILED')
+    t.match(res.json().error.message, /^Invalid input: the database refused a value \(/)
+  }
+  t.equal(await prisma.project.count(), 0, 'nothing stored')
 })
 
 t.test('bad input over socket events: error ack, connection and rooms unchanged', async t => {

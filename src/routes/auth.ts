@@ -3,12 +3,12 @@ import rateLimit from '@fastify/rate-limit'
 import { z } from 'zod'
 import { Errors } from '../../plugins/errors.ts'
 import { verifyPassword } from '../passwords.ts'
-import { parse } from './common.ts'
+import { parse, rowId } from './common.ts'
 
 const loginBody = z.object({
   email: z.string().trim().toLowerCase().email().max(320),
   password: z.string().min(1).max(1024),
-  companyId: z.string().min(1).max(128).optional()
+  companyId: rowId.optional()
 }).strict()
 
 // Verified against when the email is unknown, so a miss costs the same time as a wrong password.

@@ -1,7 +1,7 @@
 import type { FastifyRequest } from 'fastify'
 import { z, type ZodType } from 'zod'
 import { Errors, validationError } from '../../plugins/errors.ts'
-import type { Role } from '../../plugins/events.ts'
+import { storable, type Role } from '../../plugins/events.ts'
 
 /** Parses request input with a zod schema; failures become 400 VALIDATION_FAILED. */
 export function parse<T> (schema: ZodType<T>, value: unknown): T {
@@ -10,10 +10,13 @@ export function parse<T> (schema: ZodType<T>, value: unknown): T {
   return result.data
 }
 
-export const idParams = z.object({ id: z.string().min(1).max(128) })
+/** A row id (path parameter or body field). */
+export const rowId = storable(z.string().min(1).max(128))
+
+export const idParams = z.object({ id: rowId })
 
 /** A bounded single-line text field. */
-export const text = (max: number) => z.string().trim().min(1).max(max)
+export const text = (max: number) => storable(z.string().trim().min(1).max(max))
 
 export const listQuery = z.object({
   limit: z.coerce.number().int().min(1).max(500).default(100),

@@ -1,16 +1,16 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import { z } from 'zod'
 import { Errors } from '../../plugins/errors.ts'
-import { companyStream, userStream } from '../../plugins/events.ts'
-import { idParams, listQuery, parse, requireRole, text } from './common.ts'
+import { companyStream, storable, userStream } from '../../plugins/events.ts'
+import { idParams, listQuery, parse, requireRole, rowId, text } from './common.ts'
 
 const createBody = z.object({
   amountMinor: z.number().int().min(1).max(2_000_000_000),
   currency: z.string().regex(/^[A-Z]{3}$/, 'must be an ISO 4217 code like EUR'),
   description: text(2000),
-  projectId: z.string().min(1).max(128).optional()
+  projectId: rowId.optional()
 }).strict()
-const rejectBody = z.object({ reason: z.string().trim().max(2000).optional() }).strict()
+const rejectBody = z.object({ reason: storable(z.string().trim().max(2000)).optional() }).strict()
 const listExpensesQuery = listQuery.extend({ status: z.enum(['submitted', 'approved', 'rejected']).optional() })
 // Who may approve or reject: checked before the handler and again, as stored, before the commit.
 const DECIDERS = ['manager', 'admin'] as const

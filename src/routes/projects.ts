@@ -3,7 +3,7 @@ import type { FastifyInstance } from 'fastify'
 import { Prisma, type Project } from '../generated/prisma/client.ts'
 import { z } from 'zod'
 import { Errors } from '../../plugins/errors.ts'
-import { companyStream } from '../../plugins/events.ts'
+import { companyStream, storable } from '../../plugins/events.ts'
 import { baseVersionOf, idParams, listQuery, parse, text } from './common.ts'
 
 /** Detached expenses listed in a `project:deleted` event; the count says when there were more. */
@@ -11,7 +11,7 @@ const DETACHED_LISTED = 1000
 
 const projectFields = {
   name: text(200),
-  description: z.string().max(5000),
+  description: storable(z.string().max(5000)),
   status: z.enum(['active', 'on_hold', 'completed', 'archived']),
   budgetMinor: z.number().int().min(0).max(2_000_000_000)
 }
