@@ -155,6 +155,25 @@ t.test('the same key with a different body, method or URL answers 422 IDEMPOTENC
   t.equal(await prisma.project.count(), 1)
 })
 
+// Regression (HTTP review): the request hash left If-Match out, so a retry of a 409 with a newer
+// If-Match and the same key replayed the stale 409, while the same change with baseVersion in
+// the body answered 422.
+t.test('the same key with a different If-Match answers 422 IDEMPOTENCY_KEY_REUSED; the same If-Match replays', async t => {
+  const { app } = await build(t)
+  const user = (await createCompany(app)).as('manager')
+  const project = (await createProject(app, user, undefined, { name: 'A' })).json().project
+  await app.inject({ method: 'PATCH', url: `/projects/${project.id}`, headers: { ...authHeader(user), 'if-match': '"1"' }, payload: { name: 'B' } })
+  const patch = (ifMatch: string) => app.inject({ method: 'PATCH', url: `/projects/${project.id}`, headers: { ...authHeader(user), ...key('stale'), 'if-match': ifMatch }, payload: { name: 'C' } })
+  const stale = await patch('"1"')
+  t.equal(stale.statusCode, 409, 'the stale version conflicts')
+  const same = await patch(' "1" ')
+  t.equal(same.statusCode, 409)
+  t.equal(same.headers['idempotent-replayed'], 'true', 'the same If-Match replays')
+  const newer = await patch('"2"')
+  t.equal(newer.statusCode, 422)
+  t.equal(newer.json().error.code, 'IDEMPOTENCY_KEY_REUSED', 'not the stored 409 for another version')
+})
+
 t.test('keys are scoped per user and company', async t => {
   const { app, prisma } = await build(t)
   const company = await createCompany(app, ['manager', 'member'])

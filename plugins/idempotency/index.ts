@@ -211,7 +211,12 @@ async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempote
     // without writing: the check runs here instead, before anything is claimed or replayed.
     await fastify.erpAuth.checkMembership(request)
     const c: HeldClaim = { companyId: request.user.companyId, userId: request.user.userId, key: header, token: randomUUID() }
-    const hash = createHash('sha256').update(`${request.method}\n${request.url}\n${canonical(request.body ?? null)}`).digest('hex')
+    // If-Match is part of the request (a version, like the body's baseVersion). Added only when
+    // sent, so the hashes of requests without it are those earlier versions stored.
+    const ifMatch = request.headers['if-match']
+    const hash = createHash('sha256')
+      .update(`${request.method}\n${request.url}\n${canonical(request.body ?? null)}${ifMatch === undefined ? '' : `\nif-match: ${String(ifMatch).trim()}`}`)
+      .digest('hex')
     const deadline = Date.now() + waitMs
     let reclaims = 0
     for (;;) {
