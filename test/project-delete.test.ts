@@ -64,6 +64,8 @@ for (const embedded of [false, true]) {
     t.same([first, second].map(e => [e.projectId, e.version]), [[doomed.id, 1], [doomed.id, 1]])
     const untouched = await prisma.expense.findMany({ where: { id: { in: [onKept.id, loose.id, otherExpense.id] } }, orderBy: { id: 'asc' } })
 
+    await app.inject({ method: 'PATCH', url: `/projects/${doomed.id}`, headers: h, payload: { baseVersion: 1, name: 'doomed, renamed' } })
+    t.equal(await prisma.revision.count({ where: { entity: 'project', entityId: doomed.id } }), 2, 'the project has two snapshots')
     const stream = companyStream(company.id)
     const headBefore = (await app.eventLog.heads([stream])).get(stream)!
     const socket = await connect(t, url, company.as('manager').token)
@@ -88,6 +90,10 @@ for (const embedded of [false, true]) {
     const del = await app.inject({ method: 'DELETE', url: `/projects/${doomed.id}`, headers: h })
     t.equal(del.statusCode, 204)
     t.equal(await prisma.project.count({ where: { id: doomed.id } }), 0)
+    // Regression (HTTP review): the pruning job keeps each row's latest snapshot, so a deleted
+    // project's stayed, with its data, for good.
+    t.equal(await prisma.revision.count({ where: { entity: 'project', entityId: doomed.id } }), 0, 'its snapshots went with it')
+    t.equal(await prisma.revision.count({ where: { entity: 'project', entityId: kept.id } }), 1, 'another project\'s stay')
 
     const detached = await prisma.expense.findMany({ where: { id: { in: [first.id, second.id] } } })
     const byId = new Map(detached.map(e => [e.id, e]))

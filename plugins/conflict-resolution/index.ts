@@ -98,6 +98,12 @@ export interface Conflicts {
   snapshot (tx: Tx, entity: string, row: Snapshotted | readonly Snapshotted[]): Promise<void>
   /** The snapshot as one SQL statement, for `eventLog.commit({ writes })` (the row written by the same statement). */
   snapshotStatement (entity: string, row: Snapshotted): Prisma.Sql
+  /**
+   * Drops every snapshot of a row. Call it in the transaction that deletes the row: the pruning
+   * job keeps each row's latest snapshot for as long as it exists, so a deleted row's would stay
+   * (with its data) for good.
+   */
+  forget (tx: Tx, entity: string, id: string): Promise<void>
   /** Runs the revision pruning job once; returns how many revisions it deleted. */
   prune (): Promise<number>
 }
@@ -298,7 +304,11 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
   }
   every(fastify, pruneIntervalMs, 'erp-conflicts: revision pruning', prune)
 
-  fastify.decorate('conflicts', { update, snapshot, snapshotStatement, prune } satisfies Conflicts)
+  const forget = async (tx: Tx, entity: string, id: string) => {
+    await tx.$executeRaw`DELETE FROM revisions WHERE entity = ${entity} AND "entityId" = ${id}`
+  }
+
+  fastify.decorate('conflicts', { update, snapshot, snapshotStatement, forget, prune } satisfies Conflicts)
 }
 
 export default fp(erpConflicts, { fastify: '5.x', name: 'erp-conflicts', dependencies: ['erp-offline-queue'] })

@@ -118,6 +118,7 @@ export async function projectRoutes (fastify: FastifyInstance) {
       detached.sort((a, b) => a.createdAt.getTime() - b.createdAt.getTime() || (a.id < b.id ? -1 : 1))
       if (detached.length > 0) await fastify.conflicts.snapshot(tx, 'expense', detached)
       await tx.$executeRaw`DELETE FROM projects WHERE id = ${id} AND "companyId" = ${companyId}`
+      await fastify.conflicts.forget(tx, 'project', id)
       await publish({
         stream: companyStream(companyId),
         type: 'project:deleted',
