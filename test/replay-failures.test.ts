@@ -4,6 +4,7 @@ import type { Socket as ClientSocket } from 'socket.io-client'
 import type { PrismaClient } from '../src/generated/prisma/client.ts'
 import type { Database } from '../src/db/index.ts'
 import { build, connect, createCompany, request, sleep, testDatabase, type TestCompany } from './helpers.ts'
+import { userStream } from '../plugins/events.ts'
 
 // The resume's promises when reads of the event log fail or race the retention job. Reads go to
 // the real PostgreSQL; a thin wrapper around the Prisma client lets a test act when erp-offline-
@@ -11,22 +12,26 @@ import { build, connect, createCompany, request, sleep, testDatabase, type TestC
 
 type EventRead = { afterSeq: number, limit: number, run: () => Promise<unknown> }
 
-/** The database with its Prisma client's event reads (`FROM events WHERE stream = ...`) going through `onRead`. */
-function interceptEventReads (db: Database, onRead: (read: EventRead) => Promise<unknown>): Database {
+/** The database with its Prisma client's `$queryRaw` calls going through `onQuery`. */
+function interceptQueries (db: Database, onQuery: (sql: string, values: unknown[], run: () => Promise<unknown>) => Promise<unknown>): Database {
   const prisma = new Proxy(db.prisma, {
     get (target, prop) {
       const value = Reflect.get(target, prop, target) as unknown
       if (prop === '$queryRaw') {
-        return (strings: TemplateStringsArray, ...values: unknown[]) => {
-          const run = () => (value as PrismaClient['$queryRaw']).call(target, strings, ...values)
-          if (!strings.join('?').includes('FROM events WHERE stream =')) return run()
-          return onRead({ afterSeq: Number(values[1]), limit: Number(values[2]), run })
-        }
+        return (strings: TemplateStringsArray, ...values: unknown[]) =>
+          onQuery(strings.join('?'), values, () => (value as PrismaClient['$queryRaw']).call(target, strings, ...values))
       }
       return typeof value === 'function' ? (value as (...args: unknown[]) => unknown).bind(target) : value
     }
   })
   return { ...db, prisma }
+}
+
+/** The database with its Prisma client's event reads (`FROM events WHERE stream = ...`) going through `onRead`. */
+function interceptEventReads (db: Database, onRead: (read: EventRead) => Promise<unknown>): Database {
+  return interceptQueries(db, (sql, values, run) => sql.includes('FROM events WHERE stream =')
+    ? onRead({ afterSeq: Number(values[1]), limit: Number(values[2]), run })
+    : run())
 }
 
 async function publish (app: FastifyInstance, company: TestCompany, n: number) {
@@ -131,6 +136,79 @@ t.test('a catch-up that keeps failing fails the resume with SERVICE_UNAVAILABLE 
   t.equal(ack.ok, false)
   t.equal(ack.error?.code, 'SERVICE_UNAVAILABLE')
   t.match(ack.error?.message, /resume again/)
+})
+
+// Regression (replay review): a replay whose second page read failed sent the live events it held
+// (11, 12) right after 1-3 and before the error ack, ahead of 4-10: a client applying what arrives
+// and resuming from its last seq lost 4-10.
+t.test('a failed resume sends none of the live events it held: nothing arrives ahead of the part it could not replay', async t => {
+  let onSecondPage: (() => Promise<void>) | undefined
+  const db = await testDatabase(t)
+  const { app, url } = await build(t, {
+    db: interceptEventReads(db, async read => {
+      if (read.afterSeq === 3 && onSecondPage) {
+        const act = onSecondPage
+        onSecondPage = undefined
+        await act()
+        throw new Error('the second page read fails (test)')
+      }
+      return await read.run()
+    }),
+    realtime: { eventLog: { pageSize: 3 } }
+  })
+  const company = await createCompany(app, ['admin', 'member'])
+  await publish(app, company, 10)
+  const member = company.as('member')
+  const socket = await connect(t, url, member.token, { auth: { token: member.token, resume: true } })
+  const seqs = seqsOf(socket)
+  onSecondPage = async () => {
+    await publish(app, company, 2)
+    await sleep(100)
+  }
+  const stream = `company:${company.id}`
+  const ack = await request(socket, 'sync:resume', { streams: { [stream]: 0 } })
+  t.equal(ack.ok, false, 'the resume failed')
+  t.same(seqs, [1, 2, 3], 'before the error ack: the first page only, not the held 11 and 12')
+  // Resumed again from the last applied seq: the rest, each once, in order.
+  const again = await request(socket, 'sync:resume', { streams: { [stream]: 3 } })
+  t.same(again, { ok: true, streams: { [stream]: { recovered: true, replayed: 9, headSeq: 12 } } })
+  t.same(seqs, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
+})
+
+// Regression (replay review): a resume refused for one stream (SYNC_CURSOR_AHEAD) sent the other
+// stream's held live events before the error ack, though that stream was never replayed.
+t.test('a resume refused for one stream sends none of the other stream\'s held events before its ack', async t => {
+  let onHeadsRead: (() => Promise<void>) | undefined
+  const db = await testDatabase(t)
+  const intercepted = interceptQueries(db, async (sql, _values, run) => {
+    const rows = await run()
+    if (sql.includes('FROM stream_heads') && onHeadsRead) {
+      const act = onHeadsRead
+      onHeadsRead = undefined
+      await act()
+    }
+    return rows
+  })
+  const { app, url } = await build(t, { db: intercepted })
+  const company = await createCompany(app, ['admin', 'member'])
+  const member = company.as('member')
+  const stream = userStream(member.id)
+  const notify = () => app.eventLog.publish({ stream, type: 'notification:new', companyId: company.id, actorId: null, data: { kind: 'test', message: 'hi' } })
+  await notify()
+  const socket = await connect(t, url, member.token, { auth: { token: member.token, resume: true } })
+  const notified: number[] = []
+  socket.on('notification:new', (envelope: { seq: number }) => { notified.push(envelope.seq) })
+  // While the company stream's heads are read, the user stream gets a live event (held).
+  onHeadsRead = async () => {
+    await notify()
+    await sleep(100)
+  }
+  const ack = await request(socket, 'sync:resume', { streams: { [`company:${company.id}`]: 5, [stream]: 0 } })
+  t.equal(ack.error?.code, 'SYNC_CURSOR_AHEAD')
+  t.same(notified, [], 'the held notification 2 did not arrive ahead of 1')
+  const again = await request(socket, 'sync:resume', { streams: { [stream]: 0 } })
+  t.same(again, { ok: true, streams: { [stream]: { recovered: true, replayed: 2, headSeq: 2 } } })
+  t.same(notified, [1, 2])
 })
 
 // Regression: the retention job ran between two replay pages and removed the rest of the range;

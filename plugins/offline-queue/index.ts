@@ -414,13 +414,16 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     return state
   }
 
-  /** Sends held events after `afterSeq` in order and lets live events through again. Synchronous. */
-  const release = (socket: ErpSocket, stream: string, afterSeq: number): number => {
+  /**
+   * Sends held events after `afterSeq` in order (none when `afterSeq` is null) and lets live
+   * events through again. Synchronous.
+   */
+  const release = (socket: ErpSocket, stream: string, afterSeq: number | null): number => {
     const perSocket = holds.get(socket.id)
     const state = perSocket?.get(stream)
-    let last = afterSeq
+    let last = afterSeq ?? 0
     if (state) {
-      for (const envelope of state.buffer) {
+      for (const envelope of afterSeq === null ? [] : state.buffer) {
         if (envelope.seq <= last) continue
         socket.emit(envelope.type as DomainEventType, envelope as never)
         last = envelope.seq
@@ -552,7 +555,10 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
       replayed += last - cursor
       return { recovered: true, replayed, headSeq: last }
     } finally {
-      if (!released) release(socket, stream, cursor)
+      // Failed (or gone): the held events are not sent. They may follow a hole the replay did not
+      // fill, and they would reach the client ahead of the error ack; it resumes again and reads
+      // them from the log.
+      if (!released) release(socket, stream, null)
     }
   }
 
@@ -608,7 +614,8 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     } finally {
       for (const [stream] of requested) {
         resuming.delete(`${socket.id} ${stream}`)
-        if (holds.get(socket.id)?.has(stream)) release(socket, stream, -1)
+        // A stream the failed resume did not get to: its held events go unsent too (see replay()).
+        if (holds.get(socket.id)?.has(stream)) release(socket, stream, null)
       }
     }
     return { streams: results }
