@@ -1,5 +1,5 @@
 import t from 'tap'
-import { build, connect, createCompany, dropRedisPrefix, nextEvent, sleep, TEST_REDIS_URL, testDatabase, uniqueName } from './helpers.ts'
+import { build, connect, createCompany, dropRedisPrefix, nextEvent, record, sleep, TEST_REDIS_URL, testDatabase, uniqueName } from './helpers.ts'
 
 t.test('regression: a malformed erp:events from another node ended the process (unhandled rejection in the adapter)', async t => {
   const prefix = uniqueName('relay')
@@ -54,4 +54,44 @@ t.test('regression: publish accepted a company stream of another company and res
   const user = `user:${acme.as('admin').id}` as const
   await publish({ stream: user, type: 'notification:new', companyId: globex.id, data: { kind: 'k', message: 'm' } })
   t.equal((await app.eventLog.read(user, 0, 10)).length, 1, 'a user stream spans companies: any companyId')
+})
+
+// Regression (replay review): a callback that caught a failed statement left the transaction
+// aborted; PostgreSQL turned its COMMIT into a ROLLBACK, which Prisma does not report, so
+// transaction() resolved and emitted seq 1 that was never recorded. The next real event reused
+// seq 1, and every node's sequencer, already past it, dropped it: no client ever got it.
+t.test('a transaction aborted by a statement whose error the callback caught rejects and emits nothing; the next event arrives', async t => {
+  const { app, url, prisma } = await build(t)
+  const company = await createCompany(app, ['admin'])
+  const stream = `company:${company.id}` as const
+  const socket = await connect(t, url, company.as('admin').token)
+  const seen = record(socket)
+  await t.rejects(app.eventLog.transaction(async (tx, publish) => {
+    await publish({ stream, type: 'project:deleted', companyId: company.id, actorId: null, data: { projectId: 'phantom' } })
+    // A duplicate key, caught as "already exists": the transaction is aborted all the same.
+    await tx.$executeRaw`INSERT INTO companies (id, name) VALUES (${company.id}, 'duplicate')`.catch(() => {})
+  }), /current transaction is aborted|25P02/)
+  t.same(await app.eventLog.read(stream, 0, 10), [], 'nothing recorded')
+  const received = nextEvent(socket, 'project:deleted')
+  await app.eventLog.publish({ stream, type: 'project:deleted', companyId: company.id, actorId: null, data: { projectId: 'real' } })
+  t.match(await received, { seq: 1, data: { projectId: 'real' } }, 'the real seq 1 arrives')
+  await sleep(100)
+  t.same(seen.filter(e => e.event === 'project:deleted').map(e => e.payload.data), [{ projectId: 'real' }], 'no phantom event')
+  t.equal(await prisma.event.count({ where: { stream } }), 1)
+})
+
+t.test('an event holding NUL or a lone surrogate is refused before anything is written (400 VALIDATION_FAILED over HTTP)', async t => {
+  const { app } = await build(t)
+  const company = await createCompany(app, ['admin'])
+  const stream = `company:${company.id}` as const
+  for (const data of [{ name: 'a\u0000b' }, { name: 'a\ud800' }, { ['k\u0000']: 1 }]) {
+    await t.rejects(app.eventLog.publish({ stream, type: 'project:deleted', companyId: company.id, actorId: null, data: data as never }),
+      { code: 'VALIDATION_FAILED', statusCode: 400 }, JSON.stringify(data))
+  }
+  await t.rejects(app.eventLog.transaction(async (_tx, publish) => {
+    await publish({ stream, type: 'project:deleted', companyId: company.id, actorId: 'u\u0000', data: { projectId: 'p' } })
+  }), { code: 'VALIDATION_FAILED' }, 'a NUL in a string field too')
+  // A backslash followed by "u0000" is text, not a NUL.
+  await app.eventLog.publish({ stream, type: 'project:deleted', companyId: company.id, actorId: null, data: { projectId: 'C:\\u0000' } })
+  t.same((await app.eventLog.read(stream, 0, 10)).map(e => e.data), [{ projectId: 'C:\\u0000' }])
 })

@@ -177,7 +177,8 @@ t.test('a value the database refuses answers 400 even from a route that does not
   for (const [how, name] of cases) {
     const res = await app.inject({ method: 'POST', url: `/unchecked/${how}`, headers: authHeader(admin), payload: { name } })
     t.equal(errorCode(t, res, 400, `${how} ${JSON.stringify(name)}`), 'VALIDATION_FAILED')
-    t.match(res.json().error.message, /^Invalid input: the database refused a value \(/)
+    // An event's text is checked by the event log before anything is written.
+    t.match(res.json().error.message, how === 'event' ? /an event cannot hold NUL/ : /^Invalid input: the database refused a value \(/)
   }
   t.equal(await prisma.project.count(), 0, 'nothing stored')
 })

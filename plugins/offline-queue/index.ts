@@ -5,6 +5,7 @@ import type { FastifyInstance } from 'fastify'
 import { z } from 'zod'
 import { deleteInBatches, every, parseOptions, refuseTakenDecorators, TEN_YEARS_S, timerMs } from '../support.ts'
 import { fenceError, fenceSql, heldClaims } from '../claim-fence.ts'
+import { Errors } from '../errors.ts'
 import { Prisma, type PrismaClient } from '../../src/generated/prisma/client.ts'
 import {
   companyStream, syncResumeSchema, userStream,
@@ -89,7 +90,10 @@ export interface EventLog {
    * `fastify.erpAuth.writeGuard(request)`), the check is the transaction's last statement,
    * just before its commit (one round trip more; none when erp-idempotency's fence already
    * ends it): a caller removed while the request waited for a connection, a row lock or a
-   * queue commits nothing.
+   * queue commits nothing. A statement that failed in `fn` aborts the transaction even when
+   * `fn` catches its error (PostgreSQL then turns the COMMIT into a ROLLBACK, which Prisma does not
+   * report): the last statement then fails, and `transaction` rejects with it instead of
+   * resolving, and emitting events, for a change that did not happen.
    */
   transaction<T> (fn: (tx: Tx, publish: Publish) => Promise<T>, options?: TransactionOptions): Promise<T>
   /** Records and emits one event in a transaction of its own. */
@@ -157,6 +161,12 @@ const relayedEventsSchema = z.array(z.object({
 }).refine(e => !e.stream.startsWith('company:') || e.stream === `company:${e.companyId}`, 'a company stream carries its own company')).max(RELAY_CHUNK)
 
 /**
+ * What JSON.stringify writes for a NUL or a lone surrogate (an escape whose backslash is not
+ * itself escaped): jsonb refuses both, text refuses NUL.
+ */
+const UNSTORABLE_JSON = /(?<!\\)(?:\\\\)*\\u(?:0000|d[89a-f][0-9a-f]{2})/
+
+/**
  * A publish's own mistakes, refused before anything is written: a company stream of another
  * company than `companyId`, a type that is a reserved or server event name (it would be emitted
  * as one, or throw in the emit after the commit), data that is not JSON.
@@ -171,8 +181,13 @@ function checkEvent (event: PublishInput): void {
   if (typeof event.type !== 'string' || (event.type as string) === '' || RESERVED_TYPES.has(event.type)) {
     throw new TypeError(`erp-offline-queue: ${JSON.stringify(event.type)} cannot be an event type (empty, reserved by Socket.IO, or one of the server's own events)`)
   }
-  if (event.data === undefined || JSON.stringify(event.data) === undefined) {
+  const json = event.data === undefined ? undefined : JSON.stringify(event.data)
+  if (json === undefined) {
     throw new TypeError('erp-offline-queue: event data must be a JSON value')
+  }
+  // Input more often than a bug (a field of a request body): a 400 through erpErrorHandler.
+  if (UNSTORABLE_JSON.test(json) || UNSTORABLE_JSON.test(JSON.stringify([event.stream, event.type, event.companyId, event.actorId ?? null]))) {
+    throw new Errors.VALIDATION_FAILED('an event cannot hold NUL (\\u0000) or a lone surrogate: PostgreSQL cannot store them')
   }
 }
 
@@ -335,7 +350,9 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     }
   }
 
-  const transaction = async <T>(fn: (tx: Tx, publish: Publish) => Promise<T>, { guard }: TransactionOptions = {}): Promise<T> => {
+  // `lastCheck` false: `fn` cannot catch a failed statement (publish()'s own transaction), so the
+  // statement that finds an aborted transaction is not needed.
+  const run = async <T>(fn: (tx: Tx, publish: Publish) => Promise<T>, { guard }: TransactionOptions, lastCheck: boolean): Promise<T> => {
     refuseNested('transaction')
     const recorded: Envelope[] = []
     const claim = heldClaims.getStore()
@@ -354,6 +371,9 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
         const [row] = await tx.$queryRaw<Array<{ value: unknown }>>`
           SELECT ${guard?.sql ?? Prisma.sql`NULL`} AS value, ${claim ? fenceSql(claim) : Prisma.sql`NULL`} AS fenced`
         guarded = row?.value
+      } else if (lastCheck) {
+        // Fails (25P02) in a transaction aborted by a statement whose error `fn` caught.
+        await tx.$executeRaw`SELECT 1`
       }
       return value
     }, { maxWait: options.transactionMaxWaitMs, timeout: options.transactionTimeoutMs })
@@ -372,6 +392,7 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     distribute(recorded)
     return result
   }
+  const transaction = <T>(fn: (tx: Tx, publish: Publish) => Promise<T>, options: TransactionOptions = {}): Promise<T> => run(fn, options, true)
 
   async function commit (change: StatementChange): Promise<Envelope | null> {
     const { event, guard } = change
@@ -679,7 +700,7 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
 
   fastify.decorate('eventLog', {
     transaction,
-    publish: ((event: PublishInput) => transaction((_tx, publish) => publish(event))) as Publish,
+    publish: ((event: PublishInput) => run((_tx, publish) => publish(event), {}, false)) as Publish,
     commit: commit as EventLog['commit'],
     read,
     heads,
