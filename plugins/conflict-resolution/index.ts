@@ -293,7 +293,8 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
   // A revision goes once a newer version of its row has existed for revisionTtlSeconds: the
   // latest one of each row is the base of its next stale edit, however long it stays unchanged.
   const prune = () => {
-    const cutoff = new Date(Date.now() - revisionTtlSeconds * 1000)
+    // The database's clock, which stamped `createdAt`, not this node's.
+    const cutoff = Prisma.sql`((now() AT TIME ZONE 'UTC') - make_interval(secs => ${revisionTtlSeconds}))`
     return deleteInBatches(pruneBatchSize, () => prisma.$executeRaw`
       DELETE FROM revisions WHERE ctid IN (
         SELECT r.ctid FROM revisions r

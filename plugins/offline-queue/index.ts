@@ -661,7 +661,8 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
   // ---- background jobs ----
 
   const prune = async (): Promise<number> => {
-    const cutoff = new Date(Date.now() - options.ttlSeconds * 1000)
+    // The database's clock, which stamped `createdAt`: a node whose clock runs ahead must not prune early.
+    const cutoff = Prisma.sql`((clock_timestamp() AT TIME ZONE 'UTC') - make_interval(secs => ${options.ttlSeconds}))`
     const expired = await deleteInBatches(options.pruneBatchSize, () => prisma.$executeRaw`
       DELETE FROM events WHERE ctid IN (
         SELECT ctid FROM events WHERE "createdAt" < ${cutoff} LIMIT ${options.pruneBatchSize})`)
