@@ -72,6 +72,8 @@ async function registerAll (app: FastifyInstance, config: AppConfig, db: Databas
     socket: { corsOrigins: config.corsOrigins, redis: config.redisUrl, redisPrefix: config.redisPrefix, ...realtime.socket },
     eventLog: { ttlSeconds: config.eventLogTtlSeconds, maxLen: config.eventLogMaxLen, headIntervalMs: config.syncHeadIntervalMs, ...realtime.eventLog },
     health: { eventLogBackend: db.kind, ...realtime.health },
+    // This app's versioned entities: a misspelled strategy key fails the registration.
+    conflicts: { entities: ['project', 'expense', 'stockItem'], ...realtime.conflicts },
     // Every covered route of this app writes through eventLog, so a claim left by a crash can
     // be recovered (erp-idempotency's recoverAfterMs).
     idempotency: { recoverAfterMs: 60_000, ...realtime.idempotency },

@@ -321,6 +321,25 @@ t.test('invalid options stop the registration with a message naming the option',
     buildApp({ config: testConfig(), db, realtime: { conflicts: { revisionTtlSeconds: 1 } } }),
     /erp-conflicts: invalid option revisionTtlSeconds/
   )
+  await t.rejects(
+    buildApp({ config: testConfig(), db, realtime: { conflicts: { strategies: { project: 'first-write-wins' as never } } } }),
+    { message: "erp-conflicts: invalid option strategies.project: must be 'reject', 'last-write-wins' or a resolver function" },
+    'the message lists what a strategy may be'
+  )
+})
+
+// Regression (HTTP review): a misspelled strategies key (`stockitem`) registered without a word and
+// left stock items on 'reject'. With `entities` (this app passes its three), it fails registration.
+t.test('a strategies key that is not one of the entities fails the registration; so does an update naming another entity', async t => {
+  const db = await testDatabase(t)
+  await t.rejects(
+    buildApp({ config: testConfig(), db, realtime: { conflicts: { strategies: { stockitem: 'last-write-wins' } } } }),
+    { message: 'erp-conflicts: invalid option strategies.stockitem: is not one of the entities (project, expense, stockItem); did you mean stockItem?' }
+  )
+  const { app } = await build(t, { db, realtime: { conflicts: { strategies: { stockItem: 'last-write-wins' } } } })
+  const unknown = { entity: 'projekt', id: 'x', companyId: 'c', userId: 'u', baseVersion: 1, changes: {}, read: async () => null, write: async () => ({ count: 0 }), applied: async () => {}, respond: () => null }
+  await t.rejects(app.conflicts.update(unknown), { name: 'TypeError', message: 'erp-conflicts: "projekt" is not one of the entities (project, expense, stockItem)' })
+  t.throws(() => app.conflicts.snapshotStatement('projekt', { id: 'x', companyId: 'c', version: 1 }), TypeError)
 })
 
 /** An app whose error log lines are kept, with the given conflict strategies. */

@@ -141,3 +141,24 @@ t.test('a decorator of a parent context may be shadowed: the umbrella registers 
   })
   await app.ready()
 })
+
+// Regression (adopter review): the umbrella registered erp-socket, which connects to Redis, before
+// the later sections' options were checked: a bad option there left two Redis connections open
+// and the process running unless the caller knew to close the app.
+t.test('the umbrella checks every section before anything is opened; a bad jwtSecret is named as such', async t => {
+  const redis = await dedicatedRedis(t)
+  const db = await testDatabase(t)
+  const cases: Array<[Partial<ErpRealtimeOptions>, RegExp]> = [
+    [{ jwtSecret: 'short' }, /^erp-realtime: invalid option jwtSecret: /],
+    [{ health: { databaseTimeoutMs: -1 } }, /^erp-health: invalid option databaseTimeoutMs: /]
+  ]
+  for (const [options, message] of cases) {
+    const app = Fastify()
+    t.teardown(() => app.close())
+    await t.rejects(
+      async () => { await app.register(erpRealtime, { prisma: db.prisma, jwtSecret: 'x'.repeat(32), socket: { redis: redis.url }, ...options }) },
+      { message }
+    )
+    t.equal(await redisConnections(redis.url), 0, 'no Redis connection was opened')
+  }
+})

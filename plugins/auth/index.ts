@@ -154,8 +154,11 @@ function bearer (header: unknown): string | undefined {
   return match?.[1]
 }
 
+/** Validates erp-auth's options as registering it does, without registering it; throws naming the option. */
+export const checkAuthOptions = (raw: unknown) => parseOptions('erp-auth', optionsSchema, raw)
+
 async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
-  const { secret, prisma, tokenTtlSeconds, membershipRecheckMs } = parseOptions('erp-auth', optionsSchema, rawOptions)
+  const { secret, prisma, tokenTtlSeconds, membershipRecheckMs } = checkAuthOptions(rawOptions)
   refuseTakenDecorators(fastify, 'erp-auth', ['erpAuth', 'authenticate'])
 
   await fastify.register(fastifyJwt, {

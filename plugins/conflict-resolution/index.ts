@@ -38,6 +38,13 @@ export interface ErpConflictsOptions {
    * Default `'reject'` for every entity.
    */
   strategies?: Record<string, ConflictStrategy>
+  /**
+   * The entity names your routes pass to `update`, `snapshot` and `forget`. When given, a
+   * `strategies` key that is not one of them fails the registration (a misspelled key would
+   * otherwise leave its entity on `'reject'`), and so does a call naming another entity. Default:
+   * not checked.
+   */
+  entities?: string[]
   /** Revisions older than this are pruned (the base of a very stale edit is then unknown, and every differing field conflicts). Default 30 days. */
   revisionTtlSeconds?: number
   /** How often the revision pruning job runs; 0 disables. Default 3600000. */
@@ -114,14 +121,23 @@ declare module 'fastify' {
   }
 }
 
-const strategySchema = z.union([z.literal('reject'), z.literal('last-write-wins'), z.custom<ConflictResolver>(v => typeof v === 'function', 'must be reject, last-write-wins or a function')])
+const strategySchema = z.union([z.literal('reject'), z.literal('last-write-wins'), z.custom<ConflictResolver>(v => typeof v === 'function')],
+  { error: "must be 'reject', 'last-write-wins' or a resolver function" })
 const optionsSchema = z.object({
   prisma: z.custom<PrismaClient>(v => typeof v === 'object' && v !== null && 'revision' in v, 'must be a PrismaClient with the erp-realtime models'),
   strategies: z.record(z.string(), strategySchema).default({}),
+  entities: z.array(z.string().min(1).max(100)).min(1).optional(),
   revisionTtlSeconds: z.number().int().min(60).max(TEN_YEARS_S).default(30 * 24 * 3600),
   pruneIntervalMs: timerMs(0).default(3_600_000),
   pruneBatchSize: z.number().int().min(1).max(100_000).default(5000)
-}).strict()
+}).strict().superRefine((options, ctx) => {
+  if (!options.entities) return
+  for (const key of Object.keys(options.strategies)) {
+    if (options.entities.includes(key)) continue
+    const near = options.entities.find(entity => entity.toLowerCase() === key.toLowerCase())
+    ctx.addIssue({ code: 'custom', path: ['strategies', key], message: `is not one of the entities (${options.entities.join(', ')})${near ? `; did you mean ${near}?` : ''}` })
+  }
+})
 
 // Bookkeeping columns never take part in a merge, and a resolver cannot write them.
 const META = new Set(['id', 'companyId', 'version', 'createdAt', 'updatedAt'])
@@ -160,15 +176,25 @@ class ConflictRejected extends Error {
 /** How many times a write that lost to a writer outside `update()` (a stock adjustment) is re-read and retried. */
 const MAX_ATTEMPTS = 10
 
+/** Validates erp-conflicts's options as registering it does, without registering it; throws naming the option. */
+export const checkConflictsOptions = (raw: unknown) => parseOptions('erp-conflicts', optionsSchema, raw)
+
 async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsOptions) {
-  const { prisma, strategies, revisionTtlSeconds, pruneIntervalMs, pruneBatchSize } = parseOptions('erp-conflicts', optionsSchema, rawOptions)
+  const { prisma, strategies, entities, revisionTtlSeconds, pruneIntervalMs, pruneBatchSize } = checkConflictsOptions(rawOptions)
+  const known = entities && new Set(entities)
+  const checkEntity = (entity: string) => {
+    if (known && !known.has(entity)) throw new TypeError(`erp-conflicts: ${JSON.stringify(entity)} is not one of the entities (${entities!.join(', ')})`)
+  }
   refuseTakenDecorators(fastify, 'erp-conflicts', ['conflicts'])
 
-  const snapshotStatement = (entity: string, row: Snapshotted | readonly Snapshotted[]) => Prisma.sql`
+  const snapshotStatement = (entity: string, row: Snapshotted | readonly Snapshotted[]) => {
+    checkEntity(entity)
+    return Prisma.sql`
     INSERT INTO revisions (entity, "entityId", version, "companyId", data, "createdAt")
     VALUES ${Prisma.join((Array.isArray(row) ? row : [row] as const).map(r =>
       Prisma.sql`(${entity}, ${r.id}, ${r.version}, ${r.companyId}, ${JSON.stringify(plain(r))}::jsonb, (now() AT TIME ZONE 'UTC'))`))}
     ON CONFLICT DO NOTHING`
+  }
   // One round trip on the hot path of every create and update; 5 parameters a row, so a batch
   // stays far below PostgreSQL's 65,535.
   const snapshot = async (tx: Tx, entity: string, row: Snapshotted | readonly Snapshotted[]) => {
@@ -195,6 +221,7 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
   }
 
   async function apply<Row extends { version: number }, Result> (u: VersionedUpdate<Row, Result>): Promise<Result> {
+    checkEntity(u.entity)
     const strategy = strategies[u.entity] ?? 'reject'
     const changes = withoutMeta(u.changes)
     try {
@@ -306,6 +333,7 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
   every(fastify, pruneIntervalMs, 'erp-conflicts: revision pruning', prune)
 
   const forget = async (tx: Tx, entity: string, id: string) => {
+    checkEntity(entity)
     await tx.$executeRaw`DELETE FROM revisions WHERE entity = ${entity} AND "entityId" = ${id}`
   }
 

@@ -62,8 +62,11 @@ function shared<T> (probe: () => Promise<T>, reuseMs: number): () => Promise<T> 
   }
 }
 
+/** Validates erp-health's options as registering it does, without registering it; throws naming the option. */
+export const checkHealthOptions = (raw: unknown) => parseOptions('erp-health', optionsSchema, raw)
+
 async function erpHealth (fastify: FastifyInstance, rawOptions: ErpHealthOptions) {
-  const { prisma, eventLogBackend, databaseTimeoutMs, prefix } = parseOptions('erp-health', optionsSchema, rawOptions)
+  const { prisma, eventLogBackend, databaseTimeoutMs, prefix } = checkHealthOptions(rawOptions)
   refuseTakenDecorators(fastify, 'erp-health', ['websocketHealth'])
 
   const queryDatabase = async (): Promise<WebsocketHealth['database']> => {

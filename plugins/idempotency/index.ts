@@ -130,8 +130,11 @@ interface RecordRow {
 
 const sleep = (ms: number) => new Promise(resolve => setTimeout(resolve, ms))
 
+/** Validates erp-idempotency's options as registering it does, without registering it; throws naming the option. */
+export const checkIdempotencyOptions = (raw: unknown) => parseOptions('erp-idempotency', optionsSchema, raw)
+
 async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempotencyOptions) {
-  const { prisma, ttlSeconds, waitMs, pollIntervalMs, recoverAfterMs, pruneIntervalMs, pruneBatchSize } = parseOptions('erp-idempotency', optionsSchema, rawOptions)
+  const { prisma, ttlSeconds, waitMs, pollIntervalMs, recoverAfterMs, pruneIntervalMs, pruneBatchSize } = checkIdempotencyOptions(rawOptions)
   refuseTakenDecorators(fastify, 'erp-idempotency', ['idempotency'])
   const claims = new WeakMap<FastifyRequest, HeldClaim>()
   // From preClose on, a retry waiting for another request's answer stops (409 IN_PROGRESS):

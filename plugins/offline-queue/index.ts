@@ -231,8 +231,11 @@ interface Hold {
   overflowed: boolean
 }
 
+/** Validates erp-offline-queue's options as registering it does, without registering it; throws naming the option. */
+export const checkOfflineQueueOptions = (raw: unknown) => parseOptions('erp-offline-queue', optionsSchema, raw)
+
 async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOfflineQueueOptions) {
-  const options = parseOptions('erp-offline-queue', optionsSchema, rawOptions)
+  const options = checkOfflineQueueOptions(rawOptions)
   refuseTakenDecorators(fastify, 'erp-offline-queue', ['eventLog'])
   const { prisma } = options
   const io = fastify.io

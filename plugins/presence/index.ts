@@ -21,7 +21,7 @@ export interface RedisPresenceStoreOption {
   redis: string | Redis
   /** Prefix of every presence key, so several apps can share one Redis. Default `'erp-realtime:presence'`. */
   prefix?: string
-  /** ioredis options for a connection opened from a URL. Default `{ maxRetriesPerRequest: 2 }`. */
+  /** ioredis options for a connection opened from a URL, over the defaults `{ maxRetriesPerRequest: 2, commandTimeout: 2000 }`. */
   redisOptions?: RedisOptions
 }
 
@@ -119,8 +119,11 @@ const append = <T>(lists: Map<string, T[]>, key: string, item: T): void => {
   else lists.set(key, [item])
 }
 
+/** Validates erp-presence's options as registering it does, without registering it; throws naming the option. */
+export const checkPresenceOptions = (raw: unknown) => parseOptions('erp-presence', optionsSchema, raw)
+
 async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOptions) {
-  const parsed = { data: parseOptions('erp-presence', optionsSchema, rawOptions) }
+  const parsed = { data: checkPresenceOptions(rawOptions) }
   refuseTakenDecorators(fastify, 'erp-presence', ['presence'])
   const { graceMs, heartbeatMs, ttlMs, sweepIntervalMs, sweepBatchSize, revCacheSize, batchMs } = parsed.data
   const storeOption = parsed.data.store

@@ -129,8 +129,11 @@ function originAllowedFor (allowed: readonly string[]) {
   }
 }
 
+/** Validates erp-socket's options as registering it does, without registering it; throws naming the option. */
+export const checkSocketOptions = (raw: unknown) => parseOptions('erp-socket', optionsSchema, raw)
+
 async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions) {
-  const options = parseOptions('erp-socket', optionsSchema, rawOptions)
+  const options = checkSocketOptions(rawOptions)
   refuseTakenDecorators(fastify, 'erp-socket', ['io', 'erpSocket'])
   const nodeId = options.nodeId ?? `${hostname()}-${process.pid}-${randomBytes(3).toString('hex')}`
   const originAllowed = originAllowedFor(options.corsOrigins)
