@@ -431,3 +431,45 @@ t.test('updates of a row queue only behind its own company\'s: another company\'
   t.equal((await own).statusCode, 200)
   t.match(await app.prisma.project.findUniqueOrThrow({ where: { id: project.id } }), { name: 'Mobile', version: 3 })
 })
+
+// Regression (HTTP review): an app's entity with a BigInt column failed every update with a 500
+// (JSON.stringify refuses a bigint), and one with a Decimal column counted a number sent with the
+// stored value (12.5 against the Decimal's "12.5") as an edit, so a stale form always conflicted.
+t.test('entities with BigInt and Decimal columns: updates work, and a number sent with the stored value is not an edit', async t => {
+  const { Prisma } = await import('../src/generated/prisma/client.ts')
+  const { app } = await build(t, {
+    realtime: { conflicts: { entities: ['project', 'expense', 'stockItem', 'ledger'] } },
+    routes: async (fastify) => {
+      fastify.patch('/ledgers/:id', { preHandler: fastify.authenticate }, async (request) => {
+        const { id } = request.params as { id: string }
+        const { baseVersion, ...changes } = request.body as { baseVersion: number } & Record<string, unknown>
+        const { companyId, userId } = request.user
+        // A project read as a ledger row with a BigInt and a Decimal column beside its own.
+        const read = async (tx: Parameters<Parameters<typeof fastify.eventLog.transaction>[0]>[0]) => {
+          const row = await tx.project.findFirst({ where: { id, companyId } })
+          return row && { ...row, sequence: 9007199254740993n, rate: new Prisma.Decimal('12.5') }
+        }
+        return await fastify.conflicts.update({
+          entity: 'ledger', id, companyId, userId, baseVersion, changes, read,
+          write: (tx, data, version) => tx.project.updateMany({ where: { id, companyId, version }, data: { name: data.name as string | undefined, version: { increment: 1 } } }),
+          applied: async () => {},
+          respond: (row, merged) => ({ version: row.version, name: row.name, sequence: String(row.sequence), merged })
+        })
+      })
+    }
+  })
+  const user = (await createCompany(app, ['manager'])).as('manager')
+  const project = await createProject(app, user)
+  const h = authHeader(user)
+  const current = await app.inject({ method: 'PATCH', url: `/ledgers/${project.id}`, headers: h, payload: { baseVersion: 1, name: 'v2' } })
+  t.equal(current.statusCode, 200, 'a row with a bigint updates')
+  t.same(current.json(), { version: 2, name: 'v2', sequence: '9007199254740993', merged: false })
+  // Stale (base 2, now 3 after another rename), the form sent whole: rate and sequence as numbers with
+  // their stored values are not this request's edits, so nothing overlaps.
+  await app.inject({ method: 'PATCH', url: `/ledgers/${project.id}`, headers: h, payload: { baseVersion: 2, name: 'v3' } })
+  const stale = await app.inject({ method: 'PATCH', url: `/ledgers/${project.id}`, headers: h, payload: { baseVersion: 2, name: 'v3', rate: 12.5 } })
+  t.equal(stale.statusCode, 200, 'no conflict on the Decimal column')
+  t.match(stale.json(), { version: 3, name: 'v3', merged: true })
+  const changed = await app.inject({ method: 'PATCH', url: `/ledgers/${project.id}`, headers: h, payload: { baseVersion: 2, rate: 13 } })
+  t.match(changed.json(), { version: 4, merged: true }, 'another value for it is an edit: written, a new version')
+})

@@ -142,11 +142,19 @@ const optionsSchema = z.object({
 // Bookkeeping columns never take part in a merge, and a resolver cannot write them.
 const META = new Set(['id', 'companyId', 'version', 'createdAt', 'updatedAt'])
 
-// Rows are compared as JSON (a Date and its ISO string are the same value).
-const same = (a: unknown, b: unknown) => JSON.stringify(a) === JSON.stringify(b)
+// Prisma reads a BigInt column as a bigint, which JSON.stringify refuses, and a Decimal column as
+// a Decimal, which it writes as a string: both are kept as decimal strings.
+const toJson = (_key: string, value: unknown) => typeof value === 'bigint' ? value.toString() : value
+const DECIMAL = /^-?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?$/i
+// A JSON number sent for a BigInt or Decimal column (a decimal string in the row) with its value.
+const sameNumber = (n: unknown, text: unknown) => typeof n === 'number' && typeof text === 'string' && DECIMAL.test(text) && Number(text) === n
+
+// Rows are compared as JSON (a Date and its ISO string are the same value; so are 12.5 and a
+// Decimal 12.5).
+const same = (a: unknown, b: unknown) => JSON.stringify(a, toJson) === JSON.stringify(b, toJson) || sameNumber(a, b) || sameNumber(b, a)
 
 function plain (row: object): Fields {
-  return JSON.parse(JSON.stringify(row)) as Fields
+  return JSON.parse(JSON.stringify(row, toJson)) as Fields
 }
 
 const withoutMeta = (fields: Fields): Fields => Object.fromEntries(Object.entries(fields).filter(([field]) => !META.has(field)))
