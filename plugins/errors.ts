@@ -66,12 +66,14 @@ export function validationFailed (issues: Array<{ path: string, message: string 
 /** The message of a `SERVICE_UNAVAILABLE` answered because the database cannot be reached (HTTP and acks). */
 export const DATABASE_UNREACHABLE = 'Database unreachable; try again'
 
+// character_not_in_repertoire (a NUL in text) and untranslatable_character (`\u0000` in jsonb).
+const UNSTORABLE_TEXT = new Set(['22021', '22P05'])
+
 /**
  * Fastify error handler producing the contract's `{ error: { code, message } }` shape.
  * Register it with `fastify.setErrorHandler(erpErrorHandler)` (the app in src/ does). A
  * database that cannot be reached (`databaseUnreachable`) answers 503 `SERVICE_UNAVAILABLE`;
- * a value PostgreSQL refuses (SQLSTATE class 22: NUL in text, a number out of range...) answers
- * 400 `VALIDATION_FAILED`.
+ * text PostgreSQL cannot store (a NUL: SQLSTATE 22021, 22P05) answers 400 `VALIDATION_FAILED`.
  */
 export function erpErrorHandler (this: unknown, err: ErrorWithBody | ZodError, request: FastifyRequest, reply: FastifyReply): void {
   if (err instanceof ZodError) err = validationError(err)
@@ -83,13 +85,12 @@ export function erpErrorHandler (this: unknown, err: ErrorWithBody | ZodError, r
     reply.status(503).send({ error: { code: unavailable.code, message: unavailable.message } })
     return
   }
-  // A value PostgreSQL refused (SQLSTATE class 22, data exception: a NUL in text, a lone
-  // surrogate in jsonb, a number out of range...) that got past the route's schema: the input's
-  // fault, answered as PostgREST does, 400. Logged, since the route's schema may want mending.
-  const refused = err.statusCode === undefined ? sqlErrorOf(err) : undefined
-  if (refused?.code.startsWith('22')) {
-    request.log.warn({ err }, 'request failed: the database refused a value')
-    const invalid = new Errors.VALIDATION_FAILED(`the database refused a value (${refused.message.split('\n')[0]!.slice(0, 200)})`)
+  // Text PostgreSQL cannot store (a NUL) that got past the route's schema: the input's fault, and
+  // the same request always fails the same way (a 400 an Idempotency-Key may keep). Other data
+  // exceptions (division by zero, a number out of range) stay 500: they may be the server's bug.
+  if (err.statusCode === undefined && UNSTORABLE_TEXT.has(sqlErrorOf(err)?.code ?? '')) {
+    request.log.warn({ err }, 'request failed: text the database cannot store')
+    const invalid = new Errors.VALIDATION_FAILED('text contains a character the database cannot store (NUL, \\u0000)')
     reply.status(400).send({ error: { code: invalid.code, message: invalid.message } })
     return
   }

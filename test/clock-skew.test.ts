@@ -1,5 +1,6 @@
 import t from 'tap'
-import { authHeader, build, createCompany } from './helpers.ts'
+import { Prisma } from '../src/generated/prisma/client.ts'
+import { authHeader, build, createCompany, testDatabase } from './helpers.ts'
 
 // Regression (replay review): the retention jobs computed their cutoff from this node's clock,
 // while `createdAt` is stamped by the database's: a node whose clock ran an hour ahead pruned
@@ -37,4 +38,35 @@ t.test('a node whose clock runs ahead prunes no merge base before the database\'
   t.equal(await prisma.revision.count({ where: { entityId: project.id } }), 2)
   await prisma.$executeRaw`UPDATE revisions SET "createdAt" = "createdAt" - interval '2 hours' WHERE "entityId" = ${project.id}`
   t.equal(await app.conflicts.prune(), 1, 'the older base goes once both are old enough')
+})
+
+// Regression (review of the fix above): a cutoff from the volatile clock_timestamp() cannot be an
+// index bound, so every prune run scanned the whole events table.
+t.test('the retention jobs\' cutoffs can use the createdAt indexes', async t => {
+  const db = await testDatabase(t)
+  const statements: Array<{ sql: string, text: string, values: unknown[] }> = []
+  // The app's client, with its `$executeRaw` DELETEs of events and revisions recorded.
+  const prisma = new Proxy(db.prisma, {
+    get (target, prop) {
+      const value = Reflect.get(target, prop, target) as unknown
+      if (prop !== '$executeRaw') return typeof value === 'function' ? (value as (...a: unknown[]) => unknown).bind(target) : value
+      return (strings: TemplateStringsArray, ...values: unknown[]) => {
+        const query = Prisma.sql(strings, ...values)
+        if (/^\s*DELETE FROM (events|revisions)/.test(query.sql)) statements.push({ sql: query.sql, text: query.text, values: query.values })
+        return (value as (...a: unknown[]) => unknown).call(target, strings, ...values)
+      }
+    }
+  })
+  const { app } = await build(t, { db: { ...db, prisma } })
+  await app.eventLog.prune()
+  await app.conflicts.prune()
+  const cutoffDeletes = statements.filter(query => query.sql.includes('"createdAt" <'))
+  t.equal(cutoffDeletes.length, 2, 'the events\' and the revisions\' cutoff deletes')
+  for (const query of cutoffDeletes) {
+    const plan = await db.prisma.$transaction(async (tx) => {
+      await tx.$executeRawUnsafe('SET LOCAL enable_seqscan = off')
+      return await tx.$queryRawUnsafe<Array<{ 'QUERY PLAN': string }>>(`EXPLAIN ${query.text}`, ...query.values)
+    })
+    t.match(plan.map(row => row['QUERY PLAN']).join('\n'), /(Index (Only )?Scan using|Bitmap Index Scan on) "(events|revisions)_createdAt_idx"/, query.sql.trim().slice(0, 60))
+  }
 })

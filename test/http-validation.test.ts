@@ -157,9 +157,12 @@ t.test('bad input over HTTP answers 400 (or 413/414/415) with the error shape an
   t.equal(strong.json().project.version, 3)
 })
 
-// Regression (HTTP review): a host app's route that lets a NUL or a lone surrogate through to
-// PostgreSQL answered 500 INTERNAL; the error handler answers a data exception as 400.
-t.test('a value the database refuses answers 400 even from a route that does not check it', async t => {
+// Regression (HTTP review): a host app's route that lets a NUL through to PostgreSQL answered 500
+// INTERNAL; the error handler answers it as the input's fault, 400. Other data exceptions are not
+// the input's fault for certain (review of that fix): they stay 500, and an Idempotency-Key
+// retry of them runs again.
+t.test('text the database cannot store answers 400 even from a route that does not check it; other data exceptions stay 500', async t => {
+  let runs = 0
   const { app, prisma } = await build(t, {
     routes: async (fastify) => {
       fastify.post('/unchecked/:how', { preHandler: fastify.authenticate }, async (request) => {
@@ -168,19 +171,34 @@ t.test('a value the database refuses answers 400 even from a route that does not
         const { companyId, userId } = request.user
         if (how === 'text') return prisma.project.create({ data: { companyId, name } })
         if (how === 'raw') return prisma.$executeRaw`INSERT INTO projects (id, "companyId", name) VALUES (gen_random_uuid()::text, ${companyId}, ${name})`
+        if (how === 'jsonb') return prisma.$executeRaw`SELECT ${JSON.stringify({ name })}::jsonb`
+        if (how === 'division') {
+          runs++
+          return String(await prisma.$queryRaw`SELECT 1 / ${0} AS x`)
+        }
         return fastify.eventLog.publish({ stream: `company:${companyId}`, type: 'project:created', companyId, actorId: userId, data: { name } as never })
       })
     }
   })
   const admin = (await createCompany(app)).as('admin')
-  const cases: Array<[string, string]> = [['text', 'a\u0000b'], ['raw', 'a\u0000b'], ['event', 'a\u0000b'], ['event', 'a\ud800b']]
-  for (const [how, name] of cases) {
+  const cases: Array<[string, string, RegExp]> = [
+    ['text', 'a\u0000b', /cannot store \(NUL/],
+    ['raw', 'a\u0000b', /cannot store \(NUL/],
+    ['jsonb', 'a\u0000b', /cannot store \(NUL/],
+    // An event's text is checked by the event log before anything is written.
+    ['event', 'a\u0000b', /an event cannot hold NUL/],
+    ['event', 'a\ud800b', /an event cannot hold NUL/]
+  ]
+  for (const [how, name, message] of cases) {
     const res = await app.inject({ method: 'POST', url: `/unchecked/${how}`, headers: authHeader(admin), payload: { name } })
     t.equal(errorCode(t, res, 400, `${how} ${JSON.stringify(name)}`), 'VALIDATION_FAILED')
-    // An event's text is checked by the event log before anything is written.
-    t.match(res.json().error.message, how === 'event' ? /an event cannot hold NUL/ : /^Invalid input: the database refused a value \(/)
+    t.match(res.json().error.message, message)
   }
   t.equal(await prisma.project.count(), 0, 'nothing stored')
+  const division = () => app.inject({ method: 'POST', url: '/unchecked/division', headers: { ...authHeader(admin), 'idempotency-key': 'div' }, payload: { name: 'x' } })
+  t.same((await division()).json(), { error: { code: 'INTERNAL', message: 'Internal server error' } }, 'division by zero is a 500, its message not echoed')
+  await division()
+  t.equal(runs, 2, 'the retry ran again (a 500 releases the key)')
 })
 
 t.test('bad input over socket events: error ack, connection and rooms unchanged', async t => {

@@ -664,8 +664,9 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
   // ---- background jobs ----
 
   const prune = async (): Promise<number> => {
-    // The database's clock, which stamped `createdAt`: a node whose clock runs ahead must not prune early.
-    const cutoff = Prisma.sql`((clock_timestamp() AT TIME ZONE 'UTC') - make_interval(secs => ${options.ttlSeconds}))`
+    // The database's clock, which stamped `createdAt`: a node whose clock runs ahead must not prune
+    // early. now(), not the volatile clock_timestamp(): a stable bound lets the index on createdAt serve.
+    const cutoff = Prisma.sql`((now() AT TIME ZONE 'UTC') - make_interval(secs => ${options.ttlSeconds}))`
     const expired = await deleteInBatches(options.pruneBatchSize, () => prisma.$executeRaw`
       DELETE FROM events WHERE ctid IN (
         SELECT ctid FROM events WHERE "createdAt" < ${cutoff} LIMIT ${options.pruneBatchSize})`)
