@@ -470,6 +470,9 @@ t.test('entities with BigInt and Decimal columns: updates work, and a number sen
   const stale = await app.inject({ method: 'PATCH', url: `/ledgers/${project.id}`, headers: h, payload: { baseVersion: 2, name: 'v3', rate: 12.5 } })
   t.equal(stale.statusCode, 200, 'no conflict on the Decimal column')
   t.match(stale.json(), { version: 3, name: 'v3', merged: true })
+  // The stored BigInt is beyond a double: the number nearest to it is another value, an edit.
+  const near = await app.inject({ method: 'PATCH', url: `/ledgers/${project.id}`, headers: h, payload: { baseVersion: 2, sequence: 9007199254740992 } })
+  t.match(near.json(), { version: 4, merged: true }, '9007199254740992 is not 9007199254740993')
   const changed = await app.inject({ method: 'PATCH', url: `/ledgers/${project.id}`, headers: h, payload: { baseVersion: 2, rate: 13 } })
-  t.match(changed.json(), { version: 4, merged: true }, 'another value for it is an edit: written, a new version')
+  t.match(changed.json(), { version: 5, merged: true }, 'another value for it is an edit: written, a new version')
 })

@@ -60,25 +60,27 @@ t.test('regression: publish accepted a company stream of another company and res
 // aborted; PostgreSQL turned its COMMIT into a ROLLBACK, which Prisma does not report, so
 // transaction() resolved and emitted seq 1 that was never recorded. The next real event reused
 // seq 1, and every node's sequencer, already past it, dropped it: no client ever got it.
-t.test('a transaction aborted by a statement whose error the callback caught rejects and emits nothing; the next event arrives', async t => {
-  const { app, url, prisma } = await build(t)
-  const company = await createCompany(app, ['admin'])
-  const stream = `company:${company.id}` as const
-  const socket = await connect(t, url, company.as('admin').token)
-  const seen = record(socket)
-  await t.rejects(app.eventLog.transaction(async (tx, publish) => {
-    await publish({ stream, type: 'project:deleted', companyId: company.id, actorId: null, data: { projectId: 'phantom' } })
-    // A duplicate key, caught as "already exists": the transaction is aborted all the same.
-    await tx.$executeRaw`INSERT INTO companies (id, name) VALUES (${company.id}, 'duplicate')`.catch(() => {})
-  }), /current transaction is aborted|25P02/)
-  t.same(await app.eventLog.read(stream, 0, 10), [], 'nothing recorded')
-  const received = nextEvent(socket, 'project:deleted')
-  await app.eventLog.publish({ stream, type: 'project:deleted', companyId: company.id, actorId: null, data: { projectId: 'real' } })
-  t.match(await received, { seq: 1, data: { projectId: 'real' } }, 'the real seq 1 arrives')
-  await sleep(100)
-  t.same(seen.filter(e => e.event === 'project:deleted').map(e => e.payload.data), [{ projectId: 'real' }], 'no phantom event')
-  t.equal(await prisma.event.count({ where: { stream } }), 1)
-})
+for (const embedded of [false, true]) {
+  t.test(`${embedded ? 'PGlite' : 'PostgreSQL'}: a transaction aborted by a statement whose error the callback caught rejects and emits nothing; the next event arrives`, async t => {
+    const { app, url, prisma } = await build(t, { embedded })
+    const company = await createCompany(app, ['admin'])
+    const stream = `company:${company.id}` as const
+    const socket = await connect(t, url, company.as('admin').token)
+    const seen = record(socket)
+    await t.rejects(app.eventLog.transaction(async (tx, publish) => {
+      await publish({ stream, type: 'project:deleted', companyId: company.id, actorId: null, data: { projectId: 'phantom' } })
+      // A duplicate key, caught as "already exists": the transaction is aborted all the same.
+      await tx.$executeRaw`INSERT INTO companies (id, name) VALUES (${company.id}, 'duplicate')`.catch(() => {})
+    }), { message: /a statement in this transaction failed and its error was caught/, cause: { message: /current transaction is aborted/ } })
+    t.same(await app.eventLog.read(stream, 0, 10), [], 'nothing recorded')
+    const received = nextEvent(socket, 'project:deleted')
+    await app.eventLog.publish({ stream, type: 'project:deleted', companyId: company.id, actorId: null, data: { projectId: 'real' } })
+    t.match(await received, { seq: 1, data: { projectId: 'real' } }, 'the real seq 1 arrives')
+    await sleep(100)
+    t.same(seen.filter(e => e.event === 'project:deleted').map(e => e.payload.data), [{ projectId: 'real' }], 'no phantom event')
+    t.equal(await prisma.event.count({ where: { stream } }), 1)
+  })
+}
 
 t.test('an event holding NUL or a lone surrogate is refused before anything is written (400 VALIDATION_FAILED over HTTP)', async t => {
   const { app } = await build(t)

@@ -166,12 +166,28 @@ t.test('the same key with a different If-Match answers 422 IDEMPOTENCY_KEY_REUSE
   const patch = (ifMatch: string) => app.inject({ method: 'PATCH', url: `/projects/${project.id}`, headers: { ...authHeader(user), ...key('stale'), 'if-match': ifMatch }, payload: { name: 'C' } })
   const stale = await patch('"1"')
   t.equal(stale.statusCode, 409, 'the stale version conflicts')
-  const same = await patch(' "1" ')
-  t.equal(same.statusCode, 409)
-  t.equal(same.headers['idempotent-replayed'], 'true', 'the same If-Match replays')
+  for (const form of [' "1" ', 'W/"1"', '1']) {
+    const same = await patch(form)
+    t.equal(same.statusCode, 409)
+    t.equal(same.headers['idempotent-replayed'], 'true', `the same version (${form}) replays`)
+  }
   const newer = await patch('"2"')
   t.equal(newer.statusCode, 422)
   t.equal(newer.json().error.code, 'IDEMPOTENCY_KEY_REUSED', 'not the stored 409 for another version')
+})
+
+// A record stored before If-Match was hashed (the body alone) still answers the retry of its request.
+t.test('a record hashed without If-Match still replays for a retry that sends one', async t => {
+  const { app, prisma } = await build(t)
+  const user = (await createCompany(app)).as('manager')
+  const project = (await createProject(app, user, undefined, { name: 'A' })).json().project
+  const patch = (headers: Record<string, string>) => app.inject({ method: 'PATCH', url: `/projects/${project.id}`, headers: { ...authHeader(user), ...key('older'), ...headers }, payload: { name: 'B', baseVersion: 1 } })
+  const first = await patch({})
+  t.equal(first.statusCode, 200)
+  const retry = await patch({ 'if-match': '"1"' })
+  t.equal(retry.headers['idempotent-replayed'], 'true')
+  t.equal(retry.body, first.body)
+  t.equal((await prisma.project.findUniqueOrThrow({ where: { id: project.id } })).version, 2, 'applied once')
 })
 
 t.test('keys are scoped per user and company', async t => {

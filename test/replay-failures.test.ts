@@ -166,9 +166,12 @@ t.test('a failed resume sends none of the live events it held: nothing arrives a
     await sleep(100)
   }
   const stream = `company:${company.id}`
+  const heads: Array<{ stream: string, seq: number }> = []
+  socket.on('sync:head', head => { heads.push(head) })
   const ack = await request(socket, 'sync:resume', { streams: { [stream]: 0 } })
   t.equal(ack.ok, false, 'the resume failed')
   t.same(seqs, [1, 2, 3], 'before the error ack: the first page only, not the held 11 and 12')
+  t.same(heads, [{ stream, seq: 12 }], 'and where the stream is')
   // Resumed again from the last applied seq: the rest, each once, in order.
   const again = await request(socket, 'sync:resume', { streams: { [stream]: 3 } })
   t.same(again, { ok: true, streams: { [stream]: { recovered: true, replayed: 9, headSeq: 12 } } })

@@ -145,9 +145,10 @@ const META = new Set(['id', 'companyId', 'version', 'createdAt', 'updatedAt'])
 // Prisma reads a BigInt column as a bigint, which JSON.stringify refuses, and a Decimal column as
 // a Decimal, which it writes as a string: both are kept as decimal strings.
 const toJson = (_key: string, value: unknown) => typeof value === 'bigint' ? value.toString() : value
-const DECIMAL = /^-?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?$/i
-// A JSON number sent for a BigInt or Decimal column (a decimal string in the row) with its value.
-const sameNumber = (n: unknown, text: unknown) => typeof n === 'number' && typeof text === 'string' && DECIMAL.test(text) && Number(text) === n
+// A JSON number sent for a BigInt or Decimal column (a decimal string in the row) with its value:
+// written the same way (as Decimal and JavaScript both write numbers), so a value a double cannot
+// hold exactly, or a text column's "007", is never taken for it.
+const sameNumber = (n: unknown, text: unknown) => typeof n === 'number' && typeof text === 'string' && String(n) === text
 
 // Rows are compared as JSON (a Date and its ISO string are the same value; so are 12.5 and a
 // Decimal 12.5).

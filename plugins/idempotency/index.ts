@@ -128,6 +128,8 @@ interface RecordRow {
   committedLongAgo: boolean | null
 }
 
+/** The version an If-Match header names (as the routes read it). */
+const IF_MATCH_VERSION = /^\s*(?:W\/)?"?(\d+)"?\s*$/
 const sleep = (ms: number) => new Promise(resolve => setTimeout(resolve, ms))
 
 /** Validates erp-idempotency's options as registering it does, without registering it; throws naming the option. */
@@ -214,12 +216,16 @@ async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempote
     // without writing: the check runs here instead, before anything is claimed or replayed.
     await fastify.erpAuth.checkMembership(request)
     const c: HeldClaim = { companyId: request.user.companyId, userId: request.user.userId, key: header, token: randomUUID() }
-    // If-Match is part of the request (a version, like the body's baseVersion). Added only when
-    // sent, so the hashes of requests without it are those earlier versions stored.
+    const described = `${request.method}\n${request.url}\n${canonical(request.body ?? null)}`
+    const bodyHash = createHash('sha256').update(described).digest('hex')
+    // If-Match is part of the request (a version, like the body's baseVersion), as the version it
+    // names ("2", W/"2" and 2 alike). Added only when sent, so a request without it hashes as
+    // earlier versions stored it; a record stored by those for a request with If-Match (body
+    // only) still answers its retry.
     const ifMatch = request.headers['if-match']
-    const hash = createHash('sha256')
-      .update(`${request.method}\n${request.url}\n${canonical(request.body ?? null)}${ifMatch === undefined ? '' : `\nif-match: ${String(ifMatch).trim()}`}`)
-      .digest('hex')
+    const version = ifMatch === undefined ? undefined : IF_MATCH_VERSION.exec(String(ifMatch))?.[1] ?? String(ifMatch).trim()
+    const hash = version === undefined ? bodyHash : createHash('sha256').update(`${described}\nif-match: ${version}`).digest('hex')
+    const sameRequest = (stored: string) => stored === hash || (version !== undefined && stored === bodyHash)
     const deadline = Date.now() + waitMs
     let reclaims = 0
     for (;;) {
@@ -235,7 +241,7 @@ async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempote
         await prisma.$executeRaw`DELETE FROM idempotency_records WHERE ${thisKey(c)} AND "expiresAt" <= ${NOW}`
         continue
       }
-      if (row.requestHash !== hash) throw new Errors.IDEMPOTENCY_KEY_REUSED()
+      if (!sameRequest(row.requestHash)) throw new Errors.IDEMPOTENCY_KEY_REUSED()
       if (row.statusCode !== IN_PROGRESS) return replay(reply, row.statusCode, row.body!)
       if (row.stale && !row.committed && await takeOver(c, row.token!)) {
         claims.set(request, c)

@@ -3,7 +3,7 @@ import { randomUUID } from 'node:crypto'
 import fp from 'fastify-plugin'
 import type { FastifyInstance } from 'fastify'
 import { z } from 'zod'
-import { deleteInBatches, every, parseOptions, refuseTakenDecorators, TEN_YEARS_S, timerMs } from '../support.ts'
+import { deleteInBatches, every, parseOptions, refuseTakenDecorators, sqlErrorOf, TEN_YEARS_S, timerMs } from '../support.ts'
 import { fenceError, fenceSql, heldClaims } from '../claim-fence.ts'
 import { Errors } from '../errors.ts'
 import { Prisma, type PrismaClient } from '../../src/generated/prisma/client.ts'
@@ -389,6 +389,10 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
           const refused = await prisma.$queryRaw`SELECT ${guard.sql}`.then(() => undefined, (guardErr: unknown) => guard.error?.(guardErr))
           if (refused) throw refused
         }
+        // The last statement found the transaction aborted: say why, not only "aborted".
+        if (sqlErrorOf(err)?.code === '25P02') {
+          throw new Error('erp-offline-queue: a statement in this transaction failed and its error was caught, so PostgreSQL rolled the whole transaction back and nothing was recorded; let the error propagate, or run the statement under a SAVEPOINT to recover from it', { cause: err })
+        }
         throw err
       })
     guard?.passed?.(guarded)
@@ -451,6 +455,12 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
         if (envelope.seq <= last) continue
         socket.emit(envelope.type as DomainEventType, envelope as never)
         last = envelope.seq
+      }
+      // Held events dropped unsent: say where the stream is, so a client that missed the error
+      // ack (or has no beacon) sees the gap now rather than at the next event.
+      const head = dispatcher.lastDelivered(stream)
+      if (afterSeq === null && (state.buffer.length > 0 || state.overflowed) && head !== undefined) {
+        socket.emit('sync:head', { stream: stream as Stream, seq: head })
       }
       perSocket!.delete(stream)
       if (perSocket!.size === 0) holds.delete(socket.id)
