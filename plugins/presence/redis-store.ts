@@ -78,8 +78,8 @@ end
 // How long a mutating script's reply is kept under its op key (see Script): longer than any
 // reconnect after which ioredis re-sends the commands whose replies it did not get.
 const OP_REPLY_TTL_MS = 15_000
-// A failed sweep claim is tried once more after this long (same op key: see claim()).
-const CLAIM_RETRY_MS = 50
+// A presence change whose reply did not come is tried once more after this long (same op key: see run()).
+const RETRY_MS = 50
 // How long a sweep's claim is remembered (swept:<member>): a node that was stalled that long
 // after its socket expired, and then sees it leave, announces a second offline (harmless: a
 // newer rev of the same state) instead of none.
@@ -286,8 +286,7 @@ export class RedisPresenceStore implements PresenceStore {
   private graceMember (companyId: string, userId: string) { return JSON.stringify(['g', companyId, userId]) }
   private sweptKey (member: string) { return `${this.prefix}:swept:${member}` }
 
-  private async run<T> (script: Script, keys: string[], args: Array<string | number>, op: string = randomUUID()): Promise<T> {
-    if (script.once) keys = [...keys, `${this.prefix}:op:${op}`]
+  private async send<T> (script: Script, keys: string[], args: Array<string | number>): Promise<T> {
     try {
       return await this.redis.evalsha(script.sha, keys.length, ...keys, ...args) as T
     } catch (err) {
@@ -298,20 +297,23 @@ export class RedisPresenceStore implements PresenceStore {
   }
 
   /**
-   * A sweep's claim, tried a second time under the same op key when its reply did not come
-   * (commandTimeout, a lost connection): it may have run and removed its entry, and then only its
-   * kept reply says what to announce. Nobody else will claim that entry again. A script error
-   * (ReplyError) is not retried: the script stopped part-way, and a second run would find its
-   * first writes done and claim nothing, hiding the error.
+   * Runs a script. One that changes presence (`once`) is tried a second time under the same op
+   * key when its reply did not come (commandTimeout, a lost connection): it may have run, and then
+   * only its kept reply says what to announce. Without it, a connect that ran announced no online,
+   * a grace period that ended no offline (its entry gone, no sweep would claim it: the user
+   * online for good), a status change nothing. A script error (ReplyError) is not retried: the
+   * script stopped part-way, and a second run would find its first writes done and report
+   * nothing, hiding the error.
    */
-  private async claim<T> (script: Script, keys: string[], args: Array<string | number>): Promise<T> {
-    const op = randomUUID()
+  private async run<T> (script: Script, keys: string[], args: Array<string | number>): Promise<T> {
+    if (!script.once) return await this.send<T>(script, keys, args)
+    const opKeys = [...keys, `${this.prefix}:op:${randomUUID()}`]
     try {
-      return await this.run<T>(script, keys, args, op)
+      return await this.send<T>(script, opKeys, args)
     } catch (err) {
       if (err instanceof ReplyError) throw err
-      await new Promise(resolve => setTimeout(resolve, CLAIM_RETRY_MS))
-      return await this.run<T>(script, keys, args, op)
+      await new Promise(resolve => setTimeout(resolve, RETRY_MS))
+      return await this.send<T>(script, opKeys, args)
     }
   }
 
@@ -373,11 +375,11 @@ export class RedisPresenceStore implements PresenceStore {
       }
       const [kind, companyId, userId, socketId] = parsed as string[]
       if (kind === 'g' && companyId && userId) {
-        const rev = await this.claim<number>(END_GRACE, [this.usersKey(companyId), this.expiryKey, this.revKey(companyId), this.epochKey, this.sweptKey(member)], [userId, member, 'due', now!, ''])
+        const rev = await this.run<number>(END_GRACE, [this.usersKey(companyId), this.expiryKey, this.revKey(companyId), this.epochKey, this.sweptKey(member)], [userId, member, 'due', now!, ''])
         return rev > 0 ? { companyId, userId, after: null, rev } : null
       }
       if (kind === 's' && companyId && userId && socketId) {
-        const result = await this.claim<['offline', number] | ['devices', string] | null>(EXPIRE_SOCKET,
+        const result = await this.run<['offline', number] | ['devices', string] | null>(EXPIRE_SOCKET,
           [this.usersKey(companyId), this.socketsKey(companyId), this.expiryKey, this.revKey(companyId), this.sweptKey(member)], [userId, socketId, member, now!])
         if (!result) return null
         if (result[0] === 'offline') return { companyId, userId, after: null, rev: Number(result[1]) }
