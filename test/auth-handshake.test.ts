@@ -345,6 +345,25 @@ t.test('POST /auth/login', async t => {
   t.equal(invalid.json().error.code, 'VALIDATION_FAILED')
 })
 
+// Regression (presence and auth review): the "not older" check ran before the membership query and
+// not after it: of two refreshes sent together, the one with the earlier exp could be applied last,
+// and the socket expired at that earlier time though the later token's refresh had been acked.
+t.test('of two refreshes sent together, the earlier exp cannot replace the later one', async t => {
+  const { app, url } = await build(t)
+  const company = await createCompany(app, ['admin'])
+  const admin = company.as('admin')
+  const token = (exp: number) => jwt({ alg: 'HS256', typ: 'JWT' }, { sub: admin.id, companyId: company.id, role: 'admin', iat: now(), exp })
+  const at = now()
+  const socket = await connect(t, url, token(at + 60))
+  const [later, earlier] = await Promise.all([
+    request(socket, 'auth:refresh', { token: token(at + 3600) }),
+    request(socket, 'auth:refresh', { token: token(at + 120) })
+  ])
+  t.same(later, { ok: true, exp: at + 3600 })
+  t.match(earlier, { ok: false, error: { code: 'AUTH_INVALID_TOKEN', message: /expires before the current one/ } })
+  t.equal(app.io.of('/').sockets.get(socket.id!)?.data.exp, at + 3600, 'the later exp stands')
+})
+
 t.test('expiry while connected', async t => {
   const { app, url } = await build(t)
   const company = await createCompany(app, ['admin', 'member'])

@@ -458,13 +458,16 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     if (claims.sub !== socket.data.userId || claims.companyId !== socket.data.companyId) {
       throw new SocketError('AUTH_INVALID_TOKEN', 'Refresh token must be for the same user and company')
     }
-    if (claims.exp < socket.data.exp) throw new SocketError('AUTH_INVALID_TOKEN', 'Refresh token expires before the current one')
+    const olderThanCurrent = () => claims.exp < socket.data.exp
+    if (olderThanCurrent()) throw new SocketError('AUTH_INVALID_TOKEN', 'Refresh token expires before the current one')
     const role = await membership(claims.sub, claims.companyId)
     if (!role) {
       // The membership is gone: this socket's own is too. Cut it once the refusal is acked.
       setImmediate(revoke, socket)
       throw new SocketError('AUTH_NOT_A_MEMBER', codedError('AUTH_NOT_A_MEMBER').message)
     }
+    // Again: a refresh with a later token may have been applied while this one's check ran.
+    if (olderThanCurrent()) throw new SocketError('AUTH_INVALID_TOKEN', 'Refresh token expires before the current one')
     socket.data.exp = claims.exp
     socket.data.role = role
     if (socket.connected) armExpiry(socket)
