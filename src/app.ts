@@ -77,9 +77,9 @@ async function registerAll (app: FastifyInstance, config: AppConfig, db: Databas
     // Every covered route of this app writes through eventLog, so a claim left by a crash can
     // be recovered (erp-idempotency's recoverAfterMs).
     idempotency: { recoverAfterMs: 60_000, ...realtime.idempotency },
+    // The store is left to erp-presence: the adapter's Redis (keys under <redisPrefix>:presence)
+    // when REDIS_URL is set, shared by every node; one node's memory otherwise.
     presence: {
-      // Shared by every node when Redis is configured; one node's memory otherwise.
-      store: config.redisUrl ? { redis: config.redisUrl, prefix: config.redisPrefix && `${config.redisPrefix}:presence` } : 'memory',
       graceMs: config.presenceGraceMs,
       ...realtime.presence
     }

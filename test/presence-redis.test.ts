@@ -106,6 +106,51 @@ t.test('two nodes sharing Redis: the same presence:list on both, changes reach t
   t.match(await entryOf(onB.socket, member.id), { ...oneDevice, rev: onB.revs(member.id).at(-1) }, 'and the list agrees')
 })
 
+// Regression (presence review): with erp-socket on Redis and erp-presence left at its default, each
+// node kept its own presence in memory and relayed its announcements to the others: a user who left
+// node A while still on node B was announced offline everywhere, and A's list left them out.
+t.test('presence left unset on a Redis adapter is shared through that Redis: leaving one node is not an offline', async t => {
+  const prefix = redisPrefix(t)
+  const db = await testDatabase(t)
+  const realtime = { socket: { redis: TEST_REDIS_URL, redisPrefix: prefix }, presence: { ...FAST } }
+  const a = await build(t, { db, realtime })
+  const b = await build(t, { db, realtime })
+  const company = await createCompany(a.app, ['admin', 'member'])
+  const member = company.as('member')
+  const onA = await watch(t, a.url, company.as('admin').token)
+  const phone = await connect(t, a.url, member.token)
+  await connect(t, b.url, member.token)
+  await waitFor(async () => (await entryOf(onA.socket, member.id))?.devices === 2, 5000, 'two devices, across nodes')
+  phone.disconnect()
+  await waitFor(async () => (await entryOf(onA.socket, member.id))?.devices === 1, 5000, 'one device left')
+  await sleep(FAST.graceMs! + 300)
+  t.notOk(onA.about(member.id).some(change => change.status === 'offline'), 'never announced offline')
+  t.match(await entryOf(onA.socket, member.id), { status: 'online', devices: 1 })
+  const probe = new Redis(TEST_REDIS_URL)
+  t.teardown(() => probe.disconnect())
+  t.ok((await probe.keys(`${prefix}:presence:*`)).length > 0, 'kept under <redisPrefix>:presence')
+})
+
+t.test("the 'memory' presence store with erp-socket on Redis is refused at registration", async t => {
+  const db = await testDatabase(t)
+  await t.rejects(
+    build(t, { db, realtime: { socket: { redis: TEST_REDIS_URL, redisPrefix: uniqueName('refused') }, presence: { store: 'memory' } } }),
+    { message: /^erp-presence: the 'memory' store keeps presence on this node, but erp-socket shares rooms across nodes through Redis/ }
+  )
+})
+
+t.test('the presence connection opened on the adapter\'s Redis is closed with the app', async t => {
+  const redis = await dedicatedRedis(t)
+  const { app } = await build(t, { realtime: { socket: { redis: redis.url } } })
+  const probe = new Redis(redis.url)
+  t.teardown(() => probe.disconnect())
+  const connections = async () => String(await probe.client('LIST')).trim().split('\n').length - 1
+  t.equal(await connections(), 3, 'the adapter\'s two and presence\'s one')
+  await app.close()
+  await waitFor(async () => await connections() === 0, 3000, 'all closed').catch(() => {})
+  t.equal(await connections(), 0)
+})
+
 t.test('regression: a devices: 1 relayed from node A after node B announced devices: 2 is dropped, not applied (presence out of order across nodes)', async t => {
   const { a, b, onA, onB, member } = await watchedNodes(t)
 

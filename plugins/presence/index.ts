@@ -27,8 +27,10 @@ export interface RedisPresenceStoreOption {
 
 export interface ErpPresenceOptions {
   /**
-   * Where presence lives: `'memory'` (one node), `{ redis }` (shared by every node on that Redis),
-   * or your own `PresenceStore` (not closed by the plugin). Default `'memory'`.
+   * Where presence lives: `'memory'` (one node; refused when erp-socket uses Redis), `{ redis }`
+   * (shared by every node on that Redis), or your own `PresenceStore` (not closed by the plugin).
+   * Default: `'memory'` on erp-socket's memory adapter; on its Redis adapter, a Redis store on a
+   * connection of its own to that Redis, keys under `<redisPrefix>:presence`.
    */
   store?: 'memory' | RedisPresenceStoreOption | PresenceStore
   /** How long a user stays present after the last device drops (PRESENCE_GRACE_MS). Default 5000. */
@@ -98,7 +100,7 @@ const optionsSchema = z.object({
       redisOptions: z.record(z.string(), z.unknown()).optional()
     }).strict(),
     z.custom<PresenceStore>(isStore, "must be 'memory', { redis } or a PresenceStore")
-  ]).default('memory'),
+  ]).optional(),
   graceMs: z.number().int().min(0).max(3_600_000).default(5000),
   heartbeatMs: timerMs(10).default(10000),
   ttlMs: timerMs(20).default(30000),
@@ -127,17 +129,22 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
   refuseTakenDecorators(fastify, 'erp-presence', ['presence'])
   const { graceMs, heartbeatMs, ttlMs, sweepIntervalMs, sweepBatchSize, revCacheSize, batchMs } = parsed.data
   const storeOption = parsed.data.store
-  const ownsStore = storeOption === 'memory' || !isStore(storeOption)
-  const store: PresenceStore = storeOption === 'memory'
-    ? new MemoryPresenceStore()
-    : isStore(storeOption)
-      ? storeOption
-      : new RedisPresenceStore({
-        redis: storeOption.redis,
-        prefix: storeOption.prefix,
-        redisOptions: storeOption.redisOptions as RedisOptions | undefined,
-        onError: err => fastify.log.warn({ err: err.message }, 'erp-presence: Redis connection error')
-      })
+  const shared = fastify.erpSocket.adapterType === 'redis'
+  if (storeOption === 'memory' && shared) {
+    throw new Error("erp-presence: the 'memory' store keeps presence on this node, but erp-socket shares rooms across nodes through Redis: users would show offline on one node while online on another. Leave `store` unset (presence then uses the adapter's Redis), or pass { redis } or your own PresenceStore")
+  }
+  const onError = (err: Error) => fastify.log.warn({ err: err.message }, 'erp-presence: Redis connection error')
+  const ownsStore = storeOption === undefined || storeOption === 'memory' || !isStore(storeOption)
+  const store: PresenceStore = storeOption === undefined
+    // Unset: one node's memory, or the adapter's Redis when rooms span nodes.
+    ? shared
+      ? new RedisPresenceStore({ redis: fastify.erpSocket.redisConnection!(), ownsClient: true, prefix: `${fastify.erpSocket.redisPrefix}:presence`, onError })
+      : new MemoryPresenceStore()
+    : storeOption === 'memory'
+      ? new MemoryPresenceStore()
+      : isStore(storeOption)
+        ? storeOption
+        : new RedisPresenceStore({ redis: storeOption.redis, prefix: storeOption.prefix, redisOptions: storeOption.redisOptions as RedisOptions | undefined, onError })
 
   const io = fastify.io
 

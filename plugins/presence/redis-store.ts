@@ -8,8 +8,10 @@ export interface RedisPresenceStoreOptions {
   redis: string | Redis
   /** Prefix of every key. Default `'erp-realtime:presence'`. */
   prefix?: string
-  /** ioredis options for a connection opened from a URL. Default `{ maxRetriesPerRequest: 2 }`. */
+  /** ioredis options for a connection opened from a URL, over the defaults `{ maxRetriesPerRequest: 2, commandTimeout: 2000 }`. */
   redisOptions?: RedisOptions
+  /** Close a client passed as `redis` when the store closes (one made for this store). Default false. */
+  ownsClient?: boolean
   /** Called with connection errors (at most once per distinct message until the next 'ready'). */
   onError?: (err: Error) => void
 }
@@ -259,7 +261,7 @@ export class RedisPresenceStore implements PresenceStore {
 
   constructor (options: RedisPresenceStoreOptions) {
     this.prefix = options.prefix ?? 'erp-realtime:presence'
-    this.owned = typeof options.redis === 'string'
+    this.owned = typeof options.redis === 'string' || options.ownsClient === true
     this.redis = typeof options.redis === 'string'
       // commandTimeout: a Redis that stops answering (connection open, no replies) fails
       // presence calls (SERVICE_UNAVAILABLE) instead of leaving acks and the app's close waiting.

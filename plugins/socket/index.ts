@@ -89,6 +89,12 @@ export interface ErpSocketDecorator {
   originAllowed (origin: string | undefined, host: string | undefined): boolean
   /** Sends an inter-server event to the other nodes (no-op on the memory adapter). */
   toOtherNodes<E extends keyof InterServerEvents> (event: E, ...args: Parameters<InterServerEvents[E]>): void
+  /**
+   * Opens a new connection to the adapter's Redis with its publisher's options (`duplicate()`),
+   * for a plugin that shares that Redis (erp-presence by default); the caller owns and closes it.
+   * Undefined on the memory adapter.
+   */
+  redisConnection?: () => Redis
 }
 
 declare module 'fastify' {
@@ -169,6 +175,7 @@ async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions
   let countServers = async (): Promise<number> => 1
   let ownedClients: Redis[] = []
   let releaseAdapterClients = () => {}
+  let redisConnection: (() => Redis) | undefined
   if (options.redis !== undefined) {
     adapterType = 'redis'
     let pub: Redis
@@ -185,6 +192,7 @@ async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions
       pub = options.redis.pubClient
       sub = options.redis.subClient
     }
+    redisConnection = () => pub.duplicate()
     // An unhandled 'error' on an ioredis client would crash the process; log once per outage instead.
     let lastLogged = ''
     const warn = (message: string, what: string) => {
@@ -293,7 +301,8 @@ async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions
       } catch (err) {
         fastify.log.warn({ err }, `erp-socket: could not send ${event} to other nodes`)
       }
-    }
+    },
+    redisConnection
   }
 
   fastify.decorate('io', io)
