@@ -283,3 +283,26 @@ t.test('invalid options are refused at registration with the option named', asyn
     await app.close().catch(() => {})
   }
 })
+
+// Regression (presence and auth review): presence:set calls of one socket queued without bound
+// behind a slow store (a promise chain per socket, each a store write to come).
+t.test('a socket with 8 presence:set calls waiting for the store gets RATE_LIMITED for more; the waiting ones complete', async t => {
+  let open!: () => void
+  const gate = new Promise<void>(resolve => { open = resolve })
+  class SlowStore extends MemoryPresenceStore {
+    override async set (...args: Parameters<MemoryPresenceStore['set']>) {
+      await gate
+      return await super.set(...args)
+    }
+  }
+  const { app, url } = await build(t, { realtime: { presence: { ...FAST, store: new SlowStore() } } })
+  const member = (await createCompany(app, ['member'])).as('member')
+  const socket = await connect(t, url, member.token)
+  const statuses = ['away', 'busy', 'online'] as const
+  const acks = Array.from({ length: 10 }, (_, i) => request(socket, 'presence:set', { status: statuses[i % 3] }))
+  const refused = await Promise.all(acks.slice(8))
+  t.same(refused.map(ack => ack.error?.code), ['RATE_LIMITED', 'RATE_LIMITED'], 'the 9th and 10th are refused at once')
+  open()
+  t.same(await Promise.all(acks.slice(0, 8)), Array(8).fill({ ok: true }), 'the first 8 complete')
+  t.same(await request(socket, 'presence:set', { status: 'away' }), { ok: true }, 'and the next is taken again')
+})

@@ -110,6 +110,8 @@ const optionsSchema = z.object({
   batchMs: z.number().int().min(0).max(10_000).default(50)
 }).strict().refine(o => o.ttlMs >= 2 * o.heartbeatMs, { message: 'must be at least twice heartbeatMs', path: ['ttlMs'] })
 
+/** `presence:set` calls of one socket that may wait for the store at once; more answer RATE_LIMITED. */
+const MAX_PENDING_SETS = 8
 /** Sweep batches per run, so a backlog after an outage drains without one run monopolising the node. */
 const MAX_SWEEP_BATCHES = 20
 // How long close waits for the store updates of the sockets it disconnected.
@@ -154,6 +156,8 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
     chain: Promise<unknown>
     /** The store's epoch when the socket was last recorded (see Transition.epoch). */
     epoch?: string
+    /** `presence:set` calls of this socket not yet answered. */
+    sets: number
   }
   const local = new Map<string, LocalSocket>()
   const graceTimers = new Map<string, NodeJS.Timeout>()
@@ -352,7 +356,14 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
   const onSet = listener('presence:set', presenceSetSchema, async (socket, { status, viewing }) => {
     const entry = local.get(socket.id)
     if (!active || !entry) throw new SocketError('SERVICE_UNAVAILABLE', 'This node is shutting down')
-    await enqueue(entry, () => setPresence(entry, status, viewing)).catch(unavailable)
+    // Bounded: each waits in the socket's queue (memory) and is a store write.
+    if (entry.sets >= MAX_PENDING_SETS) throw new SocketError('RATE_LIMITED', `More than ${MAX_PENDING_SETS} presence changes are waiting; send the next once they are acked`)
+    entry.sets++
+    try {
+      await enqueue(entry, () => setPresence(entry, status, viewing)).catch(unavailable)
+    } finally {
+      entry.sets--
+    }
     return {}
   }, err => fastify.log.error({ err }, 'erp-presence: presence:set failed'))
 
@@ -372,7 +383,7 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
   const onConnection = (socket: ErpSocket) => {
     const { companyId, userId } = socket.data
     if (!active || !companyId || !userId) return
-    const entry: LocalSocket = { ref: { companyId, userId, socketId: socket.id }, chain: Promise.resolve() }
+    const entry: LocalSocket = { ref: { companyId, userId, socketId: socket.id }, chain: Promise.resolve(), sets: 0 }
     local.set(socket.id, entry)
     if (batched.has(companyId)) append(joinedDuringWindow, companyId, { socketId: socket.id, tick: changeTick })
     enqueue(entry, () => register(entry)).then(succeeded, failed('recording a connection'))
