@@ -4,7 +4,8 @@ import { authHeader, build, createCompany, testDatabase } from './helpers.ts'
 
 // Regression (replay review): the retention jobs computed their cutoff from this node's clock,
 // while `createdAt` is stamped by the database's: a node whose clock ran an hour ahead pruned
-// events and merge bases an hour early, for every client.
+// events and merge bases an hour early, for every client. PostgreSQL only: PGlite runs in this
+// process, on its clock.
 
 /** Runs `fn` with this process's clock `aheadMs` ahead. */
 async function withClockAhead<T> (aheadMs: number, fn: () => Promise<T>): Promise<T> {
@@ -42,31 +43,34 @@ t.test('a node whose clock runs ahead prunes no merge base before the database\'
 
 // Regression (review of the fix above): a cutoff from the volatile clock_timestamp() cannot be an
 // index bound, so every prune run scanned the whole events table.
-t.test('the retention jobs\' cutoffs can use the createdAt indexes', async t => {
-  const db = await testDatabase(t)
-  const statements: Array<{ sql: string, text: string, values: unknown[] }> = []
-  // The app's client, with its `$executeRaw` DELETEs of events and revisions recorded.
-  const prisma = new Proxy(db.prisma, {
-    get (target, prop) {
-      const value = Reflect.get(target, prop, target) as unknown
-      if (prop !== '$executeRaw') return typeof value === 'function' ? (value as (...a: unknown[]) => unknown).bind(target) : value
-      return (strings: TemplateStringsArray, ...values: unknown[]) => {
-        const query = Prisma.sql(strings, ...values)
-        if (/^\s*DELETE FROM (events|revisions)/.test(query.sql)) statements.push({ sql: query.sql, text: query.text, values: query.values })
-        return (value as (...a: unknown[]) => unknown).call(target, strings, ...values)
+for (const embedded of [false, true]) {
+  const on = embedded ? 'PGlite' : 'PostgreSQL'
+  t.test(`${on}: the retention jobs' cutoffs can use the createdAt indexes`, async t => {
+    const db = await testDatabase(t, { embedded })
+    const statements: Array<{ sql: string, text: string, values: unknown[] }> = []
+    // The app's client, with its `$executeRaw` DELETEs of events and revisions recorded.
+    const prisma = new Proxy(db.prisma, {
+      get (target, prop) {
+        const value = Reflect.get(target, prop, target) as unknown
+        if (prop !== '$executeRaw') return typeof value === 'function' ? (value as (...a: unknown[]) => unknown).bind(target) : value
+        return (strings: TemplateStringsArray, ...values: unknown[]) => {
+          const query = Prisma.sql(strings, ...values)
+          if (/^\s*DELETE FROM (events|revisions)/.test(query.sql)) statements.push({ sql: query.sql, text: query.text, values: query.values })
+          return (value as (...a: unknown[]) => unknown).call(target, strings, ...values)
+        }
       }
+    })
+    const { app } = await build(t, { db: { ...db, prisma } })
+    await app.eventLog.prune()
+    await app.conflicts.prune()
+    const cutoffDeletes = statements.filter(query => query.sql.includes('"createdAt" <'))
+    t.equal(cutoffDeletes.length, 2, 'the events\' and the revisions\' cutoff deletes')
+    for (const query of cutoffDeletes) {
+      const plan = await db.prisma.$transaction(async (tx) => {
+        await tx.$executeRawUnsafe('SET LOCAL enable_seqscan = off')
+        return await tx.$queryRawUnsafe<Array<{ 'QUERY PLAN': string }>>(`EXPLAIN ${query.text}`, ...query.values)
+      })
+      t.match(plan.map(row => row['QUERY PLAN']).join('\n'), /(Index (Only )?Scan using|Bitmap Index Scan on) "(events|revisions)_createdAt_idx"/, query.sql.trim().slice(0, 60))
     }
   })
-  const { app } = await build(t, { db: { ...db, prisma } })
-  await app.eventLog.prune()
-  await app.conflicts.prune()
-  const cutoffDeletes = statements.filter(query => query.sql.includes('"createdAt" <'))
-  t.equal(cutoffDeletes.length, 2, 'the events\' and the revisions\' cutoff deletes')
-  for (const query of cutoffDeletes) {
-    const plan = await db.prisma.$transaction(async (tx) => {
-      await tx.$executeRawUnsafe('SET LOCAL enable_seqscan = off')
-      return await tx.$queryRawUnsafe<Array<{ 'QUERY PLAN': string }>>(`EXPLAIN ${query.text}`, ...query.values)
-    })
-    t.match(plan.map(row => row['QUERY PLAN']).join('\n'), /(Index (Only )?Scan using|Bitmap Index Scan on) "(events|revisions)_createdAt_idx"/, query.sql.trim().slice(0, 60))
-  }
-})
+}
