@@ -7,7 +7,7 @@ import erpAuth, { checkAuthOptions, type ErpAuthOptions } from './auth/index.ts'
 import erpOfflineQueue, { checkOfflineQueueOptions, type ErpOfflineQueueOptions } from './offline-queue/index.ts'
 import erpConflicts, { checkConflictsOptions, type ErpConflictsOptions } from './conflict-resolution/index.ts'
 import erpHealth, { checkHealthOptions, type ErpHealthOptions } from './health/index.ts'
-import erpPresence, { checkPresenceOptions, type ErpPresenceOptions } from './presence/index.ts'
+import erpPresence, { checkPresenceOptions, refuseMemoryOnRedis, type ErpPresenceOptions } from './presence/index.ts'
 import erpIdempotency, { checkIdempotencyOptions, type ErpIdempotencyOptions } from './idempotency/index.ts'
 import { parseOptions } from './support.ts'
 
@@ -43,7 +43,7 @@ export interface ErpRealtimeOptions {
   eventLog?: Omit<ErpOfflineQueueOptions, 'prisma'>
   conflicts?: Omit<ErpConflictsOptions, 'prisma'>
   health?: Omit<ErpHealthOptions, 'prisma'>
-  /** Presence (erp-presence): store, grace period, heartbeat and TTL. Default: memory store. */
+  /** Presence (erp-presence): store, grace period, heartbeat and TTL. Default store: memory on one node, the adapter's Redis with `socket.redis`. */
   presence?: ErpPresenceOptions
   /** Idempotency-Key handling for POST/PATCH/PUT routes registered after the umbrella. */
   idempotency?: Omit<ErpIdempotencyOptions, 'prisma'>
@@ -80,6 +80,7 @@ async function erpRealtime (fastify: FastifyInstance, options: ErpRealtimeOption
     checkSocketOptions(sections.socket)
     checkAuthOptions(sections.auth)
     checkPresenceOptions(sections.presence)
+    refuseMemoryOnRedis(sections.presence.store, sections.socket.redis !== undefined)
     checkOfflineQueueOptions(sections.eventLog)
     checkConflictsOptions(sections.conflicts)
     checkIdempotencyOptions(sections.idempotency)

@@ -1,6 +1,7 @@
 import net from 'node:net'
 import { isDeepStrictEqual } from 'node:util'
-import type { FastifyInstance } from 'fastify'
+import Fastify, { type FastifyInstance } from 'fastify'
+import erpRealtime from '../plugins/index.ts'
 import { Redis } from 'ioredis'
 import t, { type Test } from 'tap'
 import type { PresenceChanged } from '../plugins/events.ts'
@@ -131,12 +132,62 @@ t.test('presence left unset on a Redis adapter is shared through that Redis: lea
   t.ok((await probe.keys(`${prefix}:presence:*`)).length > 0, 'kept under <redisPrefix>:presence')
 })
 
+// Regression (review of the retry): a grace end whose reply came later than both tries had ended in
+// Redis (entry and user gone, nothing for a sweep) and its failure was only logged: the user stayed
+// online on every client for good. The node now asks again, and the store answers the offline.
+t.test('a grace end that failed though its script ran is asked again, and the offline is announced', async t => {
+  const prefix = redisPrefix(t)
+  let lose = 1
+  class LateRepliesStore extends RedisPresenceStore {
+    override async endGrace (...args: Parameters<RedisPresenceStore['endGrace']>) {
+      const offline = await super.endGrace(...args)
+      if (lose-- > 0) throw new Error('Command timed out (test: the script ran, its reply came too late)')
+      return offline
+    }
+  }
+  const store = new LateRepliesStore({ redis: TEST_REDIS_URL, prefix })
+  t.teardown(() => store.close())
+  const { app, url } = await build(t, { realtime: { presence: { ...FAST, store } } })
+  const company = await createCompany(app, ['admin', 'member'])
+  const member = company.as('member')
+  const watcher = await watch(t, url, company.as('admin').token)
+  const phone = await connect(t, url, member.token)
+  await waitFor(() => watcher.about(member.id).some(change => change.status === 'online'), 5000, 'online')
+  phone.disconnect()
+  await waitFor(() => watcher.about(member.id).some(change => change.status === 'offline'), 8000, 'the offline, announced by the second ask')
+  t.equal(lose, -1, 'asked twice')
+  t.same(await list(watcher.socket).then(users => users.map(user => user.userId)), [company.as('admin').id])
+})
+
+t.test('a Redis that stops answering does not hold close when erp-socket was given clients without a command timeout', async t => {
+  const redis = await dedicatedRedis(t)
+  const pubClient = new Redis(redis.url)
+  const subClient = pubClient.duplicate()
+  t.teardown(() => { pubClient.disconnect(); subClient.disconnect() })
+  const { app, url } = await build(t, { realtime: { socket: { redis: { pubClient, subClient } }, presence: { ...FAST } } })
+  const company = await createCompany(app, ['admin'])
+  await connect(t, url, company.as('admin').token)
+  await redis.pause()
+  t.teardown(() => redis.resume())
+  const started = Date.now()
+  await app.close()
+  t.ok(Date.now() - started < 8000, `closed in ${Date.now() - started} ms`)
+})
+
 t.test("the 'memory' presence store with erp-socket on Redis is refused at registration", async t => {
   const db = await testDatabase(t)
   await t.rejects(
     build(t, { db, realtime: { socket: { redis: TEST_REDIS_URL, redisPrefix: uniqueName('refused') }, presence: { store: 'memory' } } }),
     { message: /^erp-presence: the 'memory' store keeps presence on this node, but erp-socket shares rooms across nodes through Redis/ }
   )
+  // The umbrella refuses it before erp-socket connects to Redis.
+  const redis = await dedicatedRedis(t)
+  const app = Fastify()
+  t.teardown(() => app.close())
+  await t.rejects(async () => { await app.register(erpRealtime, { prisma: db.prisma, jwtSecret: 'x'.repeat(32), socket: { redis: redis.url }, presence: { store: 'memory' } }) }, /the 'memory' store/)
+  const probe = new Redis(redis.url)
+  t.teardown(() => probe.disconnect())
+  t.equal(String(await probe.client('LIST')).trim().split('\n').length - 1, 0, 'no connection was opened')
 })
 
 t.test('the presence connection opened on the adapter\'s Redis is closed with the app', async t => {

@@ -110,6 +110,9 @@ const optionsSchema = z.object({
   batchMs: z.number().int().min(0).max(10_000).default(50)
 }).strict().refine(o => o.ttlMs >= 2 * o.heartbeatMs, { message: 'must be at least twice heartbeatMs', path: ['ttlMs'] })
 
+/** A grace period's end that failed is asked again this many times in all, this long apart. */
+const GRACE_END_ATTEMPTS = 10
+const GRACE_END_RETRY_MS = 3000
 /** `presence:set` calls of one socket that may wait for the store at once; more answer RATE_LIMITED. */
 const MAX_PENDING_SETS = 8
 /** Sweep batches per run, so a backlog after an outage drains without one run monopolising the node. */
@@ -123,6 +126,17 @@ const append = <T>(lists: Map<string, T[]>, key: string, item: T): void => {
   else lists.set(key, [item])
 }
 
+/**
+ * Refuses the 'memory' store when erp-socket's rooms span nodes through Redis: each node would
+ * keep its own presence and relay its announcements, so users would show offline on one node
+ * while online on another.
+ */
+export function refuseMemoryOnRedis (store: unknown, adapterIsRedis: boolean): void {
+  if (store === 'memory' && adapterIsRedis) {
+    throw new Error("erp-presence: the 'memory' store keeps presence on this node, but erp-socket shares rooms across nodes through Redis: users would show offline on one node while online on another. Leave `store` unset (presence then uses the adapter's Redis), or pass { redis } or your own PresenceStore")
+  }
+}
+
 /** Validates erp-presence's options as registering it does, without registering it; throws naming the option. */
 export const checkPresenceOptions = (raw: unknown) => parseOptions('erp-presence', optionsSchema, raw)
 
@@ -132,15 +146,20 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
   const { graceMs, heartbeatMs, ttlMs, sweepIntervalMs, sweepBatchSize, revCacheSize, batchMs } = parsed.data
   const storeOption = parsed.data.store
   const shared = fastify.erpSocket.adapterType === 'redis'
-  if (storeOption === 'memory' && shared) {
-    throw new Error("erp-presence: the 'memory' store keeps presence on this node, but erp-socket shares rooms across nodes through Redis: users would show offline on one node while online on another. Leave `store` unset (presence then uses the adapter's Redis), or pass { redis } or your own PresenceStore")
-  }
+  refuseMemoryOnRedis(storeOption, shared)
   const onError = (err: Error) => fastify.log.warn({ err: err.message }, 'erp-presence: Redis connection error')
   const ownsStore = storeOption === undefined || storeOption === 'memory' || !isStore(storeOption)
   const store: PresenceStore = storeOption === undefined
     // Unset: one node's memory, or the adapter's Redis when rooms span nodes.
     ? shared
-      ? new RedisPresenceStore({ redis: fastify.erpSocket.redisConnection!(), ownsClient: true, prefix: `${fastify.erpSocket.redisPrefix}:presence`, onError })
+      // Presence's own defaults over the publisher's options (a caller's client may have no
+      // command timeout, or wait for Redis without limit): a hung Redis fails a call in 2 s.
+      ? new RedisPresenceStore({
+        redis: fastify.erpSocket.redisConnection!({ commandTimeout: 2000, maxRetriesPerRequest: 2, enableOfflineQueue: true }),
+        ownsClient: true,
+        prefix: `${fastify.erpSocket.redisPrefix}:presence`,
+        onError
+      })
       : new MemoryPresenceStore()
     : storeOption === 'memory'
       ? new MemoryPresenceStore()
@@ -288,7 +307,7 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
     clearTimeout(graceTimers.get(key))
     graceTimers.delete(key)
   }
-  const startGrace = (ref: SocketRef, graceUntil: number, epoch: string | undefined) => {
+  const startGrace = (ref: SocketRef, graceUntil: number, epoch: string | undefined, delayMs = graceMs, attempt = 1) => {
     if (!active) return
     const key = graceKey(ref)
     clearTimeout(graceTimers.get(key))
@@ -298,8 +317,15 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
       track(store.endGrace(ref.companyId, ref.userId, graceUntil, epoch)).then(offline => {
         succeeded()
         if (offline) announce(ref.companyId, ref.userId, null, offline.rev)
-      }, failed('ending a grace period'))
-    }, graceMs)
+      }, (err: unknown) => {
+        failed('ending a grace period')(err)
+        // Its script may still have run (a reply later than every try): the entry and the user are
+        // then gone, no sweep will claim them, and only this node can still announce the offline.
+        // Asked again, the store answers it (the user unknown, no sweep's claim), or nothing if the
+        // user came back meanwhile (a reconnect here cancels this timer too).
+        if (attempt < GRACE_END_ATTEMPTS) startGrace(ref, graceUntil, epoch, GRACE_END_RETRY_MS, attempt + 1)
+      })
+    }, delayMs)
     timer.unref()
     graceTimers.set(key, timer)
   }

@@ -1,5 +1,6 @@
 import { createHash, randomUUID } from 'node:crypto'
 import { Redis, ReplyError, type RedisOptions } from 'ioredis'
+import { withTimeout } from '../support.ts'
 import type { Viewing } from '../events.ts'
 import { PartialSweepError, type Change, type Departure, type Expired, type Offline, type PresenceStore, type SocketRef, type Transition, type UserPresence } from './store.ts'
 
@@ -80,6 +81,8 @@ end
 // How long a mutating script's reply is kept under its op key (see Script): longer than any
 // reconnect after which ioredis re-sends the commands whose replies it did not get.
 const OP_REPLY_TTL_MS = 15_000
+// How long close waits for QUIT's reply before dropping the connection.
+const CLOSE_QUIT_MS = 1000
 // A presence change whose reply did not come is tried once more after this long (same op key: see run()).
 const RETRY_MS = 50
 // How long a sweep's claim is remembered (swept:<member>): a node that was stalled that long
@@ -410,7 +413,10 @@ export class RedisPresenceStore implements PresenceStore {
       this.redis.off('ready', this.onReadyListener)
       return
     }
-    await this.redis.quit().catch(() => this.redis.disconnect())
+    // QUIT bounded: a Redis that stopped answering (or a client that waits for it without limit)
+    // must not hold the app's close.
+    if (this.redis.status === 'ready') await withTimeout(this.redis.quit().catch(() => {}), CLOSE_QUIT_MS, undefined)
+    this.redis.disconnect()
     // Keep a listener: a late socket error on a closed connection must not crash the process.
     this.redis.off('ready', this.onReadyListener)
   }

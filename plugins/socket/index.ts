@@ -91,10 +91,10 @@ export interface ErpSocketDecorator {
   toOtherNodes<E extends keyof InterServerEvents> (event: E, ...args: Parameters<InterServerEvents[E]>): void
   /**
    * Opens a new connection to the adapter's Redis with its publisher's options (`duplicate()`),
-   * for a plugin that shares that Redis (erp-presence by default); the caller owns and closes it.
-   * Undefined on the memory adapter.
+   * `options` over them, for a plugin that shares that Redis (erp-presence by default); the
+   * caller owns and closes it. Undefined on the memory adapter.
    */
-  redisConnection?: () => Redis
+  redisConnection?: (options?: RedisOptions) => Redis
 }
 
 declare module 'fastify' {
@@ -175,7 +175,7 @@ async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions
   let countServers = async (): Promise<number> => 1
   let ownedClients: Redis[] = []
   let releaseAdapterClients = () => {}
-  let redisConnection: (() => Redis) | undefined
+  let redisConnection: ((options?: RedisOptions) => Redis) | undefined
   if (options.redis !== undefined) {
     adapterType = 'redis'
     let pub: Redis
@@ -192,7 +192,7 @@ async function erpSocket (fastify: FastifyInstance, rawOptions: ErpSocketOptions
       pub = options.redis.pubClient
       sub = options.redis.subClient
     }
-    redisConnection = () => pub.duplicate()
+    redisConnection = (overrides) => pub.duplicate(overrides)
     // An unhandled 'error' on an ioredis client would crash the process; log once per outage instead.
     let lastLogged = ''
     const warn = (message: string, what: string) => {
