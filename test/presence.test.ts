@@ -306,3 +306,37 @@ t.test('a socket with 8 presence:set calls waiting for the store gets RATE_LIMIT
   t.same(await Promise.all(acks.slice(0, 8)), Array(8).fill({ ok: true }), 'the first 8 complete')
   t.same(await request(socket, 'presence:set', { status: 'away' }), { ok: true }, 'and the next is taken again')
 })
+
+// Regression (review of the grace retry): a grace end that failed retried its old deadline even
+// when the user had come back and left again on this node meanwhile; the retry cleared the newer
+// grace period's timer, and only a sweep (sweepIntervalMs later) ended it.
+t.test('a failed grace end of an earlier grace period does not cancel the timer of a newer one', async t => {
+  let calls = 0
+  let open!: () => void
+  const gate = new Promise<void>(resolve => { open = resolve })
+  class SlowFirstEnd extends MemoryPresenceStore {
+    override async endGrace (...args: Parameters<MemoryPresenceStore['endGrace']>) {
+      if (++calls === 1) {
+        await gate
+        throw new Error('the first grace end fails (test)')
+      }
+      return await super.endGrace(...args)
+    }
+  }
+  // No sweep in this test's time: only the grace timers end grace periods.
+  const { app, url } = await build(t, { realtime: { presence: { ...FAST, sweepIntervalMs: 60_000, store: new SlowFirstEnd() } } })
+  const company = await createCompany(app, ['admin', 'member'])
+  const member = company.as('member')
+  const watcher = await watch(t, url, company.as('admin').token)
+  const phone = await connect(t, url, member.token)
+  phone.disconnect()
+  await waitFor(() => calls === 1, 3000, 'the first grace end under way')
+  const laptop = await connect(t, url, member.token)
+  await sleep(100)
+  laptop.disconnect()
+  await sleep(100)
+  open()
+  await waitFor(() => watcher.about(member.id).some(change => change.status === 'offline'), 3000, 'the newer grace period ends on its own timer')
+  t.match(watcher.about(member.id).at(-1), { status: 'offline', devices: 0 }, 'the last change is the offline')
+  t.equal(calls, 2, 'the newer period\'s end, and no retry of the old one')
+})

@@ -322,8 +322,9 @@ async function erpPresence (fastify: FastifyInstance, rawOptions: ErpPresenceOpt
         // Its script may still have run (a reply later than every try): the entry and the user are
         // then gone, no sweep will claim them, and only this node can still announce the offline.
         // Asked again, the store answers it (the user unknown, no sweep's claim), or nothing if the
-        // user came back meanwhile (a reconnect here cancels this timer too).
-        if (attempt < GRACE_END_ATTEMPTS) startGrace(ref, graceUntil, epoch, GRACE_END_RETRY_MS, attempt + 1)
+        // user came back meanwhile (a reconnect here cancels this timer too). Not when a newer
+        // grace period of the user started here meanwhile: its own timer ends it.
+        if (attempt < GRACE_END_ATTEMPTS && !graceTimers.has(key)) startGrace(ref, graceUntil, epoch, GRACE_END_RETRY_MS, attempt + 1)
       })
     }, delayMs)
     timer.unref()
