@@ -137,6 +137,11 @@ export function batchPerTurn<K, V> (loadMany: (keys: readonly K[]) => Promise<V[
   return key => loader.load(key)
 }
 
+/** The digits of the row version an If-Match header names (`"3"`, `W/"3"`, `3`); undefined for any other value. */
+export function ifMatchVersion (header: string): string | undefined {
+  return /^\s*(?:W\/)?"?(\d+)"?\s*$/.exec(header)?.[1]
+}
+
 /** A route option's hooks as an array (Fastify accepts one function or a list), to append to. */
 export function hookList<T> (hooks: T | T[] | undefined): T[] {
   return hooks === undefined ? [] : Array.isArray(hooks) ? hooks : [hooks]

@@ -2,7 +2,7 @@ import { createHash, randomUUID } from 'node:crypto'
 import fp from 'fastify-plugin'
 import type { FastifyInstance, FastifyReply, FastifyRequest, HTTPMethods, onSendHookHandler, preHandlerHookHandler } from 'fastify'
 import { z } from 'zod'
-import { deleteInBatches, every, hookList, parseOptions, refuseTakenDecorators, timerMs } from '../support.ts'
+import { deleteInBatches, every, hookList, ifMatchVersion, parseOptions, refuseTakenDecorators, timerMs } from '../support.ts'
 import { Prisma, type PrismaClient } from '../../src/generated/prisma/client.ts'
 import { Errors } from '../errors.ts'
 import { heldClaims, type HeldClaim } from '../claim-fence.ts'
@@ -128,8 +128,6 @@ interface RecordRow {
   committedLongAgo: boolean | null
 }
 
-/** The version an If-Match header names (as the routes read it). */
-const IF_MATCH_VERSION = /^\s*(?:W\/)?"?(\d+)"?\s*$/
 const sleep = (ms: number) => new Promise(resolve => setTimeout(resolve, ms))
 
 /** Validates erp-idempotency's options as registering it does, without registering it; throws naming the option. */
@@ -223,7 +221,7 @@ async function erpIdempotency (fastify: FastifyInstance, rawOptions: ErpIdempote
     // earlier versions stored it; a record stored by those for a request with If-Match (body
     // only) still answers its retry.
     const ifMatch = request.headers['if-match']
-    const version = ifMatch === undefined ? undefined : IF_MATCH_VERSION.exec(String(ifMatch))?.[1] ?? String(ifMatch).trim()
+    const version = ifMatch === undefined ? undefined : ifMatchVersion(String(ifMatch)) ?? String(ifMatch).trim()
     const hash = version === undefined ? bodyHash : createHash('sha256').update(`${described}\nif-match: ${version}`).digest('hex')
     const sameRequest = (stored: string) => stored === hash || (version !== undefined && stored === bodyHash)
     const deadline = Date.now() + waitMs

@@ -92,8 +92,9 @@ export interface EventLog {
    * ends it): a caller removed while the request waited for a connection, a row lock or a
    * queue commits nothing. A statement that failed in `fn` aborts the transaction even when
    * `fn` catches its error (PostgreSQL then turns the COMMIT into a ROLLBACK, which Prisma does not
-   * report): the last statement then fails, and `transaction` rejects with it instead of
-   * resolving, and emitting events, for a change that did not happen.
+   * report): the last statement then fails, and `transaction` rejects (with an error saying so,
+   * the aborted statement's as its `cause`) instead of resolving, and emitting events, for a
+   * change that did not happen.
    */
   transaction<T> (fn: (tx: Tx, publish: Publish) => Promise<T>, options?: TransactionOptions): Promise<T>
   /** Records and emits one event in a transaction of its own. */
@@ -443,8 +444,9 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
   }
 
   /**
-   * Sends held events after `afterSeq` in order (none when `afterSeq` is null) and lets live
-   * events through again. Synchronous.
+   * Sends held events after `afterSeq` in order and lets live events through again. With
+   * `afterSeq` null (a failed resume) the held events are dropped instead, and `sync:head` says
+   * where the stream is. Synchronous.
    */
   const release = (socket: ErpSocket, stream: string, afterSeq: number | null): number => {
     const perSocket = holds.get(socket.id)

@@ -2,6 +2,7 @@ import type { FastifyRequest } from 'fastify'
 import { z, type ZodType } from 'zod'
 import { Errors, validationError } from '../../plugins/errors.ts'
 import { storable, type Role } from '../../plugins/events.ts'
+import { ifMatchVersion } from '../../plugins/support.ts'
 
 /** Parses request input with a zod schema; failures become 400 VALIDATION_FAILED. */
 export function parse<T> (schema: ZodType<T>, value: unknown): T {
@@ -35,8 +36,8 @@ export function baseVersionOf (request: FastifyRequest, bodyVersion: number | un
   const header = request.headers['if-match']
   let headerVersion: number | undefined
   if (typeof header === 'string') {
-    const match = /^\s*(?:W\/)?"?(\d+)"?\s*$/.exec(header)
-    headerVersion = match ? Number(match[1]) : undefined
+    const digits = ifMatchVersion(header)
+    headerVersion = digits === undefined ? undefined : Number(digits)
     if (headerVersion === undefined || headerVersion < 1 || !Number.isSafeInteger(headerVersion)) {
       throw new Errors.VALIDATION_FAILED('If-Match must be a row version, e.g. "3"')
     }
