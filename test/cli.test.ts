@@ -38,6 +38,22 @@ t.test('db:migrate and db:seed run in production without JWT_SECRET, with the da
   t.equal((await script('seed', env)).stdout, 'database already has data: nothing seeded\n')
 })
 
+// Regression: db:seed on a database never migrated died with Prisma's stack trace ("The table
+// `public.companies` does not exist"), on a fresh DATA_DIR as on an empty PostgreSQL database.
+t.test('db:seed on a database that is not migrated prints one line saying to migrate first and exits 1', async t => {
+  const db = await emptyTestDatabase(t, { prefix: 'erp_cli' })
+  const dataDir = path.join(tmpdir(), uniqueName('pglite-fresh'))
+  t.teardown(() => rm(dataDir, { recursive: true, force: true }))
+  for (const [where, env] of [['PostgreSQL', { DATABASE_URL: db.url }], ['embedded', { DATA_DIR: dataDir }]] as const) {
+    const result = await script('seed', env)
+    t.equal(result.code, 1, `${where}: exit code 1`)
+    t.match(result.stderr, /^the database is missing \d+ migration\(s\) \(first: \d{14}_\w+\): run npm run db:migrate first\n$/, `${where}: one line`)
+    t.equal(result.stdout, '')
+    t.equal((await script('migrate', env)).code, 0)
+    t.equal((await script('seed', env)).stdout, 'seeded demo data\n', `${where}: seeds once migrated`)
+  }
+})
+
 t.test('a bad variable stops a database script with one line naming it and exit code 1', async t => {
   for (const [name, env, variable] of [
     ['migrate', { DATABASE_URL: 'mysql://localhost/db' }, 'DATABASE_URL'],

@@ -30,7 +30,7 @@ async function setup (t: Test) {
   const waitingOnLock = () => waitFor(async () => (await holder.query(
     `SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`)).rows[0]!.n > 0,
   5000, 'the request to wait for the lock')
-  return { ...built, company, holder, waitingOnLock }
+  return { ...built, url: db.url, company, holder, waitingOnLock }
 }
 
 const request = (app: FastifyInstance, user: TestUser, method: 'POST' | 'PATCH' | 'PUT', url: string, payload: object, headers: Record<string, string> = {}) =>
@@ -226,4 +226,66 @@ t.test('an expense decision that fails after the wait answers a manager removed 
     () => removeMembership(prisma, company, manager))
   t.equal(answer.statusCode, 403)
   t.equal(answer.json().error.code, 'AUTH_NOT_A_MEMBER')
+})
+
+// Regression: the in-write routes checked the membership before their statement's lock waits.
+// POST /projects' one statement evaluated its guard before waiting for the company's stream
+// head (held until commit by every transaction publishing to the company), and DELETE
+// /projects/:id checked in the statement that then waited for the project row: a member
+// removed during either wait still committed.
+t.test('POST /projects by a member removed while its statement waited on the company\'s stream head: 403, no project, no event', async t => {
+  const s = await setup(t)
+  const { app, prisma, company } = s
+  const member = company.as('member')
+  await createProject(app, company.as('admin'), 'first')
+  const answer = await afterWait(s, { sql: 'SELECT 1 FROM stream_heads WHERE stream = $1 FOR UPDATE', params: [companyStream(company.id)] },
+    () => request(app, member, 'POST', '/projects', { name: 'by a former member' }),
+    () => removeMembership(prisma, company, member))
+  t.equal(answer.statusCode, 403, answer.body)
+  t.equal(answer.json().error.code, 'AUTH_NOT_A_MEMBER')
+  t.equal(await prisma.project.count({ where: { companyId: company.id } }), 1)
+  t.same(await eventTypes(app, company.id), ['project:created'])
+})
+
+t.test('DELETE /projects/:id by a member removed while it waited for the project row: 403, the project kept, no event', async t => {
+  const s = await setup(t)
+  const { app, prisma, company } = s
+  const member = company.as('member')
+  const project = await createProject(app, company.as('admin'), 'kept')
+  const answer = await afterWait(s, { sql: 'SELECT 1 FROM projects WHERE id = $1 FOR UPDATE', params: [project.id] },
+    () => app.inject({ method: 'DELETE', url: `/projects/${project.id}`, headers: authHeader(member) }),
+    () => removeMembership(prisma, company, member))
+  t.equal(answer.statusCode, 403)
+  t.equal(answer.json().error.code, 'AUTH_NOT_A_MEMBER')
+  t.ok(await prisma.project.findUnique({ where: { id: project.id } }), 'not deleted')
+  t.same(await eventTypes(app, company.id), ['project:created'])
+})
+
+// The Idempotency-Key fence marks its claim committed with an UPDATE, which waits for the
+// claim's row lock; the guard beside it was evaluated first.
+t.test('a write under an Idempotency-Key by a member removed while its fence waited for the claim row: 403, nothing written', async t => {
+  const s = await setup(t)
+  const { app, prisma, company } = s
+  const member = company.as('member')
+  const project = await createProject(app, company.as('admin'), 'kept')
+  const rowHolder = new pg.Client({ connectionString: s.url })
+  await rowHolder.connect()
+  t.teardown(() => rowHolder.end())
+  // The PATCH first waits in the project's queue; meanwhile its claim row exists and is locked.
+  await s.holder.query('BEGIN')
+  await s.holder.query(advisoryLock(company.id, 'project', project.id))
+  const answer = request(app, member, 'PATCH', `/projects/${project.id}`, { baseVersion: 1, name: 'renamed by a former member' }, { 'idempotency-key': 'fence-wait' })
+  await s.waitingOnLock()
+  await rowHolder.query('BEGIN')
+  const locked = await rowHolder.query('SELECT 1 FROM idempotency_records WHERE "userId" = $1 AND key = $2 FOR UPDATE', [member.id, 'fence-wait'])
+  t.equal(locked.rowCount, 1, 'the claim row is there to lock')
+  await s.holder.query('COMMIT')
+  await s.waitingOnLock()
+  await removeMembership(prisma, company, member)
+  await rowHolder.query('COMMIT')
+  const res = await answer
+  t.equal(res.statusCode, 403)
+  t.equal(res.json().error.code, 'AUTH_NOT_A_MEMBER')
+  t.match(await prisma.project.findUnique({ where: { id: project.id } }), { name: 'kept', version: 1 })
+  t.same(await eventTypes(app, company.id), ['project:created'])
 })

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os'
 import path from 'node:path'
 import t, { type Test } from 'tap'
 import type { Database } from '../src/db/index.ts'
-import { checksumMatches, DEFAULT_MIGRATIONS_DIR, migrate, MigrationError, type SqlRunner } from '../src/db/migrate.ts'
+import { checksumMatches, DEFAULT_MIGRATIONS_DIR, migrate, MigrationError, pendingMigrations, type SqlRunner } from '../src/db/migrate.ts'
 import { emptyTestDatabase, testDatabase } from './helpers.ts'
 
 /** A fresh PostgreSQL database with nothing in it (not migrated), dropped at teardown. */
@@ -131,6 +131,23 @@ t.test('a migration edited after it was applied is detected (checksum mismatch) 
   // The lock was released: the restored file migrates again.
   await writeFile(path.join(dir, '29990101000000_add_code', 'migration.sql'), 'ALTER TABLE projects ADD COLUMN "code" TEXT;\n')
   t.same((await db.withSession(sql => migrate(sql, dir))).applied, ['29990102000000_later'])
+})
+
+t.test('pendingMigrations names what migrate would apply, creating nothing', async t => {
+  const db = await emptyDatabase(t)
+  const dir = await migrationsCopy(t)
+  const base = await migrationNames(dir)
+  t.same(await db.withSession(sql => pendingMigrations(sql, dir)), base, 'a database never migrated: every one')
+  const table = await db.withSession(sql => sql.query(`SELECT to_regclass('"public"."_prisma_migrations"') AS t`))
+  t.equal(table[0]!.t, null, 'no bookkeeping table was created')
+  await db.withSession(sql => migrate(sql, dir))
+  t.same(await db.withSession(sql => pendingMigrations(sql, dir)), [], 'none once migrated')
+  await addMigration(dir, '29990101000000_next', 'SELECT 1;\n')
+  t.same(await db.withSession(sql => pendingMigrations(sql, dir)), ['29990101000000_next'])
+  // A failed attempt is not applied.
+  await addMigration(dir, '29990102000000_broken', 'SELECT no_such_column FROM projects;\n')
+  await db.withSession(sql => migrate(sql, dir)).catch(() => {})
+  t.same(await db.withSession(sql => pendingMigrations(sql, dir)), ['29990102000000_broken'])
 })
 
 t.test('a failed migration is rolled back, recorded with its logs, and refuses the next run until resolved', async t => {

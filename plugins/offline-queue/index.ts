@@ -372,8 +372,10 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
       // Last: the claim's row lock is then held only until the commit that follows, and the
       // guard sees the membership as it is when the work is about to commit.
       if (guard || claim) {
+        // The fence first (its UPDATE may wait for the claim's row lock), then the guard, so the
+        // guard reads the membership after any wait.
         const [row] = await tx.$queryRaw<Array<{ value: unknown }>>`
-          SELECT ${guard?.sql ?? Prisma.sql`NULL`} AS value, ${claim ? fenceSql(claim) : Prisma.sql`NULL`} AS fenced`
+          SELECT ${guard?.sql ?? Prisma.sql`NULL`} AS value, fenced FROM (SELECT ${claim ? fenceSql(claim) : Prisma.sql`NULL`} AS fenced OFFSET 0) AS fence`
         guarded = row?.value
       } else if (lastCheck) {
         // Fails (25P02) in a transaction aborted by a statement whose error `fn` caught.
@@ -411,13 +413,21 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     // Data-modifying WITH clauses run exactly once, together, in the statement's own transaction.
     const writes = change.writes.map((write, i) => Prisma.sql`${Prisma.raw(`w${i}`)} AS (${write} RETURNING 1)`)
     const clauses = Prisma.join([...writes, bumpHead(event, Prisma.sql`WHERE EXISTS (SELECT 1 FROM w0)`)], ', ')
-    // The checks (the guard, the Idempotency-Key claim's fence) are the outer side of the final
-    // join, so they are evaluated even when nothing is recorded; if one raises, the writes roll
-    // back with it.
+    // The checks (the Idempotency-Key claim's fence, then the guard) run after every write and
+    // the event's insert, which they depend on through `done`: a write waits for row locks (the
+    // stream head, held by every transaction publishing to the stream until it commits), and a
+    // check made before that wait let a member removed meanwhile commit. The functions read with
+    // a snapshot of their own (VOLATILE), so they see what committed during the wait. `done` is
+    // one row even when nothing is recorded, so the checks always run (its filter makes the
+    // planner compute the counts first: a column nobody reads is never computed); if one raises,
+    // the writes roll back with it.
     const claim = heldClaims.getStore()
+    const counted = Prisma.join([...change.writes.map((_, i) => Prisma.raw(`(SELECT count(*) FROM w${i})`)), Prisma.raw('(SELECT count(*) FROM recorded)')], ' + ')
     const rows = await prisma.$queryRaw<Array<Partial<RecordedRow> & { guard?: unknown }>>(guard || claim
-      ? Prisma.sql`WITH guard AS (SELECT ${guard?.sql ?? Prisma.sql`NULL`} AS value, ${claim ? fenceSql(claim) : Prisma.sql`NULL`} AS fenced), ${clauses}, recorded AS (${insertEvent(id, event)})
-          SELECT guard.value AS guard, guard.fenced, recorded.seq, recorded."createdAt" FROM guard LEFT JOIN recorded ON true`
+      ? Prisma.sql`WITH ${clauses}, recorded AS (${insertEvent(id, event)}),
+          done AS (SELECT ${counted} AS n),
+          checks AS (SELECT ${guard?.sql ?? Prisma.sql`NULL`} AS value, fenced FROM (SELECT ${claim ? fenceSql(claim) : Prisma.sql`NULL`} AS fenced FROM done WHERE n >= 0 OFFSET 0) AS fence)
+          SELECT checks.value AS guard, checks.fenced, recorded.seq, recorded."createdAt" FROM checks LEFT JOIN recorded ON true`
       : Prisma.sql`WITH ${clauses} ${insertEvent(id, event)}`
     ).catch((err: unknown) => { throw (claim && fenceError(err)) ?? guard?.error?.(err) ?? err })
     const row = rows[0]

@@ -75,15 +75,34 @@ export function checksumMatches (recorded: string, script: string): boolean {
  * the public schema whatever the session's `search_path` (the app's queries name it).
  * Idempotent; refuses to continue past a failed or edited migration.
  */
+/** The migration folders of `dir`, in the order they apply. */
+async function migrationNames (dir: string): Promise<string[]> {
+  return (await readdir(dir, { withFileTypes: true }))
+    .filter(entry => entry.isDirectory())
+    .map(entry => entry.name)
+    .sort()
+}
+
+/**
+ * The migrations of `dir` the database has not applied (every one when it was never migrated).
+ * Reads only: it takes no lock and creates nothing, so a script that needs the schema can refuse
+ * with one line instead of failing on a missing table.
+ */
+export async function pendingMigrations (sql: SqlRunner, dir = DEFAULT_MIGRATIONS_DIR): Promise<string[]> {
+  const names = await migrationNames(dir)
+  const [table] = await sql.query(`SELECT (to_regclass('"public"."_prisma_migrations"') IS NOT NULL)::int AS present`)
+  if (Number(table?.present) !== 1) return names
+  const rows = await sql.query('SELECT migration_name FROM "public"."_prisma_migrations" WHERE finished_at IS NOT NULL AND rolled_back_at IS NULL')
+  const applied = new Set(rows.map(row => String(row.migration_name)))
+  return names.filter(name => !applied.has(name))
+}
+
 export async function migrate (sql: SqlRunner, dir = DEFAULT_MIGRATIONS_DIR, options: MigrateOptions = {}): Promise<MigrationResult> {
   const { lockTimeoutMs = DEFAULT_MIGRATION_LOCK_TIMEOUT_MS } = options
   if (!Number.isSafeInteger(lockTimeoutMs) || lockTimeoutMs < 0) {
     throw new TypeError(`migrate: lockTimeoutMs must be a whole number of ms ≥ 0, got ${String(lockTimeoutMs)}`)
   }
-  const names = (await readdir(dir, { withFileTypes: true }))
-    .filter(entry => entry.isDirectory())
-    .map(entry => entry.name)
-    .sort()
+  const names = await migrationNames(dir)
   await acquireLock(sql, lockTimeoutMs)
   try {
     // Session-wide, reset below: a schema named like the role ("$user", first on the default
