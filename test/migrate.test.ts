@@ -404,3 +404,64 @@ t.test('a migration that empties the search_path is still recorded as finished, 
   t.equal(where!.table_schema, 'public')
   t.same((await db.withSession(sql => migrate(sql, dir))).applied, [], 'nothing pending or failed')
 })
+
+// Regression (database review): the runner checked each applied migration's checksum as it came
+// to it, so a pending migration named before an edited one (an out-of-order merge) was applied
+// before the edit was found.
+t.test('an edited migration stops the run before any pending migration named before it applies', async t => {
+  const db = await emptyDatabase(t)
+  const dir = await migrationsCopy(t)
+  await addMigration(dir, '29990102000000_b', 'CREATE TABLE b_table (id INT);\n')
+  await db.withSession(sql => migrate(sql, dir))
+  await addMigration(dir, '29990101000000_a', 'CREATE TABLE a_table (id INT);\n')
+  await writeFile(path.join(dir, '29990102000000_b', 'migration.sql'), 'CREATE TABLE b_table (id BIGINT);\n')
+  const err = await db.withSession(sql => migrate(sql, dir)).catch((e: unknown) => e)
+  t.type(err, MigrationError)
+  t.equal((err as MigrationError).migration, '29990102000000_b')
+  const a = await db.withSession(sql => sql.query(`SELECT to_regclass('a_table') AS t`))
+  t.equal(a[0]!.t, null, 'the pending migration did not run')
+})
+
+// Regression (database review): a script that ended with `BEGIN` open was reported applied while
+// its transaction was still open: closing the connection then rolled back the script and its
+// bookkeeping, and on PGlite the app's one session stayed inside that transaction.
+for (const embedded of [false, true]) {
+  t.test(`a migration that leaves a transaction open fails, applies nothing, and the session is usable (${embedded ? 'PGlite' : 'PostgreSQL'})`, async t => {
+    const db = await testDatabase(t, { embedded })
+    const dir = await migrationsCopy(t)
+    await addMigration(dir, '29990101000000_open_tx', 'BEGIN;\nCREATE TABLE left_open (id INT);\n')
+    const err = await db.withSession(sql => migrate(sql, dir)).catch((e: unknown) => e)
+    t.type(err, MigrationError)
+    t.match((err as Error).message, /migration 29990101000000_open_tx failed: the script left a transaction open/)
+    const [table] = await db.prisma.$queryRaw<Array<{ t: string | null }>>`SELECT to_regclass('left_open')::text AS t`
+    t.equal(table!.t, null, 'nothing of it applied')
+    const [row] = await db.prisma.$queryRaw<Array<{ finished_at: Date | null, logs: string | null }>>`SELECT finished_at, logs FROM "_prisma_migrations" WHERE migration_name = '29990101000000_open_tx'`
+    t.equal(row!.finished_at, null)
+    t.match(row!.logs, /left a transaction open/)
+    t.equal(await db.withSession(async sql => sql.inTransaction?.()), false, 'the session is not left in a transaction')
+    t.equal(await db.prisma.project.count(), 0, 'and it answers')
+  })
+}
+
+// Regression (database review): after a script that ran `SET ROLE`, the bookkeeping ran as that
+// role: the applied script was left recorded as unfinished (permission denied on
+// _prisma_migrations), and the next run refused it as "failed earlier".
+t.test('a migration that switches role is recorded as finished, and the next ones run as the runner (PostgreSQL)', async t => {
+  const db = await emptyDatabase(t)
+  const dir = await migrationsCopy(t)
+  const role = `erp_migrate_role_${process.pid}_${Date.now().toString(36)}`
+  const database = await db.withSession(sql => sql.query('SELECT current_database() AS name'))
+  const dropRole = () => db.withSession(async sql => {
+    await sql.exec(`REASSIGN OWNED BY ${role} TO CURRENT_USER; DROP OWNED BY ${role}; DROP ROLE ${role}`)
+  }).catch(() => {})
+  await db.withSession(sql => sql.exec(`CREATE ROLE ${role}; GRANT USAGE, CREATE ON SCHEMA public TO ${role}; GRANT CONNECT ON DATABASE ${String(database[0]!.name)} TO ${role}`))
+  t.teardown(dropRole)
+  await addMigration(dir, '29990101000000_as_role', `SET ROLE ${role};\nCREATE TABLE owned_by_role (id INT);\n`)
+  await addMigration(dir, '29990102000000_after', 'CREATE TABLE after_role (id INT);\n')
+  const result = await db.withSession(sql => migrate(sql, dir))
+  t.same(result.applied.slice(-2), ['29990101000000_as_role', '29990102000000_after'])
+  const owners = await db.withSession(sql => sql.query(`SELECT tablename, tableowner FROM pg_tables WHERE tablename IN ('owned_by_role', 'after_role') ORDER BY tablename`))
+  t.same(owners.map(o => [o.tablename, o.tableowner === role]), [['after_role', false], ['owned_by_role', true]])
+  t.same((await db.withSession(sql => migrate(sql, dir))).applied, [], 'the next run finds both applied')
+  await dropRole()
+})

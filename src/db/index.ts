@@ -176,7 +176,9 @@ export async function openDatabase (options: DatabaseOptions = {}): Promise<Data
         try {
           return await fn({
             exec: async (script) => { await client.query(script) },
-            query: async (text, params) => (await client.query(text, params as unknown[])).rows
+            query: async (text, params) => (await client.query(text, params as unknown[])).rows,
+            // From the server's ReadyForQuery status: 'T' in a transaction block, 'E' in a failed one.
+            inTransaction: () => client.getTransactionStatus() !== 'I'
           })
         } finally {
           bounded.queryTimeoutMs = timeoutMs
@@ -221,7 +223,8 @@ export async function openDatabase (options: DatabaseOptions = {}): Promise<Data
       try {
         return await fn({
           exec: async (script) => { await pglite.exec(script) },
-          query: async (text, params) => (await pglite.query(text, params as unknown[])).rows as Record<string, unknown>[]
+          query: async (text, params) => (await pglite.query(text, params as unknown[])).rows as Record<string, unknown>[],
+          inTransaction: () => pglite.isInTransaction()
         })
       } finally {
         await pglite.exec('RESET ALL; RESET ROLE; RESET SESSION AUTHORIZATION').catch(() => {})

@@ -7,6 +7,8 @@ import { fileURLToPath } from 'node:url'
 export interface SqlRunner {
   exec (script: string): Promise<void>
   query (text: string, params?: unknown[]): Promise<Record<string, unknown>[]>
+  /** Whether the session is inside a transaction block (a script's `BEGIN` left open); without it that check is skipped. */
+  inTransaction? (): boolean
 }
 
 export const DEFAULT_MIGRATIONS_DIR = fileURLToPath(new URL('../../prisma/migrations', import.meta.url))
@@ -120,18 +122,24 @@ export async function migrate (sql: SqlRunner, dir = DEFAULT_MIGRATIONS_DIR, opt
       }
       recorded.set(String(row.migration_name), row)
     }
-    const result: MigrationResult = { applied: [], alreadyApplied: [] }
+    // Every script read and every applied one's checksum compared before anything runs: an
+    // edited migration found halfway through the list left the earlier pending ones applied.
+    const scripts = new Map<string, string>()
     for (const name of names) {
       const script = await readFile(path.join(dir, name, 'migration.sql'), 'utf8')
-      const checksum = createHash('sha256').update(script).digest('hex')
       const done = recorded.get(name)
-      if (done) {
-        if (!checksumMatches(String(done.checksum), script)) {
-          throw new MigrationError(`migration ${name} was edited after it was applied (checksum mismatch)`, name)
-        }
+      if (done && !checksumMatches(String(done.checksum), script)) {
+        throw new MigrationError(`migration ${name} was edited after it was applied (checksum mismatch)`, name)
+      }
+      scripts.set(name, script)
+    }
+    const result: MigrationResult = { applied: [], alreadyApplied: [] }
+    for (const [name, script] of scripts) {
+      if (recorded.has(name)) {
         result.alreadyApplied.push(name)
         continue
       }
+      const checksum = createHash('sha256').update(script).digest('hex')
       const id = randomUUID()
       await sql.query(
         'INSERT INTO "public"."_prisma_migrations" (id, checksum, migration_name, started_at, applied_steps_count) VALUES ($1, $2, $3, now(), 0)',
@@ -144,13 +152,20 @@ export async function migrate (sql: SqlRunner, dir = DEFAULT_MIGRATIONS_DIR, opt
         // Before each script: one may change the search_path for the rest of the session.
         await sql.exec(`SET search_path TO "${SCHEMA}"`)
         await sql.exec(script)
+        // A `BEGIN` without its `COMMIT` leaves the session in a transaction that nothing would
+        // commit: the script would count as applied, then vanish with the connection.
+        if (sql.inTransaction?.()) throw new Error('the script left a transaction open (a BEGIN without its COMMIT); nothing of it was applied')
       } catch (err) {
         // A script with its own BEGIN that failed leaves the session in an aborted transaction.
         await sql.exec('ROLLBACK').catch(() => {})
+        await resetSession(sql)
         const message = err instanceof Error ? err.message : String(err)
         await sql.query('UPDATE "public"."_prisma_migrations" SET logs = $2 WHERE id = $1', [id, message])
         throw new MigrationError(`migration ${name} failed: ${message}`, name)
       }
+      // A script may have switched role (SET ROLE, SET SESSION AUTHORIZATION): the bookkeeping
+      // and the next scripts run as the runner's own user, as Prisma's do on a new connection.
+      await resetSession(sql)
       await sql.query(
         'UPDATE "public"."_prisma_migrations" SET finished_at = now(), applied_steps_count = 1 WHERE id = $1',
         [id]
@@ -162,6 +177,11 @@ export async function migrate (sql: SqlRunner, dir = DEFAULT_MIGRATIONS_DIR, opt
     await sql.exec('RESET search_path').catch(() => {})
     await sql.query('SELECT pg_advisory_unlock($1)', [ADVISORY_LOCK_ID])
   }
+}
+
+/** Back to the runner's own user after a script that changed it. */
+async function resetSession (sql: SqlRunner): Promise<void> {
+  await sql.exec('RESET SESSION AUTHORIZATION; RESET ROLE')
 }
 
 /**
