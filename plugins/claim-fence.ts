@@ -17,7 +17,7 @@ export const heldClaims = new AsyncLocalStorage<HeldClaim>()
 
 /** Scalar SQL: marks the claim committed; raises SQLSTATE ERPTO when it is no longer this request's. */
 export const fenceSql = (c: HeldClaim): Prisma.Sql =>
-  Prisma.sql`erp_claim_commit(${c.companyId}, ${c.userId}, ${c.key}, ${c.token})`
+  Prisma.sql`"public".erp_claim_commit(${c.companyId}, ${c.userId}, ${c.key}, ${c.token})`
 
 /** IDEMPOTENCY_KEY_TAKEN_OVER for the fence's refusal; undefined for any other error. */
 export const fenceError = (err: unknown): Error | undefined =>

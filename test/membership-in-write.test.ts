@@ -228,3 +228,27 @@ t.test('regression: an idempotent replay on an in-write route checks the members
   t.equal(refused.json().error.code, 'AUTH_NOT_A_MEMBER')
   t.equal(await prisma.project.count({ where: { companyId: company.id } }), 1)
 })
+
+// Regression (database review): erp_require_member and erp_claim_commit found their tables
+// through the caller's search_path, so a schema ahead of public (one named like the role, an
+// ALTER DATABASE ... SET search_path) decided whose membership the guard read.
+t.test('the guard functions read public\'s tables whatever the session\'s search_path', async t => {
+  const { app, db } = await build(t)
+  const company = await createCompany(app, ['member'])
+  const member = company.as('member')
+  const outsider = randomUUID()
+  await db.withSession(sql => sql.exec(`CREATE SCHEMA shadow;
+    CREATE TABLE shadow.users (id TEXT, active BOOLEAN);
+    CREATE TABLE shadow.memberships ("userId" TEXT, "companyId" TEXT, role TEXT);
+    INSERT INTO shadow.users VALUES ('${outsider}', true);
+    INSERT INTO shadow.memberships VALUES ('${outsider}', '${company.id}', 'admin')`))
+  const asSession = (userId: string) => db.withSession(async sql => {
+    await sql.exec('SET search_path TO shadow, public')
+    return await sql.query('SELECT "public".erp_require_member($1, $2, NULL::text[]) AS role', [userId, company.id])
+  })
+  await t.rejects(asSession(outsider), { code: 'ERPNM' }, 'a user only the shadow table lists is refused')
+  t.same(await asSession(member.id), [{ role: 'member' }], 'the member public lists passes')
+  const pinned = await app.prisma.$queryRaw<Array<{ name: string, config: string[] }>>`
+    SELECT proname AS name, proconfig AS config FROM pg_proc WHERE proname IN ('erp_require_member', 'erp_claim_commit') ORDER BY proname`
+  t.same(pinned, [{ name: 'erp_claim_commit', config: ['search_path=public, pg_temp'] }, { name: 'erp_require_member', config: ['search_path=public, pg_temp'] }])
+})

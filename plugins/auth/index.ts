@@ -245,7 +245,7 @@ async function erpAuth (fastify: FastifyInstance, rawOptions: ErpAuthOptions) {
     const user = request.user
     if (!user) throw new Error('erp-auth: writeGuard() needs a request that went through fastify.authenticate')
     return {
-      sql: Prisma.sql`erp_require_member(${user.userId}, ${user.companyId}, ${roles ? [...roles] : null}::text[])`,
+      sql: Prisma.sql`"public".erp_require_member(${user.userId}, ${user.companyId}, ${roles ? [...roles] : null}::text[])`,
       passed: (role) => confirm(request, role as Role),
       error: guardError
     }
