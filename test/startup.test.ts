@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process'
-import { mkdtemp, rm } from 'node:fs/promises'
+import { access, mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -27,9 +27,11 @@ function cleanEnv (extra: Record<string, string>): NodeJS.ProcessEnv {
   return { ...env, LOG_LEVEL: 'warn', _TAPJS_PROCESSINFO_COVERAGE_: '0', ...extra }
 }
 
-/** Spawns the real entry point the way `npm start` does. */
-function run (env: Record<string, string>) {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'src/server.ts'], { cwd: ROOT, env: cleanEnv(env), stdio: ['ignore', 'pipe', 'pipe'] })
+/** Spawns the real entry point the way `npm start` does (with `npm: true`, through npm itself, in a process group of its own). */
+function run (env: Record<string, string>, { npm = false } = {}) {
+  const child = npm
+    ? spawn('npm', ['start', '--silent'], { cwd: ROOT, env: cleanEnv(env), stdio: ['ignore', 'pipe', 'pipe'], detached: true })
+    : spawn(process.execPath, ['--import', 'tsx', 'src/server.ts'], { cwd: ROOT, env: cleanEnv(env), stdio: ['ignore', 'pipe', 'pipe'] })
   let stdout = ''
   let stderr = ''
   child.stdout!.setEncoding('utf8').on('data', (chunk: string) => { stdout += chunk })
@@ -44,9 +46,14 @@ function run (env: Record<string, string>) {
 }
 
 /** Starts the server and resolves once its banner printed the URL. Killed at teardown if still up. */
-async function start (t: Test, env: Record<string, string>): Promise<Started> {
-  const proc = run({ PORT: '0', HOST: '127.0.0.1', ...env })
-  t.teardown(() => { if (proc.child.exitCode === null && proc.child.signalCode === null) proc.child.kill('SIGKILL') })
+async function start (t: Test, env: Record<string, string>, options: { npm?: boolean } = {}): Promise<Started> {
+  const proc = run({ PORT: '0', HOST: '127.0.0.1', ...env }, options)
+  t.teardown(() => {
+    // Through npm: the whole group (npm and the server it started).
+    if (options.npm) {
+      try { process.kill(-proc.child.pid!, 'SIGKILL') } catch {}
+    } else if (proc.child.exitCode === null && proc.child.signalCode === null) proc.child.kill('SIGKILL')
+  })
   const url = await new Promise<string>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`no banner within 90 s:\n${proc.output()}\n${proc.errors()}`)), 90_000)
     const onData = () => {
@@ -196,4 +203,23 @@ t.test('npm start with DATABASE_URL applies the migrations to PostgreSQL through
   t.notMatch(again.banner, /demo data seeded/)
   again.child.kill('SIGTERM')
   t.equal((await again.exited).code, 0)
+})
+
+// Regression (shutdown review): npm runs the script through `sh -c`, and Debian's sh (dash) stays
+// a process of its own: a SIGTERM to npm alone (`docker stop` with `CMD npm start`, a supervisor)
+// ended the shell and npm while the server kept running, with its port and the embedded
+// database's lock. The script now `exec`s node, so the signal reaches the server.
+t.test('npm start: a SIGTERM to the npm process alone shuts the server down', { buffered: true }, async t => {
+  const dataDir = await mkdtemp(path.join(tmpdir(), 'erp-npm-start-'))
+  t.teardown(() => rm(dataDir, { recursive: true, force: true }))
+  const server = await start(t, { DATA_DIR: dataDir }, { npm: true })
+  t.equal((await fetch(`${server.url}/health/live`)).status, 200)
+  server.child.kill('SIGTERM')
+  const exit = await server.exited
+  t.equal(exit.code, 0, `npm exits 0 (stderr: ${exit.stderr.trim().slice(0, 300)})`)
+  const lock = path.join(dataDir, 'pglite.lock')
+  const gone = async () => !await access(lock).then(() => true, () => false) && await fetch(`${server.url}/health/live`).then(() => false, () => true)
+  const deadline = Date.now() + 15_000
+  while (!await gone() && Date.now() < deadline) await new Promise(resolve => setTimeout(resolve, 100))
+  t.ok(await gone(), 'the server stopped: its port refuses and the lock is removed')
 })
