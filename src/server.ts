@@ -22,15 +22,25 @@ async function main () {
 
   const dataDir = path.join(config.dataDir, 'pglite')
   const db = await openDatabase(databaseOptions(config))
-  const migrations = await db.withSession(sql => migrate(sql, undefined, { lockTimeoutMs: config.migrationLockTimeoutMs }))
-  // Demo data only where SEED_DEMO allows it (default: not in production); the banner lists the
-  // demo logins only when they exist and still have the published password.
-  const { seeded, logins } = await seedOnStart(db.prisma, config)
+  // A start that fails from here on closes what it opened: the embedded database's lock was
+  // left behind (with PGlite not closed cleanly) when migrating, seeding or listening failed.
+  let app: Awaited<ReturnType<typeof buildApp>> | undefined
+  const closeOnFailure = async (err: unknown) => {
+    await app?.close().catch(() => {})
+    await db.close().catch(() => {})
+    throw err
+  }
+  const { migrations, seeded, logins } = await (async () => {
+    const migrations = await db.withSession(sql => migrate(sql, undefined, { lockTimeoutMs: config.migrationLockTimeoutMs }))
+    // Demo data only where SEED_DEMO allows it (default: not in production); the banner lists the
+    // demo logins only when they exist and still have the published password.
+    return { migrations, ...await seedOnStart(db.prisma, config) }
+  })().catch(closeOnFailure)
   if (config.production && logins.length > 0) {
     console.warn(`WARNING: demo users with the published demo password exist in this production database: ${logins.map(u => u.email).join(', ')}. Change their passwords or remove them.`)
   }
 
-  const app = await buildApp({ config, db, logger: { level: config.logLevel } })
+  app = await buildApp({ config, db, logger: { level: config.logLevel } }).catch(closeOnFailure)
   let closing = false
   const shutdown = async (signal: string) => {
     if (closing) {
@@ -56,7 +66,7 @@ async function main () {
   process.on('SIGINT', () => void shutdown('SIGINT'))
   process.on('SIGTERM', () => void shutdown('SIGTERM'))
 
-  await app.listen({ port: config.port, host: config.host })
+  await app.listen({ port: config.port, host: config.host }).catch(closeOnFailure)
   const address = app.server.address()
   const port = typeof address === 'object' && address ? address.port : config.port
   const base = `http://${config.host}:${port}`

@@ -1,4 +1,4 @@
-import { mkdtemp, readFile, rm, utimes, writeFile } from 'node:fs/promises'
+import { mkdir, mkdtemp, readFile, rm, stat, utimes, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import t, { type Test } from 'tap'
@@ -51,4 +51,45 @@ t.test('a lock naming this process but not held by it is taken over; one without
   const again = await openDatabase({ dataDir: dir })
   t.teardown(() => again.close())
   t.equal(await readFile(`${dir}.lock`, 'utf8'), String(process.pid), 'an old one is taken over')
+})
+
+// Regression (database review): two opens of one directory in this process could both succeed:
+// the second found the first's fresh lock naming this process, not yet marked held, and took it
+// over as a lock left by an earlier run with the same pid.
+t.test('two opens of one directory at once in this process: exactly one succeeds', async t => {
+  const dir = await tempDir(t)
+  for (let round = 0; round < 3; round++) {
+    const results = await Promise.allSettled([openDatabase({ dataDir: dir }), openDatabase({ dataDir: dir })])
+    const opened = results.filter(r => r.status === 'fulfilled')
+    t.equal(opened.length, 1, `round ${round}: one opened`)
+    t.match(results.find(r => r.status === 'rejected'), { reason: { name: 'DatabaseInUseError' } })
+    for (const r of opened) await r.value.close()
+  }
+})
+
+// Regression (shutdown review): taking a stale lock over was read, remove, create; two processes
+// doing it at once could each remove the lock the other had just created, and both open the
+// directory. The takeover now runs under `<lock>.takeover`, created with mkdir.
+t.test('a stale lock is taken over only under the takeover directory; one left by a crash is cleared', async t => {
+  const dir = await tempDir(t)
+  await writeFile(`${dir}.lock`, '2147483646') // no such process
+  await mkdir(`${dir}.lock.takeover`) // another process is taking it over now
+  await t.rejects(openDatabase({ dataDir: dir }), { name: 'DatabaseInUseError', message: /is being created by another process/ })
+  t.equal(await readFile(`${dir}.lock`, 'utf8'), '2147483646', 'the lock is left to that process')
+  const old = new Date(Date.now() - 60_000)
+  await utimes(`${dir}.lock.takeover`, old, old) // its process died mid-takeover
+  await t.rejects(openDatabase({ dataDir: dir }), { name: 'DatabaseInUseError' }, 'refused once more, and the leftover cleared')
+  await t.rejects(stat(`${dir}.lock.takeover`), { code: 'ENOENT' })
+  const db = await openDatabase({ dataDir: dir })
+  t.teardown(() => db.close())
+  t.equal(await readFile(`${dir}.lock`, 'utf8'), String(process.pid), 'the next open takes it over')
+  await t.rejects(stat(`${dir}.lock.takeover`), { code: 'ENOENT' }, 'and removes its takeover directory')
+})
+
+t.test('close removes the lock only while it still names this process', async t => {
+  const dir = await tempDir(t)
+  const db = await openDatabase({ dataDir: dir })
+  await writeFile(`${dir}.lock`, '2147483645') // taken over meanwhile (this process looked dead to another)
+  await db.close()
+  t.equal(await readFile(`${dir}.lock`, 'utf8'), '2147483645', 'the new owner keeps its lock')
 })

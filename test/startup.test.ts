@@ -223,3 +223,21 @@ t.test('npm start: a SIGTERM to the npm process alone shuts the server down', { 
   while (!await gone() && Date.now() < deadline) await new Promise(resolve => setTimeout(resolve, 100))
   t.ok(await gone(), 'the server stopped: its port refuses and the lock is removed')
 })
+
+// Regression (shutdown review): a start that failed after opening the database (here: the port
+// is taken) exited without closing it, leaving the embedded database's lock behind.
+t.test('a start that fails after opening the embedded database closes it and removes its lock', { buffered: true }, async t => {
+  const dataDir = await mkdtemp(path.join(tmpdir(), 'erp-failed-start-'))
+  t.teardown(() => rm(dataDir, { recursive: true, force: true }))
+  const { createServer } = await import('node:net')
+  const taken = createServer()
+  await new Promise<void>(resolve => taken.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => taken.close())
+  const port = (taken.address() as { port: number }).port
+  const proc = run({ PORT: String(port), HOST: '127.0.0.1', DATA_DIR: dataDir })
+  t.teardown(() => { if (proc.child.exitCode === null) proc.child.kill('SIGKILL') })
+  const exit = await proc.exited
+  t.equal(exit.code, 1)
+  t.match(exit.stderr, /erp-realtime failed to start: listen EADDRINUSE/)
+  await t.rejects(access(path.join(dataDir, 'pglite.lock')), { code: 'ENOENT' }, 'the lock is removed')
+})

@@ -264,27 +264,65 @@ async function lockDataDir (dir: string): Promise<() => Promise<void>> {
     ? `the embedded database in ${dir} is in use (${lockPath} is being created by another process): stop it first (or give each its own DATA_DIR)`
     : `the embedded database in ${dir} is in use by process ${owner}${owner === process.pid ? ' (this one)' : ''}: stop it first (or give each its own DATA_DIR)`)
   if (heldDataDirs.has(dir)) throw inUse(process.pid)
-  for (let attempt = 0; ; attempt++) {
-    try {
-      const handle = await open(lockPath, 'wx')
-      await handle.writeFile(String(process.pid))
-      await handle.close()
-      heldDataDirs.add(dir)
-      return async () => {
-        heldDataDirs.delete(dir)
-        await rm(lockPath, { force: true })
-      }
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
-    }
-    const content = (await readFile(lockPath, 'utf8').catch(() => '')).trim()
-    const owner = /^\d+$/.test(content) ? Number(content) : undefined
-    const stale = owner === undefined
-      ? Date.now() - ((await stat(lockPath).catch(() => undefined))?.mtimeMs ?? 0) > UNREADABLE_LOCK_STALE_MS
-      : owner === process.pid || !processAlive(owner)
-    // A second EEXIST: another process took the stale lock over first.
-    if (!stale || attempt > 0) throw inUse(owner)
+  // Held from here, before the first await: two opens of one directory in this process both
+  // found it free, and the second took the first's fresh lock over as one naming itself.
+  heldDataDirs.add(dir)
+  try {
+    await takeLock(lockPath, inUse)
+  } catch (err) {
+    heldDataDirs.delete(dir)
+    throw err
+  }
+  return async () => {
+    heldDataDirs.delete(dir)
+    // Only a lock that is still ours: one taken over meanwhile belongs to its new owner.
+    if ((await readFile(lockPath, 'utf8').catch(() => '')).trim() === String(process.pid)) await rm(lockPath, { force: true })
+  }
+}
+
+async function takeLock (lockPath: string, inUse: (owner: number | undefined) => DatabaseInUseError): Promise<void> {
+  const create = async () => {
+    const handle = await open(lockPath, 'wx')
+    await handle.writeFile(String(process.pid))
+    await handle.close()
+  }
+  try {
+    return await create()
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
+  }
+  const content = (await readFile(lockPath, 'utf8').catch(() => '')).trim()
+  const owner = /^\d+$/.test(content) ? Number(content) : undefined
+  const stale = owner === undefined
+    ? Date.now() - ((await stat(lockPath).catch(() => undefined))?.mtimeMs ?? 0) > UNREADABLE_LOCK_STALE_MS
+    : owner === process.pid || !processAlive(owner)
+  if (!stale) throw inUse(owner)
+  // Taking a stale lock over is read, remove, create: two processes doing it at once could each
+  // remove the lock the other had just created, and both open the directory. So the takeover runs
+  // under `<lock>.takeover` (mkdir is atomic), and reads the lock again inside it: another
+  // process that took over first has replaced the content, and wins.
+  const mutex = `${lockPath}.takeover`
+  try {
+    await mkdir(mutex)
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
+    // Left by a process that died mid-takeover (it takes milliseconds): cleared for the next try.
+    if (Date.now() - ((await stat(mutex).catch(() => undefined))?.mtimeMs ?? Date.now()) > UNREADABLE_LOCK_STALE_MS) await rm(mutex, { recursive: true, force: true })
+    throw inUse(undefined)
+  }
+  try {
+    const now = (await readFile(lockPath, 'utf8').catch(() => '')).trim()
+    if (now !== content) throw inUse(/^\d+$/.test(now) ? Number(now) : undefined)
     await rm(lockPath, { force: true })
+    try {
+      await create()
+    } catch (err) {
+      // Another process's first try (no takeover needed) created it after the remove.
+      if ((err as NodeJS.ErrnoException).code === 'EEXIST') throw inUse(undefined)
+      throw err
+    }
+  } finally {
+    await rm(mutex, { recursive: true, force: true })
   }
 }
 
