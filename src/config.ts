@@ -1,3 +1,4 @@
+import { isIP } from 'node:net'
 import path from 'node:path'
 import { z } from 'zod'
 
@@ -96,8 +97,8 @@ const variables = {
     if (value === 'false') return false
     if (/^\d+$/.test(value)) return Number(value)
     return value.split(',').map(v => v.trim()).filter(Boolean)
-  }).refine(v => !Array.isArray(v) || (v.length > 0 && v.every(a => /^[0-9a-fA-F.:]+(\/\d{1,3})?$/.test(a))),
-    'must be true, false, a number of proxy hops, or comma-separated proxy addresses (CIDR allowed)'),
+  }).refine(v => !Array.isArray(v) || (v.length > 0 && v.every(proxyAddress)),
+    'must be true, false, a number of proxy hops, or comma-separated proxy addresses (CIDR allowed, or loopback, linklocal, uniquelocal)'),
   // 91: the app derives `<REDIS_PREFIX>:presence`, and Redis prefixes are at most 100 characters.
   REDIS_PREFIX: z.string().trim().regex(/^[\w.:-]{1,91}$/, 'must be 1-91 letters, digits, or . : _ -'),
   SYNC_HEAD_INTERVAL_MS: integer(0, 3_600_000),
@@ -107,6 +108,21 @@ const variables = {
 } as const
 
 type Parsed = { [K in keyof typeof variables]?: z.output<(typeof variables)[K]> }
+
+/**
+ * One entry of TRUST_PROXY as Fastify's proxy-addr takes it: an IP address, with a prefix length
+ * up to its family's bits or an IPv4 netmask, or one of its named ranges. A loose pattern let
+ * `face` or `10.0.0.1/99` through, and Fastify then threw at startup.
+ */
+function proxyAddress (entry: string): boolean {
+  if (['loopback', 'linklocal', 'uniquelocal'].includes(entry)) return true
+  const [address = '', range, ...rest] = entry.split('/')
+  const family = isIP(address)
+  if (family === 0 || rest.length > 0) return false
+  if (range === undefined) return true
+  if (/^\d{1,3}$/.test(range)) return Number(range) <= (family === 4 ? 32 : 128)
+  return family === 4 && isIP(range) === 4
+}
 
 /**
  * Reads the configuration from an environment; throws ConfigError on the first bad variable.

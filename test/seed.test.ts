@@ -24,6 +24,17 @@ t.test('the demo seed runs once and its users can log in', async t => {
   t.equal(await prisma.revision.count({ where: { entity: 'project', version: 1 } }), 3)
 })
 
+// Regression (database review): "empty" meant "no company", so a database holding users but no
+// company was seeded beside them (demo users with the published password), or failed on a demo
+// email already taken.
+t.test('a database with users but no company is not seeded', async t => {
+  const { prisma } = await build(t)
+  await prisma.user.create({ data: { email: DEMO_USERS[0].email, name: 'real person', passwordHash: await hashPassword('their own') } })
+  t.equal(await seedIfEmpty(prisma), false)
+  t.equal(await prisma.user.count(), 1, 'no demo user added')
+  t.equal(await prisma.company.count(), 0)
+})
+
 /** Every seeded row counted, to check the demo data exists exactly once. */
 async function seededCounts (prisma: PrismaClient) {
   return {

@@ -17,20 +17,24 @@ export const SEED_LOCK_ID = 72707370
 
 /**
  * Seeds two demo companies with users, projects and stock, once: a database that already has
- * a company is left alone. Returns whether it seeded. Safe for concurrent callers (several nodes
+ * a company or a user is left alone (a users-only database was seeded beside its users, or
+ * failed on a demo email already taken). Returns whether it seeded. Safe for concurrent callers (several nodes
  * starting on one fresh database): the emptiness check is repeated inside the seed transaction
  * under an advisory lock, so exactly one seeds and the others return false.
  */
+const hasData = async (client: Pick<PrismaClient, 'company' | 'user'>) =>
+  await client.company.count() > 0 || await client.user.count() > 0
+
 export async function seedIfEmpty (prisma: PrismaClient): Promise<boolean> {
   // Cheap check first: a seeded database costs no password hashing and no lock.
-  if (await prisma.company.count() > 0) return false
+  if (await hasData(prisma)) return false
   const hashes = await Promise.all(DEMO_USERS.map(() => hashPassword(DEMO_PASSWORD)))
   // The timeout covers waiting for the lock while another node seeds.
   return await prisma.$transaction(async (tx) => {
     await tx.$executeRawUnsafe(`SELECT pg_advisory_xact_lock(${SEED_LOCK_ID})`)
     // Read after the lock: another node may have seeded since the check above (READ COMMITTED
     // takes a new snapshot per statement, so its committed rows are visible here).
-    if (await tx.company.count() > 0) return false
+    if (await hasData(tx)) return false
     const companies = new Map<string, string>()
     for (const name of new Set(DEMO_USERS.map(u => u.company))) {
       companies.set(name, (await tx.company.create({ data: { name } })).id)
