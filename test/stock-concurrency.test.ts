@@ -93,6 +93,34 @@ t.test('a negative result is refused with 409 INSUFFICIENT_STOCK unless the item
   t.equal(zero.statusCode, 400)
 })
 
+// Regression (stock review): a refused adjustment was explained from the row read after the
+// refusal; an adjustment committed in between made the answer name the wrong reason (409
+// INSUFFICIENT_STOCK for an item that allows negative stock, at the quantity limit) and a quantity
+// that would have been enough. The refusal is now decided on the row locked as it is: here the
+// row allows the change by then, so it applies. A test-only trigger pauses the refused UPDATE
+// statement so the other adjustment commits in that gap.
+t.test('an adjustment refused while another one commits is decided on the row as it is then', async t => {
+  const { app, prisma, db } = await build(t)
+  const manager = (await createCompany(app, ['manager'])).as('manager')
+  await db.withSession(sql => sql.exec(`
+    CREATE FUNCTION test_pause_refused() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN IF NOT EXISTS (SELECT 1 FROM changed) THEN PERFORM pg_sleep(0.5); END IF; RETURN NULL; END $$;
+    CREATE TRIGGER test_pause_refused AFTER UPDATE ON stock_items REFERENCING NEW TABLE AS changed
+      FOR EACH STATEMENT EXECUTE FUNCTION test_pause_refused()`))
+  const atLimit = await createItem(app, manager, { quantity: 1_000_000_000, allowNegative: true })
+  const strict = await createItem(app, manager, { quantity: 0 })
+  for (const [item, first, second, expected] of [[atLimit, 1, -1, 1_000_000_000], [strict, -1, 5, 4]] as const) {
+    const pending = adjust(app, manager, item.id, first)
+    await new Promise(resolve => setTimeout(resolve, 150))
+    t.equal((await adjust(app, manager, item.id, second)).statusCode, 201)
+    const res = await pending
+    t.equal(res.statusCode, 201, res.body)
+    t.equal(res.json().item.quantity, expected)
+    t.equal((await prisma.stockItem.findUniqueOrThrow({ where: { id: item.id } })).quantity, expected)
+    t.equal((await stockEvents(app, item.id)).length, 2, 'both adjustments have their event')
+  }
+})
+
 t.test('an absolute count is versioned: a stale baseVersion conflicts, a current one applies and records the movement', async t => {
   const { app, prisma } = await build(t)
   const company = await createCompany(app, ['manager', 'member'])

@@ -95,22 +95,28 @@ export async function stockRoutes (fastify: FastifyInstance) {
     const { delta, reason } = parse(adjustmentBody, request.body)
     const { companyId, userId } = request.user
     const result = await fastify.eventLog.transaction(async (tx, publish) => {
-      const rows = await tx.$queryRaw<Array<{ id: string }>>`
+      const apply = () => tx.$queryRaw<Array<{ id: string }>>`
         UPDATE stock_items SET quantity = quantity + ${delta}, version = version + 1, "updatedAt" = (now() AT TIME ZONE 'UTC')
         WHERE id = ${id} AND "companyId" = ${companyId}
           AND quantity::bigint + ${delta}::bigint BETWEEN ${-QUANTITY_LIMIT}::bigint AND ${QUANTITY_LIMIT}::bigint
           AND ("allowNegative" OR quantity::bigint + ${delta}::bigint >= 0)
         RETURNING id`
-      const item = await tx.stockItem.findFirst({ where: { id, companyId } })
-      if (!item) throw new Errors.NOT_FOUND('Stock item')
-      if (rows.length === 0) {
-        // Refused, nothing changed. Which guard refused is told from the row as read just now.
-        const total = item.quantity + delta
+      if ((await apply()).length === 0) {
+        // Refused, or not there. Another adjustment may commit between the refusal and a read of
+        // the row (an answer built from that newer row named the wrong reason and quantity), so the
+        // row is locked and decided on as it is now: refused with its exact reason, or, if it now
+        // allows the change, applied.
+        const [locked] = await tx.$queryRaw<Array<{ quantity: number, allowNegative: boolean }>>`
+          SELECT quantity, "allowNegative" FROM stock_items WHERE id = ${id} AND "companyId" = ${companyId} FOR UPDATE`
+        if (!locked) throw new Errors.NOT_FOUND('Stock item')
+        const total = locked.quantity + delta
         if (Math.abs(total) > QUANTITY_LIMIT) {
-          throw validationFailed([{ path: 'delta', message: `the quantity would become ${total} (quantity ${item.quantity}, delta ${delta}), outside -${QUANTITY_LIMIT}..${QUANTITY_LIMIT}` }])
+          throw validationFailed([{ path: 'delta', message: `the quantity would become ${total} (quantity ${locked.quantity}, delta ${delta}), outside -${QUANTITY_LIMIT}..${QUANTITY_LIMIT}` }])
         }
-        throw new Errors.INSUFFICIENT_STOCK(`quantity ${item.quantity}, delta ${delta}`)
+        if (total < 0 && !locked.allowNegative) throw new Errors.INSUFFICIENT_STOCK(`quantity ${locked.quantity}, delta ${delta}`)
+        await apply()
       }
+      const item = (await tx.stockItem.findFirst({ where: { id, companyId } }))!
       await fastify.conflicts.snapshot(tx, 'stockItem', item)
       const movement = await recordMovement(tx, item, delta, reason, userId)
       await announce(publish, item, item.quantity - delta, userId, { delta, reason, movementId: movement.id })
