@@ -203,6 +203,32 @@ t.test('a custom resolver decides: its result is applied, and null rejects with 
   t.equal((await app.prisma.project.findUniqueOrThrow({ where: { id: project.id } })).budgetMinor, 10)
 })
 
+// Regression (stock review): a resolver that keeps the current row ("server wins") still bumped
+// the version with no change, recorded a zero stock movement and published stock:updated, which
+// made every other client's baseVersion stale.
+t.test('a custom resolver that keeps the current row writes nothing: no new version, no movement, no event', async t => {
+  const { app, prisma, estimator } = await setup(t, { strategies: { project: (context) => context.current, stockItem: (context) => context.current } })
+  const project = await createProject(app, estimator)
+  await patch(app, estimator, project.id, { baseVersion: 1, name: 'Web' })
+  const kept = await patch(app, estimator, project.id, { baseVersion: 1, name: 'Mobile' })
+  t.equal(kept.statusCode, 200)
+  t.match(kept.json(), { project: { name: 'Web', version: 2 } })
+  t.equal((await prisma.project.findUniqueOrThrow({ where: { id: project.id } })).version, 2)
+  t.equal((await eventsOf(app, { type: 'project:updated' })).length, 1, 'only the first edit published')
+
+  const created = await app.inject({ method: 'POST', url: '/stock/items', headers: authHeader(estimator), payload: { sku: 'SW-1', name: 'x', quantity: 10 } })
+  const item = created.json().item as { id: string }
+  t.equal((await app.inject({ method: 'POST', url: `/stock/items/${item.id}/adjustments`, headers: authHeader(estimator), payload: { delta: -3, reason: 'sold' } })).statusCode, 201)
+  const before = (await eventsOf(app, { type: 'stock:updated' })).length
+  const counted = await app.inject({ method: 'PUT', url: `/stock/items/${item.id}/count`, headers: authHeader(estimator), payload: { quantity: 12, baseVersion: 1 } })
+  t.equal(counted.statusCode, 200)
+  t.match(counted.json(), { item: { quantity: 7, version: 2 } })
+  t.equal((await prisma.stockItem.findUniqueOrThrow({ where: { id: item.id } })).version, 2)
+  t.equal(await prisma.stockMovement.count({ where: { itemId: item.id, delta: 0 } }), 0, 'no zero movement')
+  t.equal((await eventsOf(app, { type: 'stock:updated' })).length, before, 'no stock:updated')
+  t.equal((await eventsOf(app, { type: 'conflict:detected' })).length, 0)
+})
+
 t.test('a writer that bypasses update() between its read and its write makes it re-read and retry, never overwrite', async t => {
   // The resolver runs between the read and the conditional write: a direct SQL bump there is
   // exactly the interleaving of a concurrent stock adjustment.

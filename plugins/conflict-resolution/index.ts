@@ -281,9 +281,10 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
               }
               resolution = typeof strategy === 'string' ? strategy : 'custom'
             }
-            // Nothing left that differs from the row (both sides made the same change, or only
-            // base values were sent): answer the current row instead of bumping its version.
-            if (resolution === undefined && Object.keys(data).every(field => same(data[field], now[field]))) {
+            // Nothing left that differs from the row (both sides made the same change, only base
+            // values were sent, or a resolver kept the current row): answer the current row
+            // instead of bumping its version, which would make every other client's base stale.
+            if (Object.keys(data).every(field => same(data[field], now[field]))) {
               return u.respond(current, true)
             }
           }
