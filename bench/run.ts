@@ -26,7 +26,7 @@ function parseArgs (argv: string[]) {
     if (!arg.startsWith('--')) { names.push(arg); continue }
     const [key, inline] = arg.slice(2).split('=', 2) as [string, string | undefined]
     if (inline !== undefined) flags[key] = inline
-    else if (argv[i + 1] !== undefined && !argv[i + 1]!.startsWith('--') && !['quick', 'cpu-prof', 'list', 'help', 'bare-baseline', 'plain-emit', 'trace'].includes(key)) flags[key] = argv[++i]!
+    else if (argv[i + 1] !== undefined && !argv[i + 1]!.startsWith('--') && !['quick', 'cpu-prof', 'list', 'help', 'bare-baseline', 'plain-emit', 'trace', 'redis'].includes(key)) flags[key] = argv[++i]!
     else flags[key] = true
   }
   return { names, flags }
@@ -77,8 +77,8 @@ async function main () {
   if (flags.trace) process.env.BENCH_TRACE = '1'
   if (flags.list || flags.help) {
     console.log('scenarios (default run marked *):')
-    for (const s of Object.values(scenarios)) console.log(`  ${s.default ? '*' : ' '} ${s.name.padEnd(10)} ${s.description}`)
-    console.log('flags: --quick (small sizes)  --reps N (default 5)  --cpu-prof (profiles in bench/results/prof/)\n       fanout: --sizes 100,1000 --emits N --warmup N --rate N --plain-emit --trace; connect: --connections N --concurrency N --company-sizes 1,100 --bare-baseline; replay: --events N --ops N')
+    for (const s of Object.values(scenarios)) console.log(`  ${s.default ? '*' : ' '} ${s.name.padEnd(10)} ${s.description}\n      flags: ${s.flags}`)
+    console.log('flags of every scenario: --quick (small sizes)  --reps N (default 5)  --cpu-prof (profiles in bench/results/prof/)')
     return
   }
   const unknown = names.filter(n => !scenarios[n])

@@ -2,9 +2,10 @@
  * The one shared events module: Socket.IO event maps for `fastify.io`, with the zod schemas
  * that validate every client→server payload beside their types.
  *
- * Apps add domain events by declaration merging:
+ * Apps add domain events by declaration merging, in a module of their own (path relative to it):
  *
- *   declare module 'erp-realtime/plugins/events.ts' {
+ *   export {}
+ *   declare module './plugins/events.ts' {
  *     interface DomainEventMap { 'invoice:paid': { invoiceId: string } }
  *   }
  */

@@ -3,7 +3,7 @@ import { buildApp } from './app.ts'
 import { ConfigError, databaseOptions, loadConfig } from './config.ts'
 import { openDatabase } from './db/index.ts'
 import { migrate } from './db/migrate.ts'
-import { DEMO_PASSWORD, seedOnStart } from './db/seed.ts'
+import { DEMO_PASSWORD, seedOnStart } from '../prisma/seed.ts'
 
 async function main () {
   let config

@@ -5,7 +5,7 @@ import { fileURLToPath } from 'node:url'
 import t, { type Test } from 'tap'
 import { loadConfig } from '../src/config.ts'
 import { openDatabase, type PrismaClient } from '../src/db/index.ts'
-import { demoLogins, seedIfEmpty, seedOnStart, DEMO_PASSWORD, DEMO_USERS } from '../src/db/seed.ts'
+import { demoLogins, seedIfEmpty, seedOnStart, DEMO_PASSWORD, DEMO_USERS } from '../prisma/seed.ts'
 import { hashPassword } from '../src/passwords.ts'
 import { build, testDatabase, TEST_JWT_SECRET, uniqueName } from './helpers.ts'
 

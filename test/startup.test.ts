@@ -5,7 +5,7 @@ import path from 'node:path'
 import { fileURLToPath } from 'node:url'
 import t, { type Test } from 'tap'
 import pg from 'pg'
-import { DEMO_PASSWORD, DEMO_USERS } from '../src/db/seed.ts'
+import { DEMO_PASSWORD, DEMO_USERS } from '../prisma/seed.ts'
 import { connect, nextEvent, TEST_POSTGRES_URL, uniqueName } from './helpers.ts'
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url))

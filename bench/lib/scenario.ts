@@ -53,6 +53,8 @@ export interface Scenario {
   description: string
   /** Runs in `npm run bench` without naming it (keep the default run under 8 minutes). */
   default: boolean
+  /** Its flags with their defaults, as `npm run bench -- --list` prints them. */
+  flags: string
   /**
    * Its share of the default run, seconds: on a machine slower than the one the defaults were
    * set on, repetitions past the third are dropped to stay inside it (see Context#repetitions).

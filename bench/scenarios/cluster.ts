@@ -50,6 +50,7 @@ export const cluster: Scenario = {
   name: 'cluster',
   description: 'HTTP change on node A to 1,000 clients over three Redis-linked nodes vs the same load on one node',
   default: true,
+  flags: '--clients 1000 --emits 100 --warmup 20 --rate 50',
   budgetSeconds: 50,
   async run (ctx) {
     const size = ctx.number('clients', ctx.quick ? 300 : 1000)

@@ -38,6 +38,7 @@ export const conflicts: Scenario = {
   name: 'conflicts',
   description: '10,000 same-version update races in batches: lost updates (must be 0) and versioned updates/s',
   default: true,
+  flags: '--updates 10000 --racers 50 --parallel 8 --conflict-reps 1',
 
   serverCommands: {
     /** Creates `count` projects (version 1, with their base revision). */

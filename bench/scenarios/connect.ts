@@ -30,6 +30,7 @@ export const connect: Scenario = {
   name: 'connect',
   description: '10,000 authenticated connections to one node (companies of 1 and of 100, each arrival announced to its company): connections/s and server RSS per connection',
   default: true,
+  flags: '--connections 10000 --concurrency 400 --company-sizes 1,100 --deadline 90 (seconds per repetition) --bare-baseline',
   budgetSeconds: 220,
   async run (ctx) {
     const total = ctx.number('connections', ctx.quick ? 1000 : 10_000)

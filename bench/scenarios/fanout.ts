@@ -120,6 +120,7 @@ export const fanout: Scenario = {
   name: 'fanout',
   description: 'HTTP change (POST /projects) delivered to 100 / 1,000 / 5,000 authenticated clients of one company',
   default: true,
+  flags: '--sizes 100,1000 (5000 opt-in) --emits 100 --warmup 20 --rate 50 (10 above 1,000 clients) --plain-emit --trace',
   budgetSeconds: 75,
   async run (ctx) {
     // 5,000 is opt-in (--sizes 100,1000,5000): connecting N clients of one company announces

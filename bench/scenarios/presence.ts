@@ -69,6 +69,7 @@ export const presence: Scenario = {
   name: 'presence',
   description: 'presence:list with 5,000 users present in one company (p99, memory per entry); status change fan-out to 1,000 members',
   default: false,
+  flags: '--users 5000 --lists 200 --members 1000 --changes 100 --rate 20 --concurrency 100 --redis (Redis store)',
   async run (ctx) {
     const users = ctx.number('users', ctx.quick ? 1000 : 5000)
     const lists = ctx.number('lists', ctx.quick ? 50 : 200)

@@ -39,6 +39,7 @@ export const replay: Scenario = {
   name: 'replay',
   description: 'sync:resume of 10,000 missed events to one client; publish overhead of the event log',
   default: true,
+  flags: '--events 10000 --ops 300 --batch 500',
   budgetSeconds: 45,
 
   serverCommands: {

@@ -88,8 +88,8 @@ export interface EventLog {
    * transaction (contiguous seq per stream) and emitted after it commits; if it rolls back,
    * nothing was recorded and nothing is emitted. With `guard` (e.g.
    * `fastify.erpAuth.writeGuard(request)`), the check is the transaction's last statement,
-   * just before its commit (one round trip more; none when erp-idempotency's fence already
-   * ends it): a caller removed while the request waited for a connection, a row lock or a
+   * just before its commit (in place of the `SELECT 1` that ends a transaction without one, and
+   * beside erp-idempotency's fence): a caller removed while the request waited for a connection, a row lock or a
    * queue commits nothing. A statement that failed in `fn` aborts the transaction even when
    * `fn` catches its error (PostgreSQL then turns the COMMIT into a ROLLBACK, which Prisma does not
    * report): the last statement then fails, and `transaction` rejects (with an error saying so,

@@ -1,6 +1,6 @@
 // npm run db:seed — seeds the demo companies once (a database with companies is left alone).
 import { MigrationError, pendingMigrations } from '../db/migrate.ts'
-import { DEMO_PASSWORD, seedIfEmpty } from '../db/seed.ts'
+import { DEMO_PASSWORD, seedIfEmpty } from '../../prisma/seed.ts'
 import { runDatabaseScript } from './run.ts'
 
 await runDatabaseScript(async (db, config) => {

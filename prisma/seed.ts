@@ -1,5 +1,5 @@
-import type { PrismaClient } from '../generated/prisma/client.ts'
-import { hashPassword, verifyPassword } from '../passwords.ts'
+import type { PrismaClient } from '../src/generated/prisma/client.ts'
+import { hashPassword, verifyPassword } from '../src/passwords.ts'
 
 export const DEMO_PASSWORD = 'demo-password'
 
