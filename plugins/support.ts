@@ -139,7 +139,9 @@ export function batchPerTurn<K, V> (loadMany: (keys: readonly K[]) => Promise<V[
 
 /** The digits of the row version an If-Match header names (`"3"`, `W/"3"`, `3`); undefined for any other value. */
 export function ifMatchVersion (header: string): string | undefined {
-  return /^\s*(?:W\/)?"?(\d+)"?\s*$/.exec(header)?.[1]
+  // Quoted (an entity tag, weak or strong) or bare, never half-quoted.
+  const match = /^\s*(?:(?:W\/)?"(\d+)"|(\d+))\s*$/.exec(header)
+  return match?.[1] ?? match?.[2]
 }
 
 /** A route option's hooks as an array (Fastify accepts one function or a list), to append to. */

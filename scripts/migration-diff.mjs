@@ -13,7 +13,8 @@ const require = createRequire(import.meta.url)
 const args = process.argv.slice(2)
 const name = args.find((a, i) => !a.startsWith('--') && args[i - 1] !== '--from')
 const fromIndex = args.indexOf('--from')
-if (!name || !/^[a-z0-9_]+$/.test(name)) {
+// `--from` must name a file (without one, reading it crashed).
+if (!name || !/^[a-z0-9_]+$/.test(name) || (fromIndex >= 0 && (args[fromIndex + 1] === undefined || args[fromIndex + 1].startsWith('--')))) {
   console.error('usage: npm run db:diff -- <snake_case_name> [--from <older schema.prisma>]')
   process.exit(2)
 }
