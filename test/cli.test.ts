@@ -1,4 +1,5 @@
 import { execFile } from 'node:child_process'
+import { createServer } from 'node:net'
 import { mkdir, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
@@ -51,6 +52,22 @@ t.test('db:seed on a database that is not migrated prints one line saying to mig
     t.equal(result.stdout, '')
     t.equal((await script('migrate', env)).code, 0)
     t.equal((await script('seed', env)).stdout, 'seeded demo data\n', `${where}: seeds once migrated`)
+  }
+})
+
+// Regression (database review): a database that could not be reached ended the script with
+// pg's stack trace.
+t.test('a database script whose database cannot be reached prints one line and exits 1', async t => {
+  const closed = await new Promise<number>(resolve => {
+    const server = createServer().listen(0, '127.0.0.1', () => {
+      const { port } = server.address() as { port: number }
+      server.close(() => resolve(port))
+    })
+  })
+  for (const name of ['migrate', 'seed'] as const) {
+    const result = await script(name, { DATABASE_URL: `postgresql://postgres@127.0.0.1:${closed}/nothing`, DATABASE_CONNECT_TIMEOUT_MS: '2000' })
+    t.equal(result.code, 1, `${name}: exit code 1`)
+    t.equal(result.stderr, `could not reach the database: connect ECONNREFUSED 127.0.0.1:${closed}\n`, `${name}: one line`)
   }
 })
 

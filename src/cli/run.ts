@@ -5,8 +5,8 @@ import { MigrationError } from '../db/migrate.ts'
 /**
  * Runs a database script (`npm run db:migrate`, `db:seed`): the database settings of the
  * environment, no JWT_SECRET needed (a release step may not have the app's secret); a bad
- * variable, a refused migration or an embedded database in use (`npm start` running on it)
- * prints one line and exits 1.
+ * variable, a refused migration, an embedded database in use (`npm start` running on it) or a
+ * database that cannot be reached prints one line and exits 1.
  */
 export async function runDatabaseScript (fn: (db: Database, config: AppConfig) => Promise<string>): Promise<void> {
   let db: Database | undefined
@@ -15,8 +15,14 @@ export async function runDatabaseScript (fn: (db: Database, config: AppConfig) =
     db = await openDatabase(databaseOptions(config))
     console.log(await fn(db, config))
   } catch (err) {
-    if (!(err instanceof ConfigError) && !(err instanceof MigrationError) && !(err instanceof DatabaseInUseError)) throw err
-    console.error(err.message)
+    if (err instanceof ConfigError || err instanceof MigrationError || err instanceof DatabaseInUseError) {
+      console.error(err.message)
+    } else if (typeof (err as NodeJS.ErrnoException)?.code === 'string' && (err as NodeJS.ErrnoException).syscall !== undefined) {
+      // The database not reachable (ECONNREFUSED, ENOTFOUND, ...): one line, not a stack trace.
+      console.error(`could not reach the database: ${(err as Error).message}`)
+    } else {
+      throw err
+    }
     process.exitCode = 1
   } finally {
     await db?.close()
