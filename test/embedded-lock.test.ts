@@ -1,4 +1,5 @@
-import { mkdir, mkdtemp, readFile, rm, stat, utimes, writeFile } from 'node:fs/promises'
+import { mkdir, mkdtemp, open, readFile, rm, stat, utimes, writeFile } from 'node:fs/promises'
+import { createRequire, syncBuiltinESMExports } from 'node:module'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import t, { type Test } from 'tap'
@@ -92,4 +93,85 @@ t.test('close removes the lock only while it still names this process', async t 
   await writeFile(`${dir}.lock`, '2147483645') // taken over meanwhile (this process looked dead to another)
   await db.close()
   t.equal(await readFile(`${dir}.lock`, 'utf8'), '2147483645', 'the new owner keeps its lock')
+})
+
+
+/**
+ * Pauses the `nth` read of `file` through fs/promises (as src/db/index.ts sees it) until
+ * `release()`: the lock code's steps are async file operations, and this holds one of them so
+ * a test can act in between.
+ */
+function gateRead (t: Test, file: string, nth: number) {
+  const fsp = createRequire(import.meta.url)('node:fs/promises') as { readFile: (...args: unknown[]) => Promise<unknown> }
+  const original = fsp.readFile
+  let calls = 0
+  let reached!: () => void
+  let release!: () => void
+  const atGate = new Promise<void>(resolve => { reached = resolve })
+  const released = new Promise<void>(resolve => { release = resolve })
+  const restore = () => { fsp.readFile = original; syncBuiltinESMExports() }
+  fsp.readFile = async (...args: unknown[]) => {
+    if (args[0] === file && ++calls === nth) {
+      reached()
+      await released
+    }
+    return await original(...args)
+  }
+  syncBuiltinESMExports()
+  t.teardown(restore)
+  return { atGate, release: () => { restore(); release() } }
+}
+
+// Regression (review of the lock fixes): close() let go of the directory in this process before
+// it removed the lock file; an open in between took the lock (naming this pid) over, and close
+// then removed it, leaving the new database open without a lock.
+t.test('an open while close() removes the lock is refused, and the lock of a later open stays', async t => {
+  const dir = await tempDir(t)
+  const first = await openDatabase({ dataDir: dir })
+  const gate = gateRead(t, `${dir}.lock`, 1) // close()'s "is it still ours?" read
+  const closing = first.close()
+  await gate.atGate
+  const during = await openDatabase({ dataDir: dir }).catch((err: unknown) => err)
+  gate.release()
+  await closing
+  if (!(during instanceof Error)) await (during as { close (): Promise<void> }).close()
+  t.match(during, { name: 'DatabaseInUseError' }, 'refused while the first one is closing')
+  const after = await openDatabase({ dataDir: dir })
+  t.teardown(() => after.close())
+  t.equal(await readFile(`${dir}.lock`, 'utf8'), String(process.pid), 'the open database has its lock')
+})
+
+// Regression (review of the lock fixes): a lock that vanished between the failed create and the
+// read (its owner closed) read as empty, so it counted as stale, and the takeover then matched a
+// new, still empty lock another process had just created, removed it and took its place.
+t.test('a lock that vanishes before it is read is created again, never taken over from a newer owner', async t => {
+  const dir = await tempDir(t)
+  const lock = `${dir}.lock`
+  await writeFile(lock, String(process.ppid)) // a live owner
+  const first = gateRead(t, lock, 1) // the read after the failed create
+  let otherCreated = false
+  const opening = openDatabase({ dataDir: dir }).catch((err: unknown) => err)
+  await first.atGate
+  await rm(lock) // the owner closes
+  first.release()
+  const second = gateRead(t, lock, 1) // the re-read inside a takeover, if there is one
+  const raced = second.atGate.then(async () => {
+    const other = await open(lock, 'wx') // another process's first try: created, pid not written yet
+    otherCreated = true
+    second.release() // the takeover's re-read now finds that new, empty lock
+    await new Promise(resolve => setTimeout(resolve, 200))
+    await other.writeFile('2147483000')
+    await other.close()
+  })
+  const db = await opening
+  second.release()
+  if (otherCreated) await raced
+  if (otherCreated) {
+    t.match(db, { name: 'DatabaseInUseError' }, 'the newer owner keeps the directory')
+    t.equal(await readFile(lock, 'utf8'), '2147483000')
+  } else {
+    t.notMatch(db, { name: 'DatabaseInUseError' }, 'it created the lock again')
+    t.equal(await readFile(lock, 'utf8'), String(process.pid))
+  }
+  if (!(db instanceof Error)) await (db as { close (): Promise<void> }).close()
 })

@@ -274,9 +274,14 @@ async function lockDataDir (dir: string): Promise<() => Promise<void>> {
     throw err
   }
   return async () => {
-    heldDataDirs.delete(dir)
-    // Only a lock that is still ours: one taken over meanwhile belongs to its new owner.
-    if ((await readFile(lockPath, 'utf8').catch(() => '')).trim() === String(process.pid)) await rm(lockPath, { force: true })
+    // Only a lock that is still ours: one taken over meanwhile belongs to its new owner. Held
+    // until the file is gone: an open in this process meanwhile took the lock naming this pid over,
+    // and then ran without one once it was removed here.
+    try {
+      if ((await readFile(lockPath, 'utf8').catch(() => '')).trim() === String(process.pid)) await rm(lockPath, { force: true })
+    } finally {
+      heldDataDirs.delete(dir)
+    }
   }
 }
 
@@ -286,15 +291,27 @@ async function takeLock (lockPath: string, inUse: (owner: number | undefined) =>
     await handle.writeFile(String(process.pid))
     await handle.close()
   }
-  try {
-    return await create()
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
+  // The lock's content, or undefined when there is no lock file.
+  const read = () => readFile(lockPath, 'utf8').then(text => text.trim(), (err: NodeJS.ErrnoException) => err.code === 'ENOENT' ? undefined : '')
+  let content: string | undefined
+  // Twice at most: a lock that vanished before it could be read (its owner closed) is no stale
+  // lock to take over (that compared equal to a new, still empty one), just one to create again.
+  for (let attempt = 0; content === undefined; attempt++) {
+    try {
+      return await create()
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
+    }
+    content = await read()
+    if (content === undefined && attempt > 0) throw inUse(undefined)
   }
-  const content = (await readFile(lockPath, 'utf8').catch(() => '')).trim()
+  // Which file was judged: the takeover below removes only that one, not a newer lock that a
+  // process created meanwhile (still empty, or with the same content).
+  const judged = await stat(lockPath).catch(() => undefined)
+  const identity = (info: { ino: number, mtimeMs: number } | undefined) => info && `${info.ino}:${info.mtimeMs}`
   const owner = /^\d+$/.test(content) ? Number(content) : undefined
   const stale = owner === undefined
-    ? Date.now() - ((await stat(lockPath).catch(() => undefined))?.mtimeMs ?? 0) > UNREADABLE_LOCK_STALE_MS
+    ? Date.now() - (judged?.mtimeMs ?? Date.now()) > UNREADABLE_LOCK_STALE_MS
     : owner === process.pid || !processAlive(owner)
   if (!stale) throw inUse(owner)
   // Taking a stale lock over is read, remove, create: two processes doing it at once could each
@@ -311,8 +328,10 @@ async function takeLock (lockPath: string, inUse: (owner: number | undefined) =>
     throw inUse(undefined)
   }
   try {
-    const now = (await readFile(lockPath, 'utf8').catch(() => '')).trim()
-    if (now !== content) throw inUse(/^\d+$/.test(now) ? Number(now) : undefined)
+    const now = await read()
+    if (now !== content || identity(await stat(lockPath).catch(() => undefined)) !== identity(judged) || judged === undefined) {
+      throw inUse(now !== undefined && /^\d+$/.test(now) ? Number(now) : undefined)
+    }
     await rm(lockPath, { force: true })
     try {
       await create()
