@@ -120,8 +120,13 @@ function proxyAddress (entry: string): boolean {
   const family = isIP(address)
   if (family === 0 || rest.length > 0) return false
   if (range === undefined) return true
-  if (/^\d{1,3}$/.test(range)) return Number(range) <= (family === 4 ? 32 : 128)
-  return family === 4 && isIP(range) === 4
+  // proxy-addr refuses a range of 0 (0.0.0.0/0: trust every address, use `true` for that).
+  if (/^\d+$/.test(range)) return Number(range) >= 1 && Number(range) <= (family === 4 ? 32 : 128)
+  if (family !== 4 || isIP(range) !== 4) return false
+  // A netmask: its ones contiguous from the top, and at least one.
+  const mask = range.split('.').reduce((bits, octet) => bits * 256 + Number(octet), 0)
+  const inverted = 0xffffffff - mask
+  return mask !== 0 && (inverted & (inverted + 1)) === 0
 }
 
 /**

@@ -136,7 +136,7 @@ t.test('each bad variable is refused with one line naming it', async t => {
     ['TRUST_PROXY', { TRUST_PROXY: 'yes please' }, /true, false, a number of proxy hops, or comma-separated proxy addresses/],
     ['TRUST_PROXY', { TRUST_PROXY: ',' }, /comma-separated proxy addresses/],
     // Regression (database review): a loose pattern let these through, and Fastify threw at startup.
-    ...['face', '10.0.0.1/99', '999.1.1.1', '::::::', '::1/129', '10.0.0.0/8/8', '10.0.0.0/255.0.0.256'].map(value =>
+    ...['face', '10.0.0.1/99', '999.1.1.1', '::::::', '::1/129', '10.0.0.0/8/8', '10.0.0.0/255.0.0.256', '0.0.0.0/0', '::/0', '10.0.0.0/0.0.0.0', '10.0.0.0/255.0.255.0'].map(value =>
       ['TRUST_PROXY', { TRUST_PROXY: value }, /comma-separated proxy addresses/] as [string, NodeJS.ProcessEnv, RegExp]),
     ['PRESENCE_GRACE_MS', { PRESENCE_GRACE_MS: '3600001' }, /at most/],
     // Regression: LOG_LEVEL went unchecked to pino, which failed late without naming the variable.
@@ -205,9 +205,11 @@ t.test('TRUST_PROXY: true, false, a number of hops or proxy addresses', async t 
   t.equal(loadConfig({ TRUST_PROXY: 'false' }).trustProxy, false)
   t.equal(loadConfig({ TRUST_PROXY: '2' }).trustProxy, 2)
   t.same(loadConfig({ TRUST_PROXY: '10.0.0.0/8, 127.0.0.1,::1' }).trustProxy, ['10.0.0.0/8', '127.0.0.1', '::1'])
-  const named = loadConfig({ TRUST_PROXY: 'loopback, uniquelocal, 10.0.0.0/255.0.0.0, fd00::/8' }).trustProxy
-  t.same(named, ['loopback', 'uniquelocal', '10.0.0.0/255.0.0.0', 'fd00::/8'], "proxy-addr's named ranges and an IPv4 netmask")
+  const named = loadConfig({ TRUST_PROXY: 'loopback, uniquelocal, 10.0.0.0/255.0.0.0, 192.168.0.0/255.255.255.255, fd00::/8, 10.1.0.0/0016' }).trustProxy
+  t.same(named, ['loopback', 'uniquelocal', '10.0.0.0/255.0.0.0', '192.168.0.0/255.255.255.255', 'fd00::/8', '10.1.0.0/0016'], "proxy-addr's named ranges and an IPv4 netmask")
   // What is accepted, Fastify accepts.
   const { default: Fastify } = await import('fastify')
   await Fastify({ trustProxy: named as string[] }).close()
+  // What is refused, Fastify refuses too (a range of 0, a netmask with a gap).
+  for (const value of ['0.0.0.0/0', '::/0', '10.0.0.0/0.0.0.0', '10.0.0.0/255.0.255.0']) t.throws(() => Fastify({ trustProxy: [value] }), /invalid range/, value)
 })
