@@ -169,6 +169,22 @@ t.test('other errors of a guarded statement pass through unchanged, and nothing 
   t.equal((await app.eventLog.heads([companyStream(company.id)])).get(companyStream(company.id)), 0)
 })
 
+// Regression (review of this session's guard ordering): once the checks ran after the writes, a
+// write that failed at once (a unique violation) answered a removed member with its own error
+// instead of the guard's 403.
+for (const embedded of [false, true]) {
+  t.test(`a write failing before the guard's turn still answers a non-member 403 (${embedded ? 'PGlite' : 'PostgreSQL'})`, async t => {
+    const { app, prisma } = await build(t, { embedded, routes: testRoutes })
+    const company = await createCompany(app, ['admin', 'member'])
+    const member = company.as('member')
+    await prisma.membership.delete({ where: { userId_companyId: { userId: member.id, companyId: company.id } } })
+    const res = await app.inject({ method: 'POST', url: '/test/duplicate', headers: authHeader(member) })
+    t.equal(res.statusCode, 403)
+    t.equal(res.json().error.code, 'AUTH_NOT_A_MEMBER')
+    t.equal(await prisma.project.count({ where: { companyId: company.id } }), 0)
+  })
+}
+
 t.test('an in-write route that answers without a passed guard gets a 500, not an unchecked success', async t => {
   const errors: string[] = []
   const { app } = await build(t, {

@@ -354,6 +354,10 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
     }
   }
 
+  /** The guard's own error when it refuses now (checked on its own), for a write that failed before its turn. */
+  const refusal = async (guard: WriteGuard | undefined): Promise<Error | undefined> =>
+    guard && await prisma.$queryRaw`SELECT ${guard.sql}`.then(() => undefined, (guardErr: unknown) => guard.error?.(guardErr))
+
   // `lastCheck` false: `fn` cannot catch a failed statement (publish()'s own transaction), so the
   // statement that finds an aborted transaction is not needed.
   const run = async <T>(fn: (tx: Tx, publish: Publish) => Promise<T>, { guard }: TransactionOptions, lastCheck: boolean): Promise<T> => {
@@ -388,10 +392,8 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
         if (mapped) throw mapped
         // The work failed before the guard's turn (a 404, a 409 built from what it read): a
         // caller removed while the request waited gets the guard's 403 instead.
-        if (guard) {
-          const refused = await prisma.$queryRaw`SELECT ${guard.sql}`.then(() => undefined, (guardErr: unknown) => guard.error?.(guardErr))
-          if (refused) throw refused
-        }
+        const refused = await refusal(guard)
+        if (refused) throw refused
         // The last statement found the transaction aborted: say why, not only "aborted".
         if (sqlErrorOf(err)?.code === '25P02') {
           throw new Error('erp-offline-queue: a statement in this transaction failed and its error was caught, so PostgreSQL rolled the whole transaction back and nothing was recorded; let the error propagate, or run the statement under a SAVEPOINT to recover from it', { cause: err })
@@ -429,7 +431,11 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
           checks AS (SELECT ${guard?.sql ?? Prisma.sql`NULL`} AS value, fenced FROM (SELECT ${claim ? fenceSql(claim) : Prisma.sql`NULL`} AS fenced FROM done WHERE n >= 0 OFFSET 0) AS fence)
           SELECT checks.value AS guard, checks.fenced, recorded.seq, recorded."createdAt" FROM checks LEFT JOIN recorded ON true`
       : Prisma.sql`WITH ${clauses} ${insertEvent(id, event)}`
-    ).catch((err: unknown) => { throw (claim && fenceError(err)) ?? guard?.error?.(err) ?? err })
+    ).catch(async (err: unknown) => {
+      // A write that failed before the checks' turn (a unique violation, say): a caller who is no
+      // longer a member gets the guard's 403, not an answer built from the company's data.
+      throw (claim && fenceError(err)) ?? guard?.error?.(err) ?? await refusal(guard) ?? err
+    })
     const row = rows[0]
     guard?.passed?.(row?.guard)
     if (row?.seq == null) return null
