@@ -205,8 +205,8 @@ t.test('a custom resolver decides: its result is applied, and null rejects with 
 
 // Regression (stock review): a resolver that keeps the current row ("server wins") still bumped
 // the version with no change, recorded a zero stock movement and published stock:updated, which
-// made every other client's baseVersion stale.
-t.test('a custom resolver that keeps the current row writes nothing: no new version, no movement, no event', async t => {
+// made every other client's baseVersion stale. The editor is still told its edit was dropped.
+t.test('a custom resolver that keeps the current row writes nothing: no new version, no movement, no change event; the editor gets conflict:detected', async t => {
   const { app, prisma, estimator } = await setup(t, { strategies: { project: (context) => context.current, stockItem: (context) => context.current } })
   const project = await createProject(app, estimator)
   await patch(app, estimator, project.id, { baseVersion: 1, name: 'Web' })
@@ -226,7 +226,8 @@ t.test('a custom resolver that keeps the current row writes nothing: no new vers
   t.equal((await prisma.stockItem.findUniqueOrThrow({ where: { id: item.id } })).version, 2)
   t.equal(await prisma.stockMovement.count({ where: { itemId: item.id, delta: 0 } }), 0, 'no zero movement')
   t.equal((await eventsOf(app, { type: 'stock:updated' })).length, before, 'no stock:updated')
-  t.equal((await eventsOf(app, { type: 'conflict:detected' })).length, 0)
+  const detected = await eventsOf(app, { stream: `user:${estimator.id}`, type: 'conflict:detected' })
+  t.match(detected.map(e => e.data), [{ entity: 'project', fields: ['name'], resolution: 'custom' }, { entity: 'stockItem', fields: ['quantity'], resolution: 'custom' }])
 })
 
 t.test('a writer that bypasses update() between its read and its write makes it re-read and retry, never overwrite', async t => {

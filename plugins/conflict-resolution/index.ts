@@ -223,6 +223,15 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
     return run
   }
 
+  /** `conflict:detected` on the editor's stream: how their overlapping edit was resolved. */
+  const publishDetected = (publish: Publish, u: VersionedUpdate<{ version: number }, unknown>, fields: string[], resolution: string) => publish({
+    stream: userStream(u.userId),
+    type: 'conflict:detected',
+    companyId: u.companyId,
+    actorId: u.userId,
+    data: { entity: u.entity, entityId: u.id, fields, resolution }
+  })
+
   function update<Row extends { version: number }, Result> (u: VersionedUpdate<Row, Result>): Promise<Result> {
     // Keyed by company too: a caller of another company who knows the id gets its 404 without
     // queueing behind (or holding up) the row's own company's updates.
@@ -285,6 +294,8 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
             // values were sent, or a resolver kept the current row): answer the current row
             // instead of bumping its version, which would make every other client's base stale.
             if (Object.keys(data).every(field => same(data[field], now[field]))) {
+              // A resolver that kept the row dropped the edit: the editor's devices are told.
+              if (resolution !== undefined) await publishDetected(publish, u, fields, resolution)
               return u.respond(current, true)
             }
           }
@@ -297,15 +308,7 @@ async function erpConflicts (fastify: FastifyInstance, rawOptions: ErpConflictsO
           await u.applied(tx, publish, row, { before: current, changed, merged })
           // Published after the domain events (company stream first, then the user's stream:
           // the same lock order as every other writer of both streams).
-          if (resolution !== undefined) {
-            await publish({
-              stream: userStream(u.userId),
-              type: 'conflict:detected',
-              companyId: u.companyId,
-              actorId: u.userId,
-              data: { entity: u.entity, entityId: u.id, fields, resolution }
-            })
-          }
+          if (resolution !== undefined) await publishDetected(publish, u, fields, resolution)
           return u.respond(row, merged)
         }
         throw new Errors.SERVICE_UNAVAILABLE(`${u.entity} is being changed too often; retry`)
