@@ -1,5 +1,5 @@
 import { execFile } from 'node:child_process'
-import { createServer } from 'node:net'
+import { createServer, type Socket } from 'node:net'
 import { mkdir, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
@@ -69,6 +69,18 @@ t.test('a database script whose database cannot be reached prints one line and e
     t.equal(result.code, 1, `${name}: exit code 1`)
     t.equal(result.stderr, `could not reach the database: connect ECONNREFUSED 127.0.0.1:${closed}\n`, `${name}: one line`)
   }
+  // A server that accepts and never answers: pg-pool's connect timeout, one line too.
+  const accepted: Socket[] = []
+  const silent = createServer(socket => { accepted.push(socket) })
+  await new Promise<void>(resolve => silent.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => {
+    for (const socket of accepted) socket.destroy()
+    silent.close()
+  })
+  const { port } = silent.address() as { port: number }
+  const hung = await script('migrate', { DATABASE_URL: `postgresql://postgres@127.0.0.1:${port}/nothing`, DATABASE_CONNECT_TIMEOUT_MS: '300' })
+  t.equal(hung.code, 1)
+  t.match(hung.stderr, /^could not reach the database: [^\n]*timeout[^\n]*\n$/i)
 })
 
 t.test('a bad variable stops a database script with one line naming it and exit code 1', async t => {

@@ -465,3 +465,16 @@ t.test('a migration that switches role is recorded as finished, and the next one
   t.same((await db.withSession(sql => migrate(sql, dir))).applied, [], 'the next run finds both applied')
   await dropRole()
 })
+
+// Regression (review): a migration folder without its migration.sql stopped the runner with a raw
+// ENOENT (the database scripts then said they could not reach the database).
+t.test('a migration folder without migration.sql is refused by name, before anything applies', async t => {
+  const db = await emptyDatabase(t)
+  const dir = await migrationsCopy(t)
+  await mkdir(path.join(dir, '29990101000000_no_script'))
+  const err = await db.withSession(sql => migrate(sql, dir)).catch((e: unknown) => e)
+  t.type(err, MigrationError)
+  t.equal((err as Error).message, 'migration 29990101000000_no_script has no migration.sql')
+  const table = await db.withSession(sql => sql.query(`SELECT to_regclass('"public"."projects"') AS t`))
+  t.equal(table[0]!.t, null, 'nothing applied')
+})

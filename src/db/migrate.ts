@@ -126,7 +126,10 @@ export async function migrate (sql: SqlRunner, dir = DEFAULT_MIGRATIONS_DIR, opt
     // edited migration found halfway through the list left the earlier pending ones applied.
     const scripts = new Map<string, string>()
     for (const name of names) {
-      const script = await readFile(path.join(dir, name, 'migration.sql'), 'utf8')
+      const script = await readFile(path.join(dir, name, 'migration.sql'), 'utf8').catch((err: NodeJS.ErrnoException) => {
+        if (err.code === 'ENOENT') throw new MigrationError(`migration ${name} has no migration.sql`, name)
+        throw err
+      })
       const done = recorded.get(name)
       if (done && !checksumMatches(String(done.checksum), script)) {
         throw new MigrationError(`migration ${name} was edited after it was applied (checksum mismatch)`, name)
