@@ -98,15 +98,19 @@ export async function projectRoutes (fastify: FastifyInstance) {
   // first, as an update of each (version + 1, revision snapshot for later merges), and the one
   // `project:deleted` event lists them with their new versions. Its first statement locks the
   // project row: POST /expenses for it checks the project FOR KEY SHARE, so it waits and then
-  // answers 404, and none is detached unannounced. The membership check (`in-write`) is the
-  // transaction's last statement, after every lock wait: made first, it let a member removed
-  // while the delete waited for the row delete the project.
+  // answers 404, and none is detached unannounced. The membership check (`in-write`) is also the
+  // transaction's last statement, after every lock wait: made first only, it let a member
+  // removed while the delete waited for the row delete the project.
   fastify.delete('/projects/:id', { config: { erpAuth: { membership: 'in-write' } } }, async (request, reply) => {
     const { id } = parse(idParams, request.params)
     const { companyId, userId } = request.user
+    const guard = fastify.erpAuth.writeGuard(request)
     await fastify.eventLog.transaction(async (tx, publish) => {
-      const [checked] = await tx.$queryRaw<Array<{ found: boolean }>>`
-        SELECT EXISTS (SELECT 1 FROM projects WHERE id = ${id} AND "companyId" = ${companyId} FOR UPDATE) AS found`
+      // Checked here too (same statement, no round trip more), so a caller who is no longer a
+      // member is refused before the delete takes its locks.
+      const [checked] = await tx.$queryRaw<Array<{ value: unknown, found: boolean }>>`
+        SELECT ${guard.sql} AS value, EXISTS (SELECT 1 FROM projects WHERE id = ${id} AND "companyId" = ${companyId} FOR UPDATE) AS found`
+        .catch((err: unknown) => { throw guard.error?.(err) ?? err })
       if (!checked!.found) throw new Errors.NOT_FOUND('Project')
       // UPDATE expenses SET "projectId" = NULL, version = version + 1, "updatedAt" = now ... RETURNING *
       const detached = await tx.expense.updateManyAndReturn({
@@ -129,7 +133,7 @@ export async function projectRoutes (fastify: FastifyInstance) {
           detachedExpenseCount: detached.length
         }
       })
-    }, { guard: fastify.erpAuth.writeGuard(request) })
+    }, { guard })
     reply.code(204)
   })
 }
