@@ -159,7 +159,7 @@ export function sqlErrorOf (err: unknown): { code: string, message: string } | u
 }
 
 // Socket failures of a database client (pg's own, or Node's from connect()).
-const UNREACHABLE_SOCKET_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'EPIPE'])
+const UNREACHABLE_SOCKET_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'ENETDOWN', 'EHOSTDOWN', 'EADDRNOTAVAIL', 'EPIPE'])
 // What `@prisma/adapter-pg` maps a failure to get or keep a session to (`DriverAdapterError.cause.kind`),
 // and the Prisma codes of those kinds.
 const UNREACHABLE_ADAPTER_KINDS = new Set([
@@ -194,6 +194,10 @@ export function databaseUnreachable (err: unknown): boolean {
     if (e.severity === 'FATAL' || e.severity === 'PANIC') return true
     if (typeof e.kind === 'string' && UNREACHABLE_ADAPTER_KINDS.has(e.kind)) return true
     if (typeof e.message === 'string' && UNREACHABLE_PG_MESSAGE.test(e.message)) return true
+    // A connect that failed, whatever the code (ENOENT: no server behind a unix socket path).
+    if ((e as { syscall?: unknown }).syscall === 'connect') return true
+    // A host with several addresses: Node reports the failed connects as one AggregateError.
+    if (current instanceof AggregateError && current.errors.length > 0 && current.errors.every(databaseUnreachable)) return true
     current = e.meta?.driverAdapterError ?? e.cause
   }
   return false

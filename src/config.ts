@@ -119,6 +119,8 @@ function proxyAddress (entry: string): boolean {
   const [address = '', range, ...rest] = entry.split('/')
   const family = isIP(address)
   if (family === 0 || rest.length > 0) return false
+  // An IPv6 zone: proxy-addr's parser takes letters and digits only (not eth0.100, br-1a2b).
+  if (address.includes('%') && !/%[0-9a-z]+$/i.test(address)) return false
   if (range === undefined) return true
   // proxy-addr refuses a range of 0 (0.0.0.0/0: trust every address, use `true` for that).
   if (/^\d+$/.test(range)) return Number(range) >= 1 && Number(range) <= (family === 4 ? 32 : 128)

@@ -81,6 +81,10 @@ t.test('a database script whose database cannot be reached prints one line and e
   const hung = await script('migrate', { DATABASE_URL: `postgresql://postgres@127.0.0.1:${port}/nothing`, DATABASE_CONNECT_TIMEOUT_MS: '300' })
   t.equal(hung.code, 1)
   t.match(hung.stderr, /^could not reach the database: [^\n]*timeout[^\n]*\n$/i)
+  // A unix socket path with no server behind it (connect ENOENT).
+  const noSocket = await script('migrate', { DATABASE_URL: `postgresql://postgres@localhost/nothing?host=${path.join(tmpdir(), uniqueName('no-socket-dir'))}` })
+  t.equal(noSocket.code, 1)
+  t.match(noSocket.stderr, /^could not reach the database: connect ENOENT [^\n]*\n$/)
 })
 
 t.test('a bad variable stops a database script with one line naming it and exit code 1', async t => {

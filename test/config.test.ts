@@ -136,7 +136,7 @@ t.test('each bad variable is refused with one line naming it', async t => {
     ['TRUST_PROXY', { TRUST_PROXY: 'yes please' }, /true, false, a number of proxy hops, or comma-separated proxy addresses/],
     ['TRUST_PROXY', { TRUST_PROXY: ',' }, /comma-separated proxy addresses/],
     // Regression (database review): a loose pattern let these through, and Fastify threw at startup.
-    ...['face', '10.0.0.1/99', '999.1.1.1', '::::::', '::1/129', '10.0.0.0/8/8', '10.0.0.0/255.0.0.256', '0.0.0.0/0', '::/0', '10.0.0.0/0.0.0.0', '10.0.0.0/255.0.255.0'].map(value =>
+    ...['face', '10.0.0.1/99', '999.1.1.1', '::::::', '::1/129', '10.0.0.0/8/8', '10.0.0.0/255.0.0.256', '0.0.0.0/0', '::/0', '10.0.0.0/0.0.0.0', '10.0.0.0/255.0.255.0', 'fe80::1%eth0.100', 'fe80::1%br-1a2b'].map(value =>
       ['TRUST_PROXY', { TRUST_PROXY: value }, /comma-separated proxy addresses/] as [string, NodeJS.ProcessEnv, RegExp]),
     ['PRESENCE_GRACE_MS', { PRESENCE_GRACE_MS: '3600001' }, /at most/],
     // Regression: LOG_LEVEL went unchecked to pino, which failed late without naming the variable.
@@ -212,4 +212,8 @@ t.test('TRUST_PROXY: true, false, a number of hops or proxy addresses', async t 
   await Fastify({ trustProxy: named as string[] }).close()
   // What is refused, Fastify refuses too (a range of 0, a netmask with a gap).
   for (const value of ['0.0.0.0/0', '::/0', '10.0.0.0/0.0.0.0', '10.0.0.0/255.0.255.0']) t.throws(() => Fastify({ trustProxy: [value] }), /invalid range/, value)
+  for (const value of ['fe80::1%eth0.100', 'fe80::1%br-1a2b']) t.throws(() => Fastify({ trustProxy: [value] }), /invalid IP address/, value)
+  // A zone of letters and digits is fine on both sides.
+  t.same(loadConfig({ TRUST_PROXY: 'fe80::1%eth0' }).trustProxy, ['fe80::1%eth0'])
+  await Fastify({ trustProxy: ['fe80::1%eth0'] }).close()
 })

@@ -87,3 +87,28 @@ t.test('databaseUnreachable tells connection failures from query failures', asyn
   t.notOk(databaseUnreachable(new Error('boom')), 'a plain error')
   t.notOk(databaseUnreachable(undefined), 'undefined')
 })
+
+// Regression (review): the guard re-check after a failed write ran after outages too, so a write
+// that could not get a connection waited for one a second time before answering 503.
+t.test('a guarded write that fails for want of a connection answers 503 without checking the guard again', async t => {
+  const db = await testDatabase(t, { poolSize: 1, connectTimeoutMs: 300 })
+  const { app } = await build(t, { db })
+  const company = await createCompany(app, ['admin', 'member'])
+  let guardQueries = 0
+  const queryRaw = db.prisma.$queryRaw.bind(db.prisma) as (...args: unknown[]) => Promise<unknown>
+  ;(db.prisma as unknown as { $queryRaw: unknown }).$queryRaw = (...args: unknown[]) => {
+    if (/erp_require_member/.test(String((args[0] as { sql?: string } | undefined)?.sql ?? args[0]))) guardQueries++
+    return queryRaw(...args)
+  }
+  let release!: () => void
+  const held = db.withSession(() => new Promise<void>(resolve => { release = resolve }))
+  const res = await app.inject({ method: 'POST', url: '/projects', headers: authHeader(company.as('member')), payload: { name: 'no connection' } })
+  release()
+  await held
+  t.equal(res.statusCode, 503)
+  t.equal(guardQueries, 1, 'only the write itself named the guard')
+  // unreachable connects, recognised whatever their code: a unix socket path with no server, several addresses
+  t.ok(databaseUnreachable(Object.assign(new Error('connect ENOENT /tmp/none/.s.PGSQL.5432'), { code: 'ENOENT', syscall: 'connect' })))
+  t.ok(databaseUnreachable(new AggregateError([Object.assign(new Error('a'), { code: 'EADDRNOTAVAIL' }), Object.assign(new Error('b'), { code: 'ECONNREFUSED' })])))
+  t.notOk(databaseUnreachable(Object.assign(new Error('no such file'), { code: 'ENOENT', syscall: 'open' })), 'a file error is not')
+})

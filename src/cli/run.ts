@@ -1,3 +1,4 @@
+import { databaseUnreachable } from '../../plugins/support.ts'
 import { type AppConfig, ConfigError, databaseOptions, loadConfig } from '../config.ts'
 import { type Database, DatabaseInUseError, openDatabase } from '../db/index.ts'
 import { MigrationError } from '../db/migrate.ts'
@@ -8,15 +9,6 @@ import { MigrationError } from '../db/migrate.ts'
  * variable, a refused migration, an embedded database in use (`npm start` running on it) or a
  * database that cannot be reached prints one line and exits 1.
  */
-/** Network errors of a connection attempt, and pg-pool's connect timeout. */
-const NETWORK_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'ETIMEDOUT'])
-function unreachable (err: unknown): boolean {
-  if (!(err instanceof Error)) return false
-  // Node reports a refused connection to each of a host's addresses as one AggregateError.
-  if (err instanceof AggregateError && err.errors.length > 0 && err.errors.every(unreachable)) return true
-  return NETWORK_CODES.has((err as NodeJS.ErrnoException).code ?? '') || /timeout exceeded when trying to connect|Connection terminated/i.test(err.message)
-}
-
 export async function runDatabaseScript (fn: (db: Database, config: AppConfig) => Promise<string>): Promise<void> {
   let db: Database | undefined
   try {
@@ -26,7 +18,7 @@ export async function runDatabaseScript (fn: (db: Database, config: AppConfig) =
   } catch (err) {
     if (err instanceof ConfigError || err instanceof MigrationError || err instanceof DatabaseInUseError) {
       console.error(err.message)
-    } else if (unreachable(err)) {
+    } else if (databaseUnreachable(err)) {
       // One line, not pg's stack trace.
       console.error(`could not reach the database: ${(err as Error).message}`)
     } else {

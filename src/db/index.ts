@@ -233,9 +233,13 @@ export async function openDatabase (options: DatabaseOptions = {}): Promise<Data
     async close () {
       if (closed) return
       closed = true
-      await prisma.$disconnect()
-      await pglite.close()
-      await unlock()
+      try {
+        await prisma.$disconnect()
+        await pglite.close()
+      } finally {
+        // Even when closing failed: the directory is not held by this process any more.
+        await unlock()
+      }
     }
   }
 }
@@ -323,8 +327,12 @@ async function takeLock (lockPath: string, inUse: (owner: number | undefined) =>
     await mkdir(mutex)
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
-    // Left by a process that died mid-takeover (it takes milliseconds): cleared for the next try.
-    if (Date.now() - ((await stat(mutex).catch(() => undefined))?.mtimeMs ?? Date.now()) > UNREADABLE_LOCK_STALE_MS) await rm(mutex, { recursive: true, force: true })
+    // A takeover takes milliseconds: one this old was left by a process that died in it. Not
+    // removed here: a check of its age and a removal are two steps, and between them another
+    // process may have replaced it with its own live one (which would then run beside a second).
+    if (Date.now() - ((await stat(mutex).catch(() => undefined))?.mtimeMs ?? Date.now()) > UNREADABLE_LOCK_STALE_MS) {
+      throw new DatabaseInUseError(`the embedded database lock ${lockPath} cannot be taken over: ${mutex} was left by a process that stopped while taking over its stale lock; remove that directory (no other process is starting on this DATA_DIR) and start again`)
+    }
     throw inUse(undefined)
   }
   try {
