@@ -194,10 +194,13 @@ export function databaseUnreachable (err: unknown): boolean {
     if (e.severity === 'FATAL' || e.severity === 'PANIC') return true
     if (typeof e.kind === 'string' && UNREACHABLE_ADAPTER_KINDS.has(e.kind)) return true
     if (typeof e.message === 'string' && UNREACHABLE_PG_MESSAGE.test(e.message)) return true
-    // A connect that failed, whatever the code (ENOENT: no server behind a unix socket path).
-    if ((e as { syscall?: unknown }).syscall === 'connect') return true
+    // No server behind PostgreSQL's unix socket path (connect ENOENT on `.s.PGSQL.<port>`); other
+    // failed connects (a host app's sidecar socket) are not the database's.
+    const { syscall, address } = e as { syscall?: unknown, address?: unknown }
+    if (syscall === 'connect' && typeof address === 'string' && address.includes('.s.PGSQL.')) return true
     // A host with several addresses: Node reports the failed connects as one AggregateError.
-    if (current instanceof AggregateError && current.errors.length > 0 && current.errors.every(databaseUnreachable)) return true
+    if (current instanceof AggregateError && current.errors.length > 0 &&
+      current.errors.every(inner => UNREACHABLE_SOCKET_CODES.has(String((inner as { code?: unknown } | null)?.code)))) return true
     current = e.meta?.driverAdapterError ?? e.cause
   }
   return false

@@ -108,7 +108,11 @@ t.test('a guarded write that fails for want of a connection answers 503 without 
   t.equal(res.statusCode, 503)
   t.equal(guardQueries, 1, 'only the write itself named the guard')
   // unreachable connects, recognised whatever their code: a unix socket path with no server, several addresses
-  t.ok(databaseUnreachable(Object.assign(new Error('connect ENOENT /tmp/none/.s.PGSQL.5432'), { code: 'ENOENT', syscall: 'connect' })))
+  t.ok(databaseUnreachable(Object.assign(new Error('connect ENOENT /tmp/none/.s.PGSQL.5432'), { code: 'ENOENT', syscall: 'connect', address: '/tmp/none/.s.PGSQL.5432' })))
+  t.notOk(databaseUnreachable(Object.assign(new Error('connect ENOENT /run/sidecar.sock'), { code: 'ENOENT', syscall: 'connect', address: '/run/sidecar.sock' })), "another service's socket is not the database")
+  const looped = new AggregateError([])
+  looped.errors.push(looped)
+  t.notOk(databaseUnreachable(looped), 'an AggregateError that contains itself is not followed')
   t.ok(databaseUnreachable(new AggregateError([Object.assign(new Error('a'), { code: 'EADDRNOTAVAIL' }), Object.assign(new Error('b'), { code: 'ECONNREFUSED' })])))
   t.notOk(databaseUnreachable(Object.assign(new Error('no such file'), { code: 'ENOENT', syscall: 'open' })), 'a file error is not')
 })

@@ -234,8 +234,7 @@ export async function openDatabase (options: DatabaseOptions = {}): Promise<Data
       if (closed) return
       closed = true
       try {
-        await prisma.$disconnect()
-        await pglite.close()
+        await prisma.$disconnect().finally(() => pglite.close())
       } finally {
         // Even when closing failed: the directory is not held by this process any more.
         await unlock()
