@@ -154,7 +154,10 @@ export function hookList<T> (hooks: T | T[] | undefined): T[] {
  * adapter (`@prisma/adapter-pg` or PGlite's); undefined for any other error.
  */
 export function sqlErrorOf (err: unknown): { code: string, message: string } | undefined {
-  const cause = (err as { meta?: { driverAdapterError?: { cause?: { originalCode?: string, originalMessage?: string } } } })?.meta?.driverAdapterError?.cause
+  type Cause = { originalCode?: string, originalMessage?: string }
+  const e = err as { name?: unknown, cause?: Cause, meta?: { driverAdapterError?: { cause?: Cause } } } | null | undefined
+  // A query's error comes wrapped by Prisma; a transaction's COMMIT rejects with the adapter's own.
+  const cause = e?.meta?.driverAdapterError?.cause ?? (e?.name === 'DriverAdapterError' ? e.cause : undefined)
   return cause?.originalCode === undefined ? undefined : { code: cause.originalCode, message: cause.originalMessage ?? '' }
 }
 

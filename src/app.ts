@@ -70,7 +70,8 @@ async function registerAll (app: FastifyInstance, config: AppConfig, db: Databas
     jwtSecret: config.jwtSecret,
     ...realtime,
     socket: { corsOrigins: config.corsOrigins, redis: config.redisUrl, redisPrefix: config.redisPrefix, ...realtime.socket },
-    eventLog: { ttlSeconds: config.eventLogTtlSeconds, maxLen: config.eventLogMaxLen, headIntervalMs: config.syncHeadIntervalMs, ...realtime.eventLog },
+    // The PostgreSQL client of openDatabase refuses to commit an aborted transaction itself.
+    eventLog: { ttlSeconds: config.eventLogTtlSeconds, maxLen: config.eventLogMaxLen, headIntervalMs: config.syncHeadIntervalMs, abortedCheck: db.kind === 'postgresql' ? 'driver' : 'statement', ...realtime.eventLog },
     health: { eventLogBackend: db.kind, ...realtime.health },
     // This app's versioned entities: a misspelled strategy key fails the registration.
     conflicts: { entities: ['project', 'expense', 'stockItem'], ...realtime.conflicts },

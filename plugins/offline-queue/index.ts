@@ -42,6 +42,15 @@ export interface ErpOfflineQueueOptions {
   /** Interactive transaction limits for `transaction()`. Defaults 10000 / 15000 ms. */
   transactionMaxWaitMs?: number
   transactionTimeoutMs?: number
+  /**
+   * How `transaction()` finds a transaction that a failed statement aborted while `fn` caught its
+   * error (PostgreSQL then answers the COMMIT with a ROLLBACK, which Prisma does not report, and
+   * the events recorded in it would be emitted for nothing). `'statement'` (default): a
+   * transaction without a guard ends with a `SELECT 1`, which fails there (one round trip).
+   * `'driver'`: the Prisma client's driver refuses to commit an aborted transaction itself, as
+   * this project's `openDatabase` PostgreSQL client does (src/db/index.ts): no round trip more.
+   */
+  abortedCheck?: 'statement' | 'driver'
 }
 
 export interface PublishInput<K extends DomainEventType = DomainEventType> {
@@ -133,7 +142,8 @@ const optionsSchema = z.object({
   resumeWindowMs: z.number().int().min(0).max(300000).default(10000),
   maxHeldEvents: z.number().int().min(1).default(10000),
   transactionMaxWaitMs: timerMs(1).default(10000),
-  transactionTimeoutMs: timerMs(1).default(15000)
+  transactionTimeoutMs: timerMs(1).default(15000),
+  abortedCheck: z.enum(['statement', 'driver']).default('statement')
 }).strict()
 
 const STREAM = /^(company|user):[^:\s]+$/
@@ -387,7 +397,7 @@ async function erpOfflineQueue (fastify: FastifyInstance, rawOptions: ErpOffline
         const [row] = await tx.$queryRaw<Array<{ value: unknown }>>`
           SELECT ${guard?.sql ?? Prisma.sql`NULL`} AS value, fenced FROM (SELECT ${claim ? fenceSql(claim) : Prisma.sql`NULL`} AS fenced OFFSET 0) AS fence`
         guarded = row?.value
-      } else if (lastCheck) {
+      } else if (lastCheck && options.abortedCheck === 'statement') {
         // Fails (25P02) in a transaction aborted by a statement whose error `fn` caught.
         await tx.$executeRaw`SELECT 1`
       }
