@@ -96,10 +96,9 @@ const stalePlan = (err: unknown, config: unknown): boolean =>
  * leaves the hung statement on the connection, which an interactive transaction then returns to
  * the pool (`release()` without an error), so the next user queues behind it.
  */
-const lastIndex = (args: unknown[]) => args.length - 1
 const isCommit = (query: unknown) => /^\s*(COMMIT|END)\s*;?\s*$/i.test(typeof query === 'string' ? query : String((query as { text?: unknown } | null)?.text ?? ''))
 /** As PostgreSQL raises it for a statement in an aborted transaction (so drivers map it as theirs). */
-const abortedCommit = () => Object.assign(new Error('current transaction is aborted: a statement in it failed (its error was caught), so it was rolled back instead of committed'), { code: '25P02', severity: 'ERROR' })
+const abortedCommit = () => Object.assign(new Error('current transaction is aborted: a statement in it failed (its error was caught), so PostgreSQL rolled it back instead of committing it'), { code: '25P02', severity: 'ERROR' })
 
 function boundedClient (queryTimeoutMs: number): typeof pg.Client {
   return class BoundedClient extends pg.Client {
@@ -114,13 +113,6 @@ function boundedClient (queryTimeoutMs: number): typeof pg.Client {
       // Submittables (cursors, streams) report on their own; they are not used here.
       if (typeof (args[0] as { submit?: unknown } | null)?.submit === 'function') {
         return (super.query as (...a: unknown[]) => unknown)(...args)
-      }
-      // A COMMIT in a transaction a failed statement aborted (its error caught by the caller):
-      // PostgreSQL would answer it with ROLLBACK, which Prisma does not report, so the transaction
-      // would resolve as committed. It is rolled back and refused instead (erp-offline-queue's
-      // `abortedCheck: 'driver'` relies on this, in place of a statement more per transaction).
-      if (this.getTransactionStatus() === 'E' && typeof args[lastIndex(args)] !== 'function' && isCommit(args[0])) {
-        return ((super.query as (...a: unknown[]) => Promise<unknown>)('ROLLBACK')).then(() => { throw abortedCommit() })
       }
       const timer = timeoutMs > 0
         ? setTimeout(() => {
@@ -137,9 +129,20 @@ function boundedClient (queryTimeoutMs: number): typeof pg.Client {
         args[last] = (err: Error | null, result?: unknown) => { settled(err); callback(err, result) }
         return (super.query as (...a: unknown[]) => unknown)(...args)
       }
+      // A COMMIT in a transaction a failed statement aborted (its error caught by the caller):
+      // PostgreSQL answers it with ROLLBACK, which Prisma does not report, so the transaction would
+      // resolve as committed. Its command tag says so, and the COMMIT fails instead
+      // (erp-offline-queue's `abortedCheck: 'driver'` relies on this, in place of a statement more
+      // per transaction). The tag, not the session's status before sending: the error of the
+      // failed statement can reach the caller before the status that follows it.
+      const commit = isCommit(args[0])
       try {
         return ((super.query as (...a: unknown[]) => Promise<unknown>)(...args)).then(
-          result => { settled(null); return result },
+          result => {
+            settled(null)
+            if (commit && (result as { command?: unknown } | undefined)?.command === 'ROLLBACK') throw abortedCommit()
+            return result
+          },
           (err: unknown) => { settled(err); throw err })
       } catch (err) {
         clearTimeout(timer)
