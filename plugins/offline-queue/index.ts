@@ -101,7 +101,8 @@ export interface EventLog {
    * beside erp-idempotency's fence): a caller removed while the request waited for a connection, a row lock or a
    * queue commits nothing. A statement that failed in `fn` aborts the transaction even when
    * `fn` catches its error (PostgreSQL then turns the COMMIT into a ROLLBACK, which Prisma does not
-   * report): the last statement then fails, and `transaction` rejects (with an error saying so,
+   * report): the last statement (or, with `abortedCheck: 'driver'`, the COMMIT) then fails, and
+   * `transaction` rejects (with an error saying so,
    * the aborted statement's as its `cause`) instead of resolving, and emitting events, for a
    * change that did not happen.
    */
