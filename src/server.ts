@@ -30,12 +30,10 @@ async function main () {
     await db.close().catch(() => {})
     throw err
   }
-  const { migrations, seeded, logins } = await (async () => {
-    const migrations = await db.withSession(sql => migrate(sql, undefined, { lockTimeoutMs: config.migrationLockTimeoutMs }))
-    // Demo data only where SEED_DEMO allows it (default: not in production); the banner lists the
-    // demo logins only when they exist and still have the published password.
-    return { migrations, ...await seedOnStart(db.prisma, config) }
-  })().catch(closeOnFailure)
+  const migrations = await db.withSession(sql => migrate(sql, undefined, { lockTimeoutMs: config.migrationLockTimeoutMs })).catch(closeOnFailure)
+  // Demo data only where SEED_DEMO allows it (default: not in production); the banner lists the
+  // demo logins only when they exist and still have the published password.
+  const { seeded, logins } = await seedOnStart(db.prisma, config).catch(closeOnFailure)
   if (config.production && logins.length > 0) {
     console.warn(`WARNING: demo users with the published demo password exist in this production database: ${logins.map(u => u.email).join(', ')}. Change their passwords or remove them.`)
   }

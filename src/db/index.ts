@@ -88,6 +88,11 @@ const stalePlan = (err: unknown, config: unknown): boolean =>
   typeof (config as { name?: unknown } | null)?.name === 'string' && (config as { name: string }).name !== '' &&
   STALE_PLAN_CODES.has((err as { code?: string } | null)?.code ?? '')
 
+/** A COMMIT statement, as a query text or config. */
+const isCommit = (query: unknown) => /^\s*(COMMIT|END)\s*;?\s*$/i.test(typeof query === 'string' ? query : String((query as { text?: unknown } | null)?.text ?? ''))
+/** As PostgreSQL raises it for a statement in an aborted transaction (so drivers map it as theirs). */
+const abortedCommit = () => Object.assign(new Error('current transaction is aborted: a statement in it failed (its error was caught), so PostgreSQL rolled it back instead of committing it'), { code: '25P02', severity: 'ERROR' })
+
 /**
  * A pg client whose statements are bounded: a statement without a reply after `queryTimeoutMs`
  * destroys the connection with `queryTimeoutError`, so pg fails it and every statement queued
@@ -96,10 +101,6 @@ const stalePlan = (err: unknown, config: unknown): boolean =>
  * leaves the hung statement on the connection, which an interactive transaction then returns to
  * the pool (`release()` without an error), so the next user queues behind it.
  */
-const isCommit = (query: unknown) => /^\s*(COMMIT|END)\s*;?\s*$/i.test(typeof query === 'string' ? query : String((query as { text?: unknown } | null)?.text ?? ''))
-/** As PostgreSQL raises it for a statement in an aborted transaction (so drivers map it as theirs). */
-const abortedCommit = () => Object.assign(new Error('current transaction is aborted: a statement in it failed (its error was caught), so PostgreSQL rolled it back instead of committing it'), { code: '25P02', severity: 'ERROR' })
-
 function boundedClient (queryTimeoutMs: number): typeof pg.Client {
   return class BoundedClient extends pg.Client {
     /** 0 while `withSession` holds the client (migrations are not bounded). */
@@ -327,7 +328,7 @@ async function takeLock (lockPath: string, inUse: (owner: number | undefined) =>
   // process created meanwhile (still empty, or with the same content).
   const judged = await stat(lockPath).catch(() => undefined)
   const identity = (info: { ino: number, mtimeMs: number } | undefined) => info && `${info.ino}:${info.mtimeMs}`
-  const owner = /^\d+$/.test(content) ? Number(content) : undefined
+  const owner = pidOf(content)
   const stale = owner === undefined
     ? Date.now() - (judged?.mtimeMs ?? Date.now()) > UNREADABLE_LOCK_STALE_MS
     : owner === process.pid || !processAlive(owner)
@@ -352,7 +353,7 @@ async function takeLock (lockPath: string, inUse: (owner: number | undefined) =>
   try {
     const now = await read()
     if (now !== content || identity(await stat(lockPath).catch(() => undefined)) !== identity(judged) || judged === undefined) {
-      throw inUse(now !== undefined && /^\d+$/.test(now) ? Number(now) : undefined)
+      throw inUse(pidOf(now))
     }
     await rm(lockPath, { force: true })
     try {
@@ -366,6 +367,9 @@ async function takeLock (lockPath: string, inUse: (owner: number | undefined) =>
     await rm(mutex, { recursive: true, force: true })
   }
 }
+
+/** The pid a lock file holds, if it holds one. */
+const pidOf = (content: string | undefined) => content !== undefined && /^\d+$/.test(content) ? Number(content) : undefined
 
 function processAlive (pid: number): boolean {
   try {
